@@ -1,0 +1,149 @@
+"""Recipes: a pipeline plus its budget, export target, runtime settings and gates (TOML).
+
+```toml
+name = "lossless"
+pipeline = "dce,dedup,sdpa"          # or a list of [[passes]] tables
+on_failure = "continue"              # continue | stop | raise
+
+[budget]                             # how far lossy passes may drift in total
+min_cosine = 0.99
+
+[export]
+opset = 18
+
+[runtime]
+provider = "cpu"
+threads = 2
+
+[gates]                              # a build step fails (exit code 1) when one is missed
+min_heldout_cosine = 0.999
+min_speedup = 1.0
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from graphopt.errors import ConfigError
+from graphopt.verify import Budget
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExportSettings(_Strict):
+    opset: int = Field(18, ge=17, le=24)
+    external_data: bool | Literal["auto"] = "auto"
+    parity: bool = True
+    parity_atol: float = Field(1e-4, gt=0)
+    parity_rtol: float = Field(1e-4, ge=0)
+
+
+class RuntimeSettings(_Strict):
+    provider: str = "cpu"
+    threads: int | None = Field(None, ge=1)
+    graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
+    save_optimized: bool = False
+
+
+class Gates(_Strict):
+    min_cosine: float | None = Field(None, description="final outputs vs original on the example inputs")
+    min_heldout_cosine: float | None = Field(None, description="mean cosine of mean-pooled embeddings on held-out sentences")
+    min_speedup: float | None = Field(None, description="ORT latency speed-up over PyTorch eager fp32")
+    max_latency_ms: float | None = Field(None, description="ORT p50 latency on the benchmark input")
+    max_size_mb: float | None = Field(None, description="exported model size on disk")
+    require_parity: bool = True
+
+
+class Recipe(_Strict):
+    name: str = "custom"
+    description: str = ""
+    pipeline: str = ""
+    passes: tuple[dict[str, Any], ...] = ()
+    on_failure: Literal["continue", "stop", "raise"] = "continue"
+    budget: Budget = Budget()
+    export: ExportSettings = ExportSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    gates: Gates = Gates()
+
+    @field_validator("passes")
+    @classmethod
+    def _passes_have_names(cls, value):
+        for i, table in enumerate(value):
+            if "name" not in table:
+                raise ValueError(f"[[passes]] entry {i + 1} has no 'name'")
+        return value
+
+    def manager(self, **settings: Any):
+        """The PassManager this recipe describes (unknown passes / options fail here)."""
+        from graphopt.manager import PassManager
+        from graphopt.passbase import create_pass
+        from graphopt.pipeline import parse_pipeline
+
+        passes = list(parse_pipeline(self.pipeline).passes) if self.pipeline else []
+        for table in self.passes:
+            options = {k: v for k, v in table.items() if k != "name"}
+            passes.append(create_pass(table["name"], **options))
+        return PassManager(passes, budget=self.budget, on_failure=self.on_failure, **settings)
+
+    def pipeline_text(self) -> str:
+        return self.manager().text()
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> Recipe:
+        try:
+            recipe = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+        recipe.manager()  # validate pass names and options before anything runs
+        return recipe
+
+    @classmethod
+    def load(cls, spec: str | Path) -> Recipe:
+        """A recipe from a TOML file path or the name of a shipped preset."""
+        path = Path(spec)
+        if not path.exists() and (RECIPE_DIR / f"{spec}.toml").exists():
+            path = RECIPE_DIR / f"{spec}.toml"
+        if not path.exists():
+            raise ConfigError(f"recipe '{spec}' not found (no such file; presets: {', '.join(presets())})")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = _section_of(err["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            problems.append(f"unknown key '{loc}' (allowed here: {allowed})")
+        else:
+            problems.append(f"'{loc}': {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(problems)
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model

@@ -1,0 +1,203 @@
+"""The build report: per-pass figures, export, gates; JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ProgramStats:
+    nodes: int
+    parameters: int
+    parameter_bytes: int
+    flops: int | None = None
+
+    @classmethod
+    def of(cls, program, *, flops: bool = True) -> ProgramStats:
+        stats = program.parameter_stats()
+        return cls(
+            nodes=program.node_count(),
+            parameters=stats["parameters"],
+            parameter_bytes=stats["parameter_bytes"],
+            flops=count_flops(program) if flops else None,
+        )
+
+
+def count_flops(program) -> int | None:
+    """FLOPs of one run on the example inputs, as torch's flop counter sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            program.run()
+        return int(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - FLOPs are informative; never fail a build on them
+        return None
+
+
+@dataclass
+class PassRecord:
+    name: str
+    text: str
+    exact: bool
+    status: str  # applied | unchanged | skipped | rolled-back
+    reason: str = ""
+    wall_s: float = 0.0
+    before: ProgramStats | None = None
+    after: ProgramStats | None = None
+    drift_step: dict | None = None  # against the program before this pass
+    drift_total: dict | None = None  # against the original model
+    info: dict = field(default_factory=dict)
+    reproducer: str | None = None
+
+
+@dataclass
+class Report:
+    pipeline: str = ""
+    model: str = ""
+    environment: dict = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)
+    initial: ProgramStats | None = None
+    final: ProgramStats | None = None
+    final_drift: dict | None = None
+    sections: dict[str, Any] = field(default_factory=dict)  # export, parity, latency, fidelity, gates
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def rolled_back(self) -> list[PassRecord]:
+        return [p for p in self.passes if p.status == "rolled-back"]
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self) | {"ok": self.ok})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"# graphopt report: {self.model or 'model'}", ""]
+        lines.append(f"Pipeline: `{self.pipeline}`  ")
+        env = self.environment
+        if env:
+            lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ")
+        lines.append(f"Status: {'OK' if self.ok else 'FAILED'}")
+        lines += ["", "| pass | status | time (s) | nodes | parameters | bytes | GFLOPs | step max rel | total cosine | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        if self.initial:
+            lines.append(_row("(captured)", "", None, self.initial, None, None, ""))
+        for rec in self.passes:
+            note = rec.reason or _summarize_info(rec.info)
+            lines.append(_row(rec.text, rec.status, rec.wall_s, rec.after or rec.before, rec.drift_step, rec.drift_total, note))
+        for title, section in self.sections.items():
+            lines += ["", f"## {title}", ""]
+            lines += _section_markdown(section)
+        if self.failures:
+            lines += ["", "## Failures", ""] + [f"- {f}" for f in self.failures]
+        return "\n".join(lines) + "\n"
+
+    __str__ = to_markdown
+
+    def write(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = out / "report.json", out / "report.md"
+        atomic_write_text(json_path, self.to_json())
+        atomic_write_text(md_path, self.to_markdown())
+        return json_path, md_path
+
+
+def environment() -> dict:
+    import onnxruntime
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _row(text, status, wall, stats, step, total, note) -> str:
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    gflops = None if stats is None or stats.flops is None else stats.flops / 1e9
+    return "| " + " | ".join([
+        f"`{text}`" if text != "(captured)" else text,
+        status,
+        num(wall, ".2f"),
+        num(stats.nodes if stats else None, "d"),
+        num(stats.parameters if stats else None, ","),
+        num(stats.parameter_bytes if stats else None, ","),
+        num(gflops, ".3f"),
+        num(step.get("max_rel") if step else None, ".2e") if step and isinstance(step.get("max_rel"), float) else "",
+        num(total.get("cosine") if total else None, ".6f") if total and isinstance(total.get("cosine"), float) else "",
+        note.replace("|", "/"),
+    ]) + " |"
+
+
+def _summarize_info(info: dict) -> str:
+    parts = []
+    for key, value in info.items():
+        if isinstance(value, (int, float, str, bool)) and len(str(value)) < 60:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts[:4])
+
+
+def _section_markdown(section: Any) -> list[str]:
+    if isinstance(section, dict) and section and all(isinstance(v, dict) for v in section.values()):
+        keys = list(dict.fromkeys(k for v in section.values() for k in v))
+        rows = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, values in section.items():
+            rows.append(f"| {name} | " + " | ".join(_fmt(values.get(k)) for k in keys) + " |")
+        return rows
+    if isinstance(section, dict):
+        return [f"- {k}: {_fmt(v)}" for k, v in section.items()]
+    if isinstance(section, list):
+        return [f"- {_fmt(v)}" for v in section]
+    return [str(section)]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "model_dump"):
+        return _jsonable(value.model_dump(mode="json"))
+    return str(value)
