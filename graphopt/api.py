@@ -42,15 +42,31 @@ class OptimizeResult:
             external_data=settings.external_data if external_data is None else external_data,
         )
         self.exported = exported
-        self.report.sections["export"] = exported.to_dict()
+        self.report.sections["export"] = {
+            "path": str(exported.path),
+            "bytes": exported.bytes,
+            "opset": exported.opset,
+            "initializers": exported.initializer_count,
+            "initializer_bytes": exported.initializer_bytes,
+            "deduplicated_initializers": exported.deduplicated_initializers,
+            "external_data": str(exported.external_data_path) if exported.external_data_path else None,
+            "export_seconds": round(exported.export_seconds, 2),
+        }
         if parity if parity is not None else settings.parity:
             try:
                 self.parity = check_parity(self.program, exported.path, atol=settings.parity_atol, rtol=settings.parity_rtol)
             except ParityError as exc:
-                self.report.sections["parity"] = {"ok": False, "error": str(exc)}
+                self.report.sections["parity"] = {"passed": False, "error": str(exc)}
                 self.report.failures.append(f"ORT parity failed: {exc}")
                 raise
-            self.report.sections["parity"] = self.parity.to_dict()
+            worst = self.parity.worst
+            self.report.sections["parity"] = {
+                "passed": self.parity.passed,
+                "atol": self.parity.atol,
+                "rtol": self.parity.rtol,
+                "input_sets": sorted({r.input_set for r in self.parity.results}),
+                "worst": worst.describe() if worst else "",
+            }
         return exported
 
 

@@ -1,0 +1,177 @@
+"""The ``graphopt`` command line: optimize, passes, inspect, repro.
+
+Exit codes: 0 success; 1 a gate, a pass (with on_failure=stop/raise) or ORT parity
+failed; 2 bad usage (unknown pass, wrong recipe key, model not found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from graphopt.errors import ConfigError, GraphoptError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"graphopt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GraphoptError as exc:
+        print(f"graphopt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if type(exc).__name__ in ("ModelLoadError", "MissingExtraError") else EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description="Optimize PyTorch transformers for ONNX Runtime, verified pass by pass.")
+    sub = parser.add_subparsers(dest="command")
+
+    opt = sub.add_parser("optimize", help="capture, optimize, export and measure a model (a deployment build step)")
+    opt.add_argument("--model", required=True, help="Hugging Face model directory, 'minilm' (bundled), or 'module:factory'")
+    opt.add_argument("--recipe", default="default", help="recipe TOML file or preset name (default: %(default)s)")
+    opt.add_argument("--pipeline", help="textual pipeline overriding the recipe's, e.g. 'dce,dedup,sdpa'")
+    opt.add_argument("--out", required=True, help="output folder: model.onnx, report.json, report.md")
+    opt.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention implementation to load HF models with")
+    opt.add_argument("--threads", type=int, help="threads for PyTorch and ORT (default: recipe, else all cores)")
+    opt.add_argument("--bench-batch", type=int, default=1)
+    opt.add_argument("--bench-seq", type=int, default=128)
+    opt.add_argument("--bench-repeat", type=int, default=30)
+    opt.add_argument("--heldout", type=int, default=64, help="held-out sentences for fidelity (0: skip)")
+    opt.add_argument("--no-baseline", action="store_true", help="skip exporting the unoptimized model for comparison")
+    opt.add_argument("--quiet", action="store_true")
+    opt.set_defaults(func=_cmd_optimize)
+
+    lst = sub.add_parser("passes", help="list every pass with its config fields and docs")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_cmd_passes)
+
+    ins = sub.add_parser("inspect", help="op histogram, parameters and attention blocks of a model")
+    ins.add_argument("--model", required=True)
+    ins.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_cmd_inspect)
+
+    rep = sub.add_parser("repro", help="re-run the pass recorded in a crash reproducer folder")
+    rep.add_argument("folder")
+    rep.set_defaults(func=_cmd_repro)
+
+    pre = sub.add_parser("recipes", help="list the shipped recipe presets")
+    pre.set_defaults(func=_cmd_recipes)
+    return parser
+
+
+def _cmd_optimize(args) -> int:
+    from graphopt.build import BuildOptions, build, format_table
+    from graphopt.models import load_model
+    from graphopt.recipe import Recipe
+
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    recipe = Recipe.load(args.recipe)
+    if args.pipeline is not None:
+        recipe = Recipe.from_dict(recipe.model_dump(exclude={"passes"}) | {"pipeline": args.pipeline}, source="--pipeline")
+    loaded = load_model(args.model, attn_implementation=args.attn)
+    options = BuildOptions(
+        out_dir=Path(args.out),
+        threads=args.threads,
+        bench_batch=args.bench_batch,
+        bench_seq=args.bench_seq,
+        bench_repeat=args.bench_repeat,
+        heldout=args.heldout,
+        baseline_onnx=not args.no_baseline,
+        progress=not args.quiet,
+    )
+    outcome = build(loaded, recipe, options, say=say)
+    report = outcome.result.report
+    print(report.to_markdown())
+    if outcome.rows:
+        print(format_table(outcome.rows))
+    print(f"\nwrote {Path(args.out) / 'model.onnx'}, report.json, report.md")
+    if not outcome.ok:
+        for failure in report.failures:
+            print(f"FAILED: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_passes(args) -> int:
+    from graphopt.passbase import registered_passes
+
+    described = []
+    for name, cls in registered_passes().items():
+        fields = {}
+        for key, field in cls.Config.model_fields.items():
+            fields[key] = {"type": _type_name(field.annotation), "default": field.default, "doc": field.description or ""}
+        described.append({"name": name, "exact": cls.exact, "doc": " ".join((cls.__doc__ or "").split()), "options": fields})
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return EXIT_OK
+    for item in described:
+        print(f"{item['name']}  ({'exact' if item['exact'] else 'lossy'})")
+        print(f"    {item['doc']}")
+        for key, field in item["options"].items():
+            doc = f"  {field['doc']}" if field["doc"] else ""
+            print(f"    {key}: {field['type']} = {field['default']!r}{doc}")
+    return EXIT_OK
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _cmd_inspect(args) -> int:
+    from graphopt.capture import capture
+    from graphopt.inspect import inspect_program
+    from graphopt.models import load_model
+
+    loaded = load_model(args.model, attn_implementation=args.attn)
+    program = capture(loaded.model, kwargs=loaded.example_kwargs or {})
+    summary = inspect_program(program)
+    summary["model"] = loaded.name
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return EXIT_OK
+    print(f"model: {loaded.name}  (captured with {program.ir})")
+    print(f"parameters: {summary['parameters']:,}  ({summary['parameter_bytes'] / 1e6:.1f} MB in {summary['tensors']} tensors)")
+    print(f"nodes: {summary['nodes']}")
+    print("ops:")
+    for op, count in summary["ops"].items():
+        print(f"  {count:5d}  {op}")
+    blocks = summary["attention"]
+    print(f"attention blocks: {len(blocks)}")
+    for block in blocks:
+        print(f"  {block['module']}: {block['kind']}")
+    return EXIT_OK
+
+
+def _cmd_repro(args) -> int:
+    from graphopt.reproducer import rerun_reproducer
+
+    result = rerun_reproducer(args.folder)
+    print(f"pass ran without error: modified={result.modified} info={result.info}")
+    return EXIT_OK
+
+
+def _cmd_recipes(args) -> int:
+    from graphopt.recipe import Recipe, presets
+
+    for name in presets():
+        recipe = Recipe.load(name)
+        print(f"{name}: {recipe.pipeline_text()}\n    {recipe.description}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Set up (first run only) and run the demo: optimize the bundled MiniLM with the default
+# recipe, export to ONNX, run it in ONNX Runtime, print a before/after table.
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh" demo
+exec "$VENV/bin/python" -m graphopt.demo "$@"

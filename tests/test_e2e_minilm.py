@@ -1,0 +1,91 @@
+"""End to end on the real all-MiniLM-L6-v2: capture → exact pipeline → ONNX → ORT."""
+
+import hashlib
+
+import onnx
+import pytest
+import torch
+
+import graphopt
+from graphopt.data import heldout_sentences, train_sentences
+from graphopt.export import make_session, run
+from graphopt.fidelity import compare_encoders
+from graphopt.models import example_inputs, load_model
+
+aten = torch.ops.aten
+
+
+def state_hash(model):
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_model("minilm", attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def optimized(minilm, tmp_path_factory):
+    before = state_hash(minilm.model)
+    program = graphopt.capture(minilm.model, kwargs=minilm.example_kwargs)
+    result = graphopt.optimize(program, "default")
+    path = tmp_path_factory.mktemp("minilm") / "model.onnx"
+    result.export(path)
+    return program, result, path, before
+
+
+def test_sdpa_replaces_all_six_attention_blocks_exactly(optimized):
+    program, result, _, _ = optimized
+    sdpa = next(r for r in result.report.passes if r.name == "sdpa")
+    assert sdpa.status == "applied" and sdpa.info["replaced"] == 6
+    assert sdpa.drift_step["max_rel"] <= 1e-5
+    ops = [n.target for n in result.program.graph.nodes if n.op == "call_function"]
+    assert ops.count(aten.scaled_dot_product_attention.default) == 6
+    assert not any(t in (aten.softmax.int, aten._softmax.default) for t in ops)
+    assert sum(1 for n in program.graph.nodes if n.target is aten.softmax.int) == 6  # the input program is untouched
+
+
+def test_report_has_an_entry_per_pass(optimized):
+    _, result, _, _ = optimized
+    assert [r.text for r in result.report.passes] == ["dce", "dedup", "sdpa", "dce"]
+    assert result.report.ok
+    assert result.report.final_drift["max_rel"] <= 1e-5
+    assert result.report.sections["parity"]["passed"]
+
+
+def test_onnx_matches_pytorch_within_1e_4(optimized):
+    _, result, path, _ = optimized
+    onnx.checker.check_model(str(path), full_check=True)
+    assert result.parity.passed and len({r.input_set for r in result.parity.results}) >= 3
+    assert max(r.max_abs for r in result.parity.results) <= 1e-4
+
+
+def test_heldout_fidelity_of_the_onnx_model(minilm, optimized):
+    _, _, path, _ = optimized
+    session = make_session(path, threads=2)
+    names = list(minilm.example_kwargs)
+
+    def onnx_encoder(**inputs):
+        return torch.from_numpy(run(session, inputs)[0])
+
+    sentences = heldout_sentences(48)
+    assert not set(sentences) & set(train_sentences())  # never evaluated on training text
+    fidelity = compare_encoders(minilm.model, onnx_encoder, minilm.tokenizer, sentences, input_names=names)
+    assert fidelity["mean_cosine"] >= 0.9999
+    assert fidelity["min_cosine"] >= 0.9999
+    assert fidelity["spearman"] >= 0.999
+
+
+def test_user_model_is_not_modified_by_optimize_and_export(minilm, optimized):
+    _, _, _, before = optimized
+    assert state_hash(minilm.model) == before
+    assert minilm.model.config._attn_implementation == "eager"
+
+
+def test_example_inputs_come_from_training_text(minilm):
+    inputs = example_inputs(minilm.tokenizer, batch=2, seq=16)
+    assert inputs["attention_mask"][-1].sum() < 16  # padding in the last row
