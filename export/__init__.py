@@ -1,0 +1,30 @@
+"""ONNX export, ONNX Runtime sessions and parity checks (installed as ``graphopt.export``)."""
+
+from .onnx_export import (
+    ExportResult,
+    UnsafeExternalDataError,
+    check_model_file,
+    to_onnx,
+    validate_external_data_location,
+    validate_model_external_data,
+)
+from .parity import OutputParity, ParityReport, check_parity, random_inputs
+from .session import ProviderError, available_providers, make_session, measure_latency, run
+
+__all__ = [
+    "to_onnx",
+    "ExportResult",
+    "check_model_file",
+    "validate_external_data_location",
+    "validate_model_external_data",
+    "UnsafeExternalDataError",
+    "make_session",
+    "available_providers",
+    "run",
+    "measure_latency",
+    "ProviderError",
+    "check_parity",
+    "random_inputs",
+    "ParityReport",
+    "OutputParity",
+]

@@ -1,0 +1,471 @@
+"""Export a Program to ONNX through torch.onnx's dynamo exporter.
+
+Beyond ``torch.onnx.export`` this module:
+- names inputs after the program's arguments, outputs after ``program.output_names`` and
+  dynamic axes ``batch`` / ``seq`` (a named ``torch.export.Dim`` keeps its own name);
+- stores tensors with identical content once (tied weights, deduplicated weights);
+- writes atomically: everything goes to a temporary folder beside the target and is moved
+  into place with ``os.replace``, the model file last;
+- keeps external data inside the output folder, and refuses locations that escape it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator, Mapping
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from graphopt.errors import ConfigError, ExportError
+from graphopt.program import Program
+
+# A protobuf message cannot pass 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
+# Folding e.g. Transpose(W) when W has other consumers would store W and W^T: a tied
+# embedding/LM-head pair would be untied on disk. Below this size it does not matter.
+_SHARED_FOLD_MIN_ELEMENTS = 1024
+_MIN_ONNX_VERSION = (1, 21)
+
+
+class UnsafeExternalDataError(ExportError, ValueError):
+    """An external-data location points outside the model's folder (``..``, absolute, symlink)."""
+
+
+@dataclass
+class ExportResult:
+    """What ``to_onnx`` wrote, with the figures a report needs."""
+
+    path: Path
+    bytes: int  # model file plus external data, on disk
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    initializer_count: int
+    initializer_bytes: int
+    export_seconds: float
+    external_data_path: Path | None = None
+    deduplicated_initializers: int = 0  # initializers merged because their content was equal
+
+
+def to_onnx(
+    program: Program,
+    path: str | os.PathLike,
+    *,
+    opset: int = 18,
+    external_data: bool | str = "auto",
+    external_data_name: str | None = None,
+    check: bool = True,
+    optimize: bool = True,
+    custom_translation_table: Mapping[Any, Any] | None = None,
+) -> ExportResult:
+    """Export ``program`` to ``path`` and return what was written.
+
+    ``external_data``: ``"auto"`` (only when the model would pass the 2 GB protobuf limit),
+    ``True`` or ``False``. The data file is ``<model file name>.data`` in the model's folder
+    unless ``external_data_name`` names another place inside that folder.
+    ``custom_translation_table`` is passed to ``torch.onnx.export`` (custom-op lowerings).
+    """
+    _require_safe_onnx()
+    if external_data not in ("auto", True, False):
+        raise ConfigError(f"external_data must be 'auto', True or False, got {external_data!r}")
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise ExportError(f"{target} is a folder; give the path of the .onnx file to write")
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    data_name = external_data_name or f"{target.name}.data"
+    validate_external_data_location(folder, data_name)  # fail before spending the export time
+
+    start = time.perf_counter()
+    onnx_program = _run_exporter(program, opset, custom_translation_table)
+    model = onnx_program.model
+    if optimize:
+        _optimize(model)
+    deduplicated = deduplicate_initializers(model)
+    input_names = _rename_inputs(model.graph, program_input_names(program))
+    output_names = _rename_outputs(model.graph, program.output_names)
+    dynamic_axes = dynamic_axis_names(program)
+    onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
+
+    initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    use_external = initializer_bytes > EXTERNAL_DATA_THRESHOLD_BYTES if external_data == "auto" else external_data
+    written_data = _write_atomically(model, target, data_name if use_external else None, check=check)
+    seconds = time.perf_counter() - start
+
+    size = target.stat().st_size + (written_data.stat().st_size if written_data else 0)
+    return ExportResult(
+        path=target,
+        bytes=size,
+        opset=opset,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        initializer_count=len(model.graph.initializers),
+        initializer_bytes=initializer_bytes,
+        export_seconds=seconds,
+        external_data_path=written_data,
+        deduplicated_initializers=deduplicated,
+    )
+
+
+# ---- exporting and rewriting the ONNX graph ----------------------------------------------
+
+
+def _run_exporter(program: Program, opset: int, custom_translation_table) -> torch.onnx.ONNXProgram:
+    try:
+        return torch.onnx.export(
+            program.module,
+            tuple(program.args),
+            kwargs=dict(program.kwargs) or None,
+            dynamic_shapes=program.dynamic_shapes,
+            dynamo=True,
+            opset_version=opset,
+            # We run the optimizer ourselves, with a rule that keeps shared weights shared.
+            optimize=False,
+            verbose=False,
+            custom_translation_table=dict(custom_translation_table) if custom_translation_table else None,
+        )
+    except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        model_class = program.meta.get("model_class", type(program.module).__name__)
+        raise ExportError(f"torch.onnx.export failed for {model_class}: {type(exc).__name__}: {first}") from exc
+
+
+def _optimize(model: ir.Model) -> None:
+    """What torch.onnx's ``optimize=True`` does, except folding shared weights."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=_fold_unless_shared)
+    try:
+        from onnxscript.rewriter import onnx_fusions
+    except ImportError:  # older onnxscript: no fusions, the graph is still valid
+        return
+    onnx_fusions.fuse(model)
+
+
+def _fold_unless_shared(node: ir.Node) -> bool | None:
+    for value in node.inputs:
+        if value is None or not value.is_initializer() or len(value.consumers()) < 2:
+            continue
+        if value.const_value is not None and value.const_value.size >= _SHARED_FOLD_MIN_ELEMENTS:
+            return False
+    return None  # onnxscript's default rules
+
+
+def deduplicate_initializers(model: ir.Model) -> int:
+    """Merge main-graph initializers with equal dtype, shape and bytes; return how many went.
+
+    onnx_ir has passes for this, but ``DeduplicateInitializersPass`` skips tensors over 1024
+    elements by default and ``DeduplicateHashedInitializersPass`` (onnx-ir 1.1) fails on
+    non-contiguous arrays, which the exporter produces (expanded buffers).
+    """
+    graph = model.graph
+    kept: dict[tuple, ir.Value] = {}
+    dropped = 0
+    for value in tuple(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.dtype == ir.DataType.STRING:
+            continue
+        data = tensor.tobytes()
+        key = (tensor.dtype, tuple(tensor.shape.numpy()), hashlib.sha256(data).digest())
+        keeper = kept.get(key)
+        if keeper is None:
+            kept[key] = value
+            continue
+        if keeper.const_value.tobytes() != data:  # a hash collision: keep both
+            continue
+        value.replace_all_uses_with(keeper)
+        graph.initializers.pop(value.name)
+        dropped += 1
+    return dropped
+
+
+def program_input_names(program: Program) -> list[str]:
+    """Names of the program's tensor inputs in call order: positional names, then kwargs."""
+    return [name for name, value in _named_inputs(program) if isinstance(value, torch.Tensor)]
+
+
+def positional_names(program: Program) -> list[str]:
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(program.module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"arg{i}" for i in range(len(program.args))]
+
+
+def _named_inputs(program: Program) -> list[tuple[str, Any]]:
+    return list(zip(positional_names(program), program.args)) + list(program.kwargs.items())
+
+
+def _all_value_names(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs if v.name}
+    values.update({name: v for name, v in graph.initializers.items()})
+    for node in graph:
+        values.update({v.name: v for v in node.outputs if v.name})
+    return values
+
+
+def _rename_inputs(graph: ir.Graph, names: list[str]) -> list[str]:
+    # Nested inputs (lists, dicts of tensors) flatten to more ONNX inputs than names: keep
+    # the exporter's names then.
+    if len(names) == len(graph.inputs):
+        taken = _all_value_names(graph)
+        for value, name in zip(graph.inputs, names):
+            _set_name(value, name, taken)
+    return [v.name for v in graph.inputs]
+
+
+def _rename_outputs(graph: ir.Graph, names: list[str]) -> list[str]:
+    if not names:
+        return [v.name for v in graph.outputs]
+    if len(names) != len(graph.outputs):
+        raise ExportError(
+            f"the ONNX graph has {len(graph.outputs)} outputs but the program names {len(names)}: {names}"
+        )
+    if len(set(names)) != len(names):
+        raise ExportError(f"program.output_names has duplicates: {names}")
+    clash = set(names) & {v.name for v in graph.inputs}
+    if clash:
+        raise ExportError(f"output names {sorted(clash)} are also input names; rename the outputs")
+    taken = _all_value_names(graph)
+    seen: set[int] = set()
+    for index, name in enumerate(names):
+        value = graph.outputs[index]
+        # One ONNX value has one name: an output that is also an input, an initializer or
+        # another output gets its own Identity.
+        if value.is_graph_input() or value.is_initializer() or id(value) in seen:
+            identity = ir.node("Identity", [value])
+            graph.append(identity)
+            value = identity.outputs[0]
+            graph.outputs[index] = value
+        seen.add(id(value))
+        _set_name(value, name, taken)
+    return [v.name for v in graph.outputs]
+
+
+def _set_name(value: ir.Value, name: str, taken: dict[str, ir.Value]) -> None:
+    if value.name == name:
+        return
+    holder = taken.get(name)
+    if holder is not None and holder is not value:
+        suffix = 1
+        while f"{name}_{suffix}" in taken:
+            suffix += 1
+        holder.name = f"{name}_{suffix}"
+        taken[holder.name] = holder
+    taken.pop(value.name, None)
+    value.name = name
+    taken[name] = value
+
+
+# ---- dynamic axes ------------------------------------------------------------------------
+
+
+def axis_name(input_name: str, axis: int, dim: Any) -> str:
+    """The ONNX name of a dynamic axis: a named Dim's name, else batch / seq / <input>_dim<k>."""
+    if isinstance(dim, torch.export.Dim):
+        return dim.__name__
+    if isinstance(dim, str):
+        return dim
+    return {0: "batch", 1: "seq"}.get(axis, f"{input_name}_dim{axis}")
+
+
+def dynamic_axes_by_input(program: Program) -> dict[str, dict[int, Any]]:
+    """``program.dynamic_shapes`` as {input name: {axis: Dim or hint}}, static axes left out."""
+    spec = program.dynamic_shapes
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        names = [name for name, _ in _named_inputs(program)]
+        pairs = list(zip(names, spec))
+    result: dict[str, dict[int, Any]] = {}
+    for name, axes in pairs:
+        if isinstance(axes, Mapping):
+            items = axes.items()
+        elif isinstance(axes, (list, tuple)):
+            items = enumerate(axes)
+        else:
+            continue
+        dynamic = {int(a): d for a, d in items if d is not None and not isinstance(d, int) and isinstance(a, int)}
+        if dynamic:
+            result[name] = dynamic
+    return result
+
+
+def dynamic_axis_names(program: Program) -> dict[str, dict[int, str]]:
+    return {
+        name: {axis: axis_name(name, axis, dim) for axis, dim in axes.items()}
+        for name, axes in dynamic_axes_by_input(program).items()
+    }
+
+
+def _axis_rename_mapping(graph: ir.Graph, axes: dict[str, dict[int, str]]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for value in graph.inputs:
+        if value.shape is None:
+            continue
+        for axis, new_name in axes.get(value.name, {}).items():
+            if axis >= len(value.shape):
+                continue
+            dim = value.shape[axis]
+            if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str):
+                mapping.setdefault(dim.value, new_name)
+    return mapping
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+
+def _write_atomically(model: ir.Model, target: Path, data_name: str | None, *, check: bool) -> Path | None:
+    """Stage model (+ data) in a temp folder beside ``target``, check, then move into place.
+
+    The data file is moved before the model file, the commit point, so a new model only
+    appears complete and beside its data. Two renames are not one atomic step: when an older
+    model that uses the same data file is replaced, it sits beside the new data between them.
+    """
+    folder = target.parent
+    previous_data = referenced_external_files(target) if target.is_file() else set()
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    try:
+        staged_model = staging / target.name
+        _save_model(model, staged_model, data_name)
+        if check:
+            check_model_file(staged_model)
+        data_path = None
+        if data_name is not None:
+            data_path = validate_external_data_location(folder, data_name)
+            data_path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / data_name, data_path)
+        os.replace(staged_model, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # Only our own naming convention is cleaned up: another model may share other files.
+    ours = validate_external_data_location(folder, f"{target.name}.data").resolve()
+    if ours in previous_data and (data_path is None or data_path.resolve() != ours):
+        ours.unlink(missing_ok=True)
+    return data_path
+
+
+def _save_model(model: ir.Model, path: Path, data_name: str | None) -> None:
+    ir.save(model, path, external_data=data_name)
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """``onnx.checker`` full check on a file (works past 2 GB, with external data)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types
+        raise ExportError(f"the ONNX checker rejected the exported model: {type(exc).__name__}: {exc}") from exc
+
+
+# ---- external data safety ----------------------------------------------------------------
+
+
+def validate_external_data_location(folder: str | os.PathLike, location: str) -> Path:
+    """The path of ``location`` inside ``folder``; raise if it could escape the folder.
+
+    Refused: empty names, absolute paths (POSIX or Windows), any ``..`` component, and a
+    symlink anywhere between the folder and the file.
+    """
+    if not isinstance(location, str) or not location.strip() or "\x00" in location:
+        raise UnsafeExternalDataError(f"invalid external data location {location!r}")
+    windows = PureWindowsPath(location)
+    if PurePosixPath(location).is_absolute() or windows.is_absolute() or windows.drive or location.startswith("\\"):
+        raise UnsafeExternalDataError(f"external data location {location!r} is absolute; it must be relative to {folder}")
+    parts = [p for p in re.split(r"[\\/]", location) if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeExternalDataError(f"external data location {location!r} contains '..'; it must stay inside {folder}")
+    if not parts:
+        raise UnsafeExternalDataError(f"external data location {location!r} names no file")
+    base = Path(folder).resolve()
+    candidate = base
+    for part in parts:
+        candidate = candidate / part
+        if candidate.is_symlink():
+            raise UnsafeExternalDataError(f"external data location {location!r} goes through a symlink: {candidate}")
+    if not candidate.resolve().is_relative_to(base):
+        raise UnsafeExternalDataError(f"external data location {location!r} resolves outside {base}")
+    return candidate
+
+
+def external_data_locations(model: onnx.ModelProto) -> list[str]:
+    """The ``location`` of every tensor stored as external data, in graphs and functions."""
+    locations = []
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            locations.append(entries.get("location", ""))
+    return locations
+
+
+def validate_model_external_data(path: str | os.PathLike) -> list[Path]:
+    """Check every external-data location of the model at ``path`` before anything loads it."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    return [validate_external_data_location(path.parent, loc) for loc in dict.fromkeys(external_data_locations(proto))]
+
+
+def referenced_external_files(path: Path) -> set[Path]:
+    try:
+        return {p.resolve() for p in validate_model_external_data(path)}
+    except Exception:  # noqa: BLE001 - an unreadable or unsafe old model: touch none of its files
+        return set()
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
+
+
+def _require_safe_onnx() -> None:
+    version = tuple(int(x) for x in re.findall(r"\d+", onnx.__version__)[:2])
+    if version < _MIN_ONNX_VERSION:
+        raise ExportError(
+            f"onnx {onnx.__version__} is installed; graphopt needs onnx >= 1.21 "
+            "(earlier releases have external-data path-traversal CVEs)"
+        )

@@ -1,0 +1,194 @@
+"""ONNX Runtime sessions: execution provider choice, threads, optimization level, timing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from graphopt.errors import ConfigError, ExportError
+
+from .onnx_export import UnsafeExternalDataError, external_data_locations, validate_model_external_data
+
+# Short names for the providers people ask for; full ORT names are accepted as well.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+GRAPH_OPTIMIZATION_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+# ONNX tensor type strings as ORT reports them -> numpy dtypes.
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+class ProviderError(ExportError, ValueError):
+    """The requested execution provider is unknown or not installed."""
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers, in ORT's preference order."""
+    return list(ort.get_available_providers())
+
+
+def resolve_provider(provider: str) -> str:
+    """``"cpu"`` / ``"cuda"`` / ... or a full ORT name -> the installed provider's ORT name."""
+    if not isinstance(provider, str):
+        raise ConfigError(f"provider must be a name such as 'cpu' or 'cuda', got {provider!r}")
+    name = PROVIDER_ALIASES.get(provider.lower(), provider)
+    available = available_providers()
+    if name in available:
+        return name
+    known = sorted(set(PROVIDER_ALIASES) | set(PROVIDER_ALIASES.values()))
+    if name not in known:
+        raise ProviderError(f"unknown execution provider {provider!r}; installed: {available}; known names: {sorted(PROVIDER_ALIASES)}")
+    raise ProviderError(
+        f"execution provider {provider!r} ({name}) is not installed in this onnxruntime build; installed: {available}"
+        + (" (the CUDA provider needs the onnxruntime-gpu package)" if name == "CUDAExecutionProvider" else "")
+    )
+
+
+def make_session(
+    path_or_bytes: str | os.PathLike | bytes | onnx.ModelProto,
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+    inter_threads: int | None = None,
+    graph_optimization: str = "all",
+    optimized_model_path: str | os.PathLike | None = None,
+) -> ort.InferenceSession:
+    """An ``InferenceSession`` on ``provider`` (CPU as the fallback for nodes it lacks).
+
+    ``threads``/``inter_threads``: intra-/inter-op thread counts (``None``: ORT's default;
+    inter-op threads only matter in parallel execution mode, which ``inter_threads > 1``
+    turns on). ``optimized_model_path``: where ORT writes the graph it optimized.
+    A model with external data is loaded from its path only after every data location
+    was checked to stay inside the model's folder.
+    """
+    if graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
+        raise ConfigError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATION_LEVELS)}, got {graph_optimization!r}")
+    provider_name = resolve_provider(provider)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[graph_optimization]
+    if threads is not None:
+        options.intra_op_num_threads = _positive(threads, "threads")
+    if inter_threads is not None:
+        options.inter_op_num_threads = _positive(inter_threads, "inter_threads")
+        if inter_threads > 1:
+            options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+
+    source = _model_source(path_or_bytes)
+    if optimized_model_path is not None:
+        out = Path(optimized_model_path).absolute()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        options.optimized_model_filepath = str(out)
+        if isinstance(source, str) and validate_model_external_data(source):
+            # A big model's optimized form needs its weights beside it, not in the proto.
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out.name}.data")
+
+    providers = [provider_name] if provider_name == "CPUExecutionProvider" else [provider_name, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise ExportError(f"onnxruntime could not load the model on {provider_name}: {exc}") from exc
+    if provider_name not in session.get_providers():
+        # ORT falls back to CPU with only a log line when a provider fails to initialise.
+        raise ProviderError(f"{provider_name} failed to initialise; the session runs on {session.get_providers()}")
+    return session
+
+
+def _model_source(path_or_bytes: Any) -> str | bytes:
+    if isinstance(path_or_bytes, onnx.ModelProto):
+        path_or_bytes = path_or_bytes.SerializeToString()
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        if external_data_locations(onnx.load_from_string(bytes(path_or_bytes))):
+            raise UnsafeExternalDataError("a model held in memory refers to external data; load it from its path instead")
+        return bytes(path_or_bytes)
+    path = Path(path_or_bytes)
+    if not path.is_file():
+        raise ExportError(f"no ONNX model at {path}")
+    validate_model_external_data(path)
+    return str(path)
+
+
+def _positive(value: int, name: str) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def run(session: ort.InferenceSession, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    """Run ``session`` on named torch/numpy inputs, cast to the dtypes the model declares."""
+    declared = {i.name: i.type for i in session.get_inputs()}
+    missing = [name for name in declared if name not in inputs]
+    unknown = [name for name in inputs if name not in declared]
+    if missing or unknown:
+        raise ExportError(f"inputs do not match the model: missing {missing}, unexpected {unknown}; the model takes {list(declared)}")
+    feed = {name: _as_numpy(inputs[name], declared[name]) for name in declared}
+    return session.run(None, feed)
+
+
+def _as_numpy(value: Any, onnx_type: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16
+            value = value.float()
+        value = value.numpy()
+    array = np.asarray(value)
+    dtype = _ORT_DTYPES.get(onnx_type)
+    return np.ascontiguousarray(array.astype(dtype, copy=False) if dtype is not None else array)
+
+
+def measure_latency(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 20) -> dict[str, float]:
+    """Wall-clock latency of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones."""
+    if warmup < 0 or repeat < 1:
+        raise ConfigError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "p50_ms": float(np.percentile(times, 50)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "mean_ms": statistics.fmean(times),
+        "runs": repeat,
+    }
