@@ -96,7 +96,7 @@ def _check_reproduces(program: Program) -> None:
     reference_outputs = program.reference_outputs
     got = program.run()
     if len(got) != len(reference_outputs) or any(
-        g.shape != r.shape or not torch.allclose(g, r, rtol=1e-4, atol=1e-5) for g, r in zip(got, reference_outputs)
+        g.shape != r.shape or not torch.allclose(g, r, rtol=1e-4, atol=1e-5, equal_nan=True) for g, r in zip(got, reference_outputs)
     ):
         raise CaptureError("the captured graph does not reproduce the model's outputs on the example inputs")
 
@@ -115,21 +115,26 @@ def auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> An
             dims[1] = seq
         return dims
 
-    arg_specs = tuple(spec(f"arg{i}", a) for i, a in enumerate(args))
-    kw_specs = {k: spec(k, v) for k, v in kwargs.items()}
-    if not kwargs:
-        return arg_specs
-    if not args:
-        return kw_specs
-    # torch.export wants the spec keyed by the forward signature's parameter names.
-    params = list(inspect.signature(model.forward).parameters)
-    combined = dict(zip(params, arg_specs))
-    combined.update(kw_specs)
-    return combined
+    # torch.export wants the spec shaped like the forward signature: one entry per named
+    # parameter, and a dict under the name of a **kwargs parameter for what lands there.
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return {k: spec(k, v) for k, v in kwargs.items()} if not args else tuple(spec(f"arg{i}", a) for i, a in enumerate(args))
+    specs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        parameter = bound.signature.parameters[name]
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            specs[name] = {k: spec(k, v) for k, v in value.items()}
+        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            specs[name] = tuple(spec(f"arg{i}", v) for i, v in enumerate(value))
+        else:
+            specs[name] = spec(name if kwargs.get(name) is value else f"arg{len(specs)}", value)
+    return specs
 
 
 def _output_names(outputs: Any) -> list[str]:
-    leaves, spec = pytree.tree_flatten_with_path(outputs) if hasattr(pytree, "tree_flatten_with_path") else ([], None)
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
     names = []
     for path, leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
