@@ -8,11 +8,14 @@ from .onnx_export import (
     validate_external_data_location,
     validate_model_external_data,
 )
+from .lowerings import lowering_table, register_lowering
 from .parity import OutputParity, ParityReport, check_parity, random_inputs
 from .session import ProviderError, available_providers, make_session, measure_latency, run
 
 __all__ = [
     "to_onnx",
+    "register_lowering",
+    "lowering_table",
     "ExportResult",
     "check_model_file",
     "validate_external_data_location",

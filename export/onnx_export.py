@@ -29,6 +29,8 @@ import torch
 from graphopt.errors import ConfigError, ExportError
 from graphopt.program import Program
 
+from .lowerings import lowering_table
+
 # A protobuf message cannot pass 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
 # Folding e.g. Transpose(W) when W has other consumers would store W and W^T: a tied
@@ -134,7 +136,7 @@ def _run_exporter(program: Program, opset: int, custom_translation_table) -> tor
             # We run the optimizer ourselves, with a rule that keeps shared weights shared.
             optimize=False,
             verbose=False,
-            custom_translation_table=dict(custom_translation_table) if custom_translation_table else None,
+            custom_translation_table=lowering_table(custom_translation_table) or None,
         )
     except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
