@@ -2,4 +2,4 @@
 # Set up (first run only) and run the full test suite.
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh" test
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest "$@"
+exec "$VENV/bin/pytest" "$@"

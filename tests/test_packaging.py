@@ -1,0 +1,54 @@
+"""passes/ and export/ install as graphopt.passes / graphopt.export, editable and as a wheel."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import importlib.util, sys, graphopt, graphopt.passes.dce, graphopt.export, graphopt.passes
+assert graphopt.__file__.startswith(sys.argv[1]), graphopt.__file__
+assert graphopt.passes.dce.__file__.startswith(sys.argv[1])
+assert importlib.util.find_spec("passes") is None and importlib.util.find_spec("export") is None
+assert {"dce", "dedup", "sdpa"} <= set(graphopt.registered_passes())
+print("ok")
+"""
+
+
+def check_in_subprocess(location: Path, cwd: Path, env: dict | None = None) -> None:
+    # a fresh interpreter outside the repo, so the working directory cannot make
+    # ``passes`` importable by accident
+    run = subprocess.run([sys.executable, "-c", CHECK, str(location)], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
+
+
+def test_editable_install_imports_the_namespaced_packages(tmp_path):
+    import graphopt.passes
+
+    assert Path(graphopt.passes.__file__).parent == ROOT / "passes"
+    check_in_subprocess(ROOT, tmp_path)
+
+
+def test_wheel_installs_and_imports(tmp_path):
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheel_dir.glob("graphopt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "graphopt/passes/dce.py" in names and "graphopt/export/onnx_export.py" in names
+    assert "graphopt/recipes/default.toml" in names
+    assert not any(n.startswith(("passes/", "export/", "tests/")) for n in names)
+
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    check_in_subprocess(target, tmp_path, env=dict(os.environ, PYTHONPATH=str(target)))
