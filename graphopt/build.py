@@ -117,6 +117,11 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
         with torch.inference_mode():
             return model(**inputs)
 
+    # PyTorch first, before any ORT session exists: ORT's intra-op threads spin after a
+    # run and would steal the cores PyTorch is being timed on.
+    eager_latency = measure_latency(eager, repeat=options.bench_repeat)
+    rows["PyTorch eager fp32"] = {**_latency(eager_latency), "size_mb": _state_dict_mb(model)}
+
     sessions = {}
     if options.baseline_onnx:
         baseline_program = capture(model, kwargs=loaded.example_kwargs or {})
@@ -127,8 +132,6 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
         result.exported.bytes,
     )
 
-    eager_latency = measure_latency(eager, repeat=options.bench_repeat)
-    rows["PyTorch eager fp32"] = {**_latency(eager_latency), "size_mb": _state_dict_mb(model)}
     for name, (session, size) in sessions.items():
         feed = {k: v for k, v in inputs.items() if k in {i.name for i in session.get_inputs()}}
         latency = measure_latency(lambda s=session, f=feed: ort_run(s, f), repeat=options.bench_repeat)

@@ -49,11 +49,13 @@ def capture(
         ) from exc
     reference_outputs = tuple(t.detach().clone() for t in flatten_outputs(reference))
     output_names = _output_names(reference)
+    trace_args, trace_kwargs = args, kwargs
     if dynamic_shapes == "auto":
         dynamic_shapes = auto_dynamic_shapes(work, args, kwargs)
+        trace_args, trace_kwargs = _widen_unit_dims(args, kwargs)
 
     try:
-        exported = torch.export.export(work, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        exported = torch.export.export(work, trace_args, trace_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         module = exported.module()
         ir = "aten"
     except Exception as exc:  # noqa: BLE001 - every failure becomes a CaptureError that names the place
@@ -131,6 +133,26 @@ def auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> An
         else:
             specs[name] = spec(name if kwargs.get(name) is value else f"arg{len(specs)}", value)
     return specs
+
+
+def _widen_unit_dims(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Example inputs for tracing with size-1 batch/sequence dims repeated to 2.
+
+    torch.export specializes a dimension whose example size is 1 (it cannot tell it from
+    broadcasting), which conflicts with marking it dynamic. The trace only needs shapes, so
+    it runs on the widened copy; reference outputs and verification keep the user's inputs.
+    """
+
+    def widen(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        dims = [0] + ([1] if value.dim() == 2 and not value.is_floating_point() else [])
+        for dim in dims:
+            if value.shape[dim] == 1:
+                value = torch.cat([value, value], dim=dim)
+        return value
+
+    return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
 
 
 def _output_names(outputs: Any) -> list[str]:

@@ -1,5 +1,7 @@
 """Capture: dynamic dims, provenance, clear failures, fallback, the user's model untouched."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -55,8 +57,13 @@ def test_capture_runs_other_batch_and_sequence_sizes():
 
 
 def test_capture_with_batch_one_example_stays_dynamic():
-    program = graphopt.capture(Net(), kwargs=text_inputs(batch=1, seq=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent fallback to symbolic_trace
+        program = graphopt.capture(Net(), kwargs=text_inputs(batch=1, seq=4))
+    assert program.ir == "aten"
     assert program.run(kwargs=text_inputs(3, 9))[0].shape == (3, 9, 8)
+    single = graphopt.capture(Net(), kwargs=text_inputs(batch=1, seq=1))
+    assert single.ir == "aten" and single.run(kwargs=text_inputs(2, 5))[0].shape == (2, 5, 8)
 
 
 def test_static_capture_when_asked():

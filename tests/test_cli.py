@@ -27,7 +27,7 @@ def test_optimize_tiny_model_writes_model_and_reports(tmp_path, capsys):
 
 def test_missed_gate_exits_1_and_says_which(tmp_path, capsys):
     recipe = tmp_path / "strict.toml"
-    recipe.write_text('pipeline = "dce"\n[gates]\nmin_speedup = 1000.0\nmax_size_mb = 0.001\n')
+    recipe.write_text('pipeline = "dce"\n[gates]\nmin_speedup = 1e9\nmax_size_mb = 0.001\n')
     code = main(["optimize", "--model", "factories:tiny_bert", "--recipe", str(recipe), "--out", str(tmp_path / "o"), *FAST])
     assert code == EXIT_FAILED
     err = capsys.readouterr().err
