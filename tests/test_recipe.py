@@ -1,0 +1,83 @@
+"""TOML recipes: presets, [[passes]] tables, early and precise errors."""
+
+import pytest
+
+import graphopt
+from graphopt import ConfigError, Recipe, UnknownPassError
+from graphopt.recipe import presets
+
+
+def test_presets_load_and_are_exact_pipelines():
+    assert {"default", "lossless"} <= set(presets())
+    recipe = Recipe.load("default")
+    manager = recipe.manager()
+    assert str(manager) == "dce,dedup,sdpa,dce"
+    assert manager.exact
+    assert recipe.gates.require_parity
+
+
+def test_pipeline_string_and_pass_tables_combine(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(
+        'name = "mix"\npipeline = "dce"\non_failure = "stop"\n'
+        '[[passes]]\nname = "dedup"\nmin_numel = 4\n'
+        "[budget]\nmin_cosine = 0.98\n[export]\nopset = 17\n"
+    )
+    recipe = Recipe.load(path)
+    manager = recipe.manager()
+    assert str(manager) == "dce,dedup{min_numel=4}"
+    assert manager.on_failure == "stop" and manager.budget.min_cosine == 0.98
+    assert recipe.export.opset == 17
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('pipeline = "dce"\n[budget]\nmin_cosin = 0.9\n', "unknown key 'budget.min_cosin' (allowed here: min_cosine"),
+        ('pipeline = "dce"\nexport_opset = 18\n', "unknown key 'export_opset'"),
+        ('pipeline = "dce"\n[export]\nopset = 9\n', "'export.opset'"),
+        ('pipeline = "dce"\non_failure = "ignore"\n', "'on_failure'"),
+        ('[[passes]]\nmin_numel = 3\n', "has no 'name'"),
+        ('pipeline = "dce"\n[gates]\nmin_speedup = "fast"\n', "'gates.min_speedup'"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        Recipe.load(path)
+    assert fragment in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_pass_in_recipe_fails_at_load(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[passes]]\nname = "prune-everything"\n')
+    with pytest.raises(UnknownPassError, match="available passes: .*dce"):
+        Recipe.load(path)
+
+
+def test_bad_pass_option_in_table_fails_at_load(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[passes]]\nname = "dedup"\nmin_numels = 4\n')
+    with pytest.raises(ConfigError, match="unknown option 'min_numels'"):
+        Recipe.load(path)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("pipeline = [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        Recipe.load(path)
+    with pytest.raises(ConfigError, match="not found .*presets: .*default"):
+        Recipe.load(tmp_path / "missing.toml")
+
+
+def test_optimize_accepts_recipe_objects_paths_and_presets(tmp_path):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+    program = graphopt.capture(model, (torch.randn(2, 4),))
+    for spec in ("lossless", Recipe.load("default"), "dce,dedup"):
+        result = graphopt.optimize(program, spec)
+        assert result.report.ok and result.report.passes[0].name == "dce"
