@@ -3,5 +3,7 @@
 from graphopt.passes.dce import DeadCodeElimination
 from graphopt.passes.dedup import Deduplicate
 from graphopt.passes.sdpa import AttentionToSDPA
+from graphopt.passes.prune import Prune
+from graphopt.passes.quantize import Quantize
 
-__all__ = ["DeadCodeElimination", "Deduplicate", "AttentionToSDPA"]
+__all__ = ["DeadCodeElimination", "Deduplicate", "AttentionToSDPA", "Prune", "Quantize"]

@@ -1,0 +1,54 @@
+"""ONNX lowerings of the quantized-linear ops to ONNX Runtime's integer kernels.
+
+Registered with :func:`graphopt.export.register_lowering` on import, so ``to_onnx`` applies
+them to any program that holds the ops. Each is an ``onnxscript.script`` function (with a
+return annotation, which the exporter needs to count outputs).
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnxscript import FLOAT, INT8, INT64, UINT8
+from onnxscript import opset18 as op
+
+from graphopt.export import register_lowering
+from graphopt.quant import ops  # noqa: F401  (defines the torch.ops.graphopt ops)
+
+msft = onnxscript.values.Opset("com.microsoft", 1)
+
+
+@onnxscript.script(default_opset=op)
+def dynamic_int8(x: FLOAT, w_q: INT8, w_scale: FLOAT, bias: FLOAT) -> FLOAT:
+    # One kernel: quantize x to uint8, u8 x s8 integer GEMM, scale per column, add bias.
+    return msft.DynamicQuantizeMatMul(x, w_q, w_scale, None, bias)
+
+
+@onnxscript.script(default_opset=op)
+def static_int8(x: FLOAT, x_scale: FLOAT, x_zero_point: UINT8, w_q: INT8, w_scale: FLOAT, bias: FLOAT) -> FLOAT:
+    # QDQ form: ORT's QDQ optimizer fuses it into an integer matmul (MatMulIntegerToFloat).
+    x_dq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zero_point), x_scale, x_zero_point)
+    w_dq = op.DequantizeLinear(w_q, w_scale, axis=1)
+    return op.Add(op.MatMul(x_dq, w_dq), bias)
+
+
+@onnxscript.script(default_opset=op)
+def nbits(
+    x: FLOAT, w_packed: UINT8, scales: FLOAT, zero_points: UINT8, bias: FLOAT, K: int, N: int, bits: int, block_size: int, accuracy_level: int
+) -> FLOAT:
+    return msft.MatMulNBits(
+        x, w_packed, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level
+    )
+
+
+@onnxscript.script(default_opset=op)
+def embedding_int8(table_q: INT8, scales: FLOAT, indices: INT64) -> FLOAT:
+    rows = op.Cast(op.Gather(table_q, indices), to=1)
+    return op.Mul(rows, op.Gather(scales, indices))
+
+
+_ops = torch.ops.graphopt
+register_lowering(_ops.linear_dynamic_int8.default, dynamic_int8)
+register_lowering(_ops.linear_static_int8.default, static_int8)
+register_lowering(_ops.linear_nbits.default, nbits)
+register_lowering(_ops.embedding_int8.default, embedding_int8)

@@ -1,0 +1,136 @@
+"""graphopt's quantized-linear ops: ``torch.library`` custom ops with eager references.
+
+Each op computes ``x @ W + bias`` with ``W`` stored quantized, and each eager reference
+follows the numerics of the ONNX Runtime kernel it lowers to (graphopt.quant.lowering),
+so ORT parity can be checked tightly:
+
+* ``graphopt::linear_dynamic_int8``: ``DynamicQuantizeMatMul``. The activation is
+  quantized per tensor to uint8 at run time (range widened to include 0, scale =
+  range/255, zero point rounded half-to-even), the weight is int8, symmetric, one scale per
+  output column; the integer product is exact, then scaled by ``a_scale * w_scale`` in fp32.
+* ``graphopt::linear_nbits``: ``MatMulNBits`` (weight-only, 4 or 8 bits, one scale and
+  zero point per group of ``block_size`` input rows). ``accuracy_level=4`` makes ORT
+  quantize the activation to int8 per block as well; the reference does the same.
+* ``graphopt::linear_static_int8``: ``QuantizeLinear``/``DequantizeLinear`` around a MatMul:
+  activation scale and zero point calibrated ahead of time, per-channel int8 weights.
+
+Weights are stored as ONNX wants them: ``[K, N]`` (input rows, output columns) for the
+int8 ops and ``MatMulNBits``' packed ``[N, K/block, block*bits/8]`` for the n-bit op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LIB = "graphopt"
+
+
+def dynamic_quant_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of ONNX DynamicQuantizeLinear / ORT's uint8 activation quantization."""
+    lo = torch.clamp(x.min(), max=0.0).float()
+    hi = torch.clamp(x.max(), min=0.0).float()
+    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255.0)
+    zero_point = torch.round(torch.clamp(0.0 - lo / scale, 0.0, 255.0))
+    return scale, zero_point
+
+
+def quantize_activation_u8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 codes as float (round half to even, then saturate), like ORT's QuantizeLinear."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point, 0.0, 255.0)
+
+
+def _integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Integer codes in float64: every product and sum up to 2**53 is exact, as in int32.
+    return torch.matmul(a.double(), b.double())
+
+
+# ---- dynamic int8 ---------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::linear_dynamic_int8", mutates_args=())
+def linear_dynamic_int8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] @ dequant(w_q [K, N] int8, w_scale [N]) + bias [N]``, activation uint8 per tensor."""
+    scale, zero_point = dynamic_quant_params(x)
+    codes = quantize_activation_u8(x, scale, zero_point) - zero_point
+    acc = _integer_matmul(codes, w_q).float()
+    return (acc * (scale * w_scale.float()) + bias.float()).to(x.dtype)
+
+
+@linear_dynamic_int8.register_fake
+def _(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+
+
+# ---- static int8 (QDQ) ----------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::linear_static_int8", mutates_args=())
+def linear_static_int8(
+    x: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``dequant(quant(x; x_scale, x_zero_point [uint8])) @ dequant(w_q [K, N] int8, w_scale [N]) + bias``."""
+    zero_point = x_zero_point.float()
+    codes = quantize_activation_u8(x, x_scale.float(), zero_point) - zero_point
+    acc = _integer_matmul(codes, w_q).float()
+    return (acc * (x_scale.float() * w_scale.float()) + bias.float()).to(x.dtype)
+
+
+@linear_static_int8.register_fake
+def _(x, x_scale, x_zero_point, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+
+
+# ---- weight-only n-bit (MatMulNBits) --------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::linear_nbits", mutates_args=())
+def linear_nbits(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    bias: torch.Tensor,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+) -> torch.Tensor:
+    """``x [..., K] @ W + bias`` with ``W`` in MatMulNBits' packed layout (see graphopt.quant.packing)."""
+    from graphopt.quant.packing import unpack_nbits, unpack_zero_points
+
+    codes = unpack_nbits(w_packed, bits, K)  # [N, blocks * block_size] unsigned codes, as float
+    blocks = codes.shape[1] // block_size
+    codes = codes.reshape(N, blocks, block_size)
+    centered = codes - unpack_zero_points(zero_points, bits, blocks).reshape(N, blocks, 1)
+    if accuracy_level == 4:
+        return _nbits_int8_compute(x, centered, scales, bias, K, N, block_size)
+    weight = (centered * scales.float().reshape(N, blocks, 1)).reshape(N, -1)[:, :K]
+    return (torch.matmul(x.float(), weight.T) + bias.float()).to(x.dtype)
+
+
+def _nbits_int8_compute(x, centered, scales, bias, K, N, block_size):
+    # ORT (MLAS "CompInt8") quantizes the activation per block of block_size along K to int8,
+    # symmetric, scale = amax / 127, then accumulates block products in fp32.
+    blocks = centered.shape[1]
+    lead = x.shape[:-1]
+    a = torch.nn.functional.pad(x.float().reshape(-1, K), (0, blocks * block_size - K)).reshape(-1, blocks, block_size)
+    a_scale = a.abs().amax(dim=-1, keepdim=True) / 127.0
+    inverse = torch.where(a_scale == 0, torch.zeros_like(a_scale), 1.0 / a_scale)
+    a_codes = torch.clamp(torch.round(a * inverse), -127, 127)
+    # [M, blocks] x [N, blocks] block sums, exact integer dot products per block.
+    block_dots = torch.einsum("mbk,nbk->mnb", a_codes.double(), centered.double()).float()
+    weights = a_scale.squeeze(-1)[:, None, :] * scales.float().reshape(N, blocks)[None]
+    out = (block_dots * weights).sum(-1) + bias.float()
+    return out.reshape(*lead, N).to(x.dtype)
+
+
+@linear_nbits.register_fake
+def _(x, w_packed, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+# ---- int8 embedding -------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::embedding_int8", mutates_args=())
+def embedding_int8(table_q: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of an int8 table [V, D] with one scale per row [V, 1], as float32."""
+    return table_q[indices].float() * scales[indices]
+
+
+@embedding_int8.register_fake
+def _(table_q, scales, indices):
+    return table_q.new_empty((*indices.shape, table_q.shape[1]), dtype=torch.float32)

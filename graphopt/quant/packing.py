@@ -1,0 +1,120 @@
+"""Quantizing weights, and the storage layouts of the ORT kernels they lower to.
+
+Conventions: a linear weight arrives as ``[N, K]`` (``nn.Linear``: output rows, input
+columns). Per-channel int8 weights are returned as ``[K, N]`` int8 with one scale per output
+column (MatMul's B layout). n-bit weights use ``MatMulNBits``' layout: ``[N, blocks,
+block_size * bits / 8]`` uint8, low nibble first for 4 bits; scales ``[N, blocks]``; zero
+points packed the same way (4 bits: two per byte along the blocks of a row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from graphopt.errors import ConfigError
+
+INT8_QMAX = 127
+REDUCED_INT8_QMAX = 63  # "reduce range": 7-bit weights, for CPUs without VNNI (see cpu.py)
+
+
+def quantize_per_channel_int8(weight: torch.Tensor, qmax: int = INT8_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight [N, K]`` -> (codes ``[K, N]`` int8, scales ``[N]`` fp32)."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    codes = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return codes.T.contiguous(), scale
+
+
+def dequantize_per_channel_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_per_channel_int8`: ``[K, N]`` codes -> ``[N, K]`` fp32."""
+    return (codes.float() * scale[None, :]).T
+
+
+@dataclass
+class NBitsWeight:
+    packed: torch.Tensor  # uint8 [N, blocks, blob]
+    scales: torch.Tensor  # fp32 [N, blocks]
+    zero_points: torch.Tensor  # uint8, packed (4 bits: [N, ceil(blocks/2)]; 8 bits: [N, blocks])
+    K: int
+    N: int
+    bits: int
+    block_size: int
+    padded: int  # input rows added to fill the last block (0 when block_size divides K)
+
+
+def quantize_nbits(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool = False) -> NBitsWeight:
+    """Group-wise n-bit quantization of ``weight [N, K]`` into MatMulNBits' layout.
+
+    Asymmetric (default): each block's range, widened to include 0, maps onto 0..2^bits-1
+    with a zero point. Symmetric: zero point fixed at 2^(bits-1), scale = amax / (2^(bits-1)-1).
+    A K that ``block_size`` does not divide is padded with zero weights (reported as ``padded``).
+    """
+    if bits not in (4, 8):
+        raise ConfigError(f"MatMulNBits weights must have 4 or 8 bits, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ConfigError(f"block_size must be a power of two >= 16, got {block_size}")
+    w = weight.detach().float()
+    N, K = w.shape
+    blocks = -(-K // block_size)
+    padded = blocks * block_size - K
+    w = torch.nn.functional.pad(w, (0, padded)).reshape(N, blocks, block_size)
+    levels = 2**bits - 1
+    if symmetric:
+        mid = 2 ** (bits - 1)
+        amax = w.abs().amax(dim=-1)
+        scales = torch.where(amax > 0, amax / (mid - 1), torch.ones_like(amax))
+        zero = torch.full_like(scales, float(mid))
+    else:
+        lo = torch.clamp(w.amin(dim=-1), max=0.0)
+        hi = torch.clamp(w.amax(dim=-1), min=0.0)
+        scales = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+        zero = torch.clamp(torch.round(-lo / scales), 0, levels)
+    codes = torch.clamp(torch.round(w / scales[..., None]) + zero[..., None], 0, levels).to(torch.uint8)
+    packed = pack_codes(codes.reshape(N, blocks * block_size), bits).reshape(N, blocks, block_size * bits // 8)
+    return NBitsWeight(packed, scales.contiguous(), pack_zero_points(zero.to(torch.uint8), bits), K, N, bits, block_size, padded)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [rows, cols] -> bytes; 4 bits: element 2i in the low nibble of byte i."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nbits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """MatMulNBits' B [N, blocks, blob] -> codes [N, blocks * block_size] as float."""
+    rows = packed.reshape(packed.shape[0], -1)
+    if bits == 8:
+        return rows.float()
+    low, high = rows & 0x0F, rows >> 4
+    return torch.stack((low, high), dim=-1).reshape(rows.shape[0], -1).float()
+
+
+def pack_zero_points(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points [N, blocks] -> ORT's layout (4 bits: a row padded to whole bytes)."""
+    if bits == 8:
+        return zero.contiguous()
+    if zero.shape[1] % 2:
+        zero = torch.nn.functional.pad(zero, (0, 1))
+    return pack_codes(zero, 4)
+
+
+def unpack_zero_points(packed: torch.Tensor, bits: int, blocks: int) -> torch.Tensor:
+    """ORT-layout zero points -> [N, blocks] as float."""
+    if bits == 8:
+        return packed.reshape(packed.shape[0], -1)[:, :blocks].float()
+    rows = packed.reshape(packed.shape[0], -1)
+    both = torch.stack((rows & 0x0F, rows >> 4), dim=-1).reshape(rows.shape[0], -1)
+    return both[:, :blocks].float()
+
+
+def dequantize_nbits(q: NBitsWeight) -> torch.Tensor:
+    """The fp32 ``[N, K]`` weight a :class:`NBitsWeight` stands for."""
+    blocks = q.scales.shape[1]
+    codes = unpack_nbits(q.packed, q.bits, q.K).reshape(q.N, blocks, q.block_size)
+    zero = unpack_zero_points(q.zero_points, q.bits, blocks)
+    return ((codes - zero[..., None]) * q.scales[..., None]).reshape(q.N, -1)[:, : q.K]
