@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator, Mapping
@@ -125,6 +127,20 @@ def to_onnx(
 
 
 def _run_exporter(program: Program, opset: int, custom_translation_table) -> torch.onnx.ONNXProgram:
+    # The exporter logs a warning per torchvision op it cannot register (torchvision is not
+    # a dependency) and a FutureWarning from torch's own pytree code: noise, not news.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            return _export(program, opset, custom_translation_table)
+    finally:
+        registration_log.setLevel(previous_level)
+
+
+def _export(program: Program, opset: int, custom_translation_table) -> torch.onnx.ONNXProgram:
     try:
         return torch.onnx.export(
             program.module,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,10 @@ def _load_directory(path: Path, attn_implementation: str, name: str | None = Non
 
 def _load_factory(spec: str) -> LoadedModel:
     module_name, factory_name = spec.split(":")
+    # Like other `module:attr` CLIs, resolve the module from the working directory too
+    # (the console script does not put it on sys.path, `python -m` does).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

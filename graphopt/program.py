@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,10 @@ class Program:
 
     def clone(self) -> Program:
         """A deep copy: graph and tensors (shared tensors stay shared within the copy)."""
-        memo: dict = {}
-        module = copy.deepcopy(self.module, memo)
+        with warnings.catch_warnings():
+            # torch's pytree specs warn about a deprecated isinstance check when copied
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            module = copy.deepcopy(self.module)
         return Program(
             module=module,
             args=self.args,
