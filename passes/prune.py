@@ -1,0 +1,228 @@
+"""Structured pruning from the graph's own dependency groups (lossy).
+
+``prune{heads=0.25,ffn=0.5}`` removes a quarter of the attention heads and half of the
+FFN channels of every layer: weights are physically sliced, and every shape constant
+that encodes a head count or a width (view / reshape / expand sizes, split sizes,
+layer-norm shapes) is rewritten, so the result is an ordinary smaller graph that runs on
+any batch and sequence length and exports to ONNX with smaller initializers.
+
+Pieces, each usable alone:
+
+1. :func:`graphopt.analysis.dependency_groups` finds the groups (cached on the program);
+2. :func:`graphopt.analysis.importance.importance` scores their units;
+3. :func:`plan` chooses the units to keep (ratios per kind, per-layer or global ranking,
+   widths rounded to a multiple, a minimum per group);
+4. :func:`apply_plan` rewrites the program.
+
+Calibration data for the data-driven criteria (``taylor``, ``activation``) is
+``program.meta["calibration"]`` (a list of ``(args, kwargs)`` batches, training text
+only) or else the program's example inputs.
+
+Hidden width is the residual stream, which is also the output of an encoder: it is only
+cut with ``allow_output_change=true``, since it changes the output's shape (the pass
+manager then cannot compare outputs with the reference; use it outside a budgeted run).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx as fx
+from pydantic import Field
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from graphopt.analysis.groups import DependencyAnalysis, Group, dependency_groups
+from graphopt.analysis.importance import importance
+from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
+from graphopt.program import Program
+
+aten = torch.ops.aten
+Ratio = Field(0.0, ge=0.0, lt=1.0)
+
+
+class PruneConfig(PassConfig):
+    heads: float = Ratio  # fraction of query heads removed (per kv group under GQA)
+    kv_heads: float = Ratio  # fraction of kv heads removed, each with its query heads (GQA)
+    ffn: float = Ratio  # fraction of FFN channels removed
+    hidden: float = Ratio  # fraction of the residual stream's width removed
+    importance: Literal["l1", "l2", "taylor", "activation"] = "l2"
+    scope: Literal["layer", "global"] = "layer"  # rank within each group, or across groups of a kind
+    multiple: int = Field(8, ge=1)  # channel counts (ffn, hidden) are rounded to this multiple
+    min_keep: int = Field(1, ge=1)  # never keep fewer units than this in a group
+    allow_output_change: bool = False  # allow cutting spaces that reach a graph output
+    calibration_batches: int = Field(8, ge=1)
+
+    def ratios(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("heads", "kv_heads", "ffn", "hidden") if getattr(self, k) > 0}
+
+
+@register_pass
+class Prune(Pass):
+    name: ClassVar[str] = "prune"
+    exact: ClassVar[bool] = False
+    Config: ClassVar[type[PassConfig]] = PruneConfig
+    requires_ir = ("aten",)
+
+    def run(self, program: Program) -> PassResult:
+        cfg = self.config
+        analysis = dependency_groups(program)
+        info: dict = {"not_prunable": analysis.unhandled}
+        ratios = cfg.ratios()
+        if not ratios:
+            return PassResult(program, False, {**info, "groups": [], "reason": "all ratios are 0"})
+        groups = [g for kind in ratios for g in analysis.prunable(kind, allow_output_change=cfg.allow_output_change)]
+        missing = [kind for kind in ratios if not any(g.kind == kind for g in groups)]
+        if missing:
+            info["kinds_without_groups"] = missing
+        calibration = list(program.meta.get("calibration", ()))[: cfg.calibration_batches]
+        scores = importance(cfg.importance, program, groups, calibration)
+        keep = plan(groups, scores, cfg)
+        cut = {gid: kept for gid, kept in keep.items() if kept.numel() < analysis.group(gid).size}
+        params_before = program.parameter_stats()["parameters"]
+        info["groups"] = [_describe(analysis.group(gid), keep[gid]) for gid in sorted(keep)]
+        if not cut:
+            return PassResult(program, False, {**info, "reason": "nothing to cut after rounding"})
+        apply_plan(program, analysis, cut)
+        info["params_before"] = params_before
+        info["params_after"] = program.parameter_stats()["parameters"]
+        return PassResult(program, True, info)
+
+
+# ---- planning -----------------------------------------------------------------------------
+def plan(groups: list[Group], scores: dict[int, torch.Tensor], cfg: PruneConfig) -> dict[int, torch.Tensor]:
+    """Indices to keep in each group, sorted ascending."""
+    keep: dict[int, torch.Tensor] = {}
+    by_kind: dict[str, list[Group]] = {}
+    for g in groups:
+        by_kind.setdefault(g.kind, []).append(g)
+    for kind, members in by_kind.items():
+        ratio = getattr(cfg, kind)
+        multiple = 1 if kind in ("heads", "kv_heads") else cfg.multiple
+        if cfg.scope == "layer" or len(members) == 1:
+            counts = {g.id: _keep_count(g.size, ratio, multiple, cfg.min_keep) for g in members}
+        else:
+            counts = _global_counts(members, scores, ratio, multiple, cfg.min_keep)
+        for g in members:
+            order = torch.argsort(scores[g.id], descending=True, stable=True)
+            keep[g.id] = torch.sort(order[: counts[g.id]]).values
+    return keep
+
+
+def _keep_count(size: int, ratio: float, multiple: int, min_keep: int) -> int:
+    target = size * (1.0 - ratio)
+    count = int(round(target / multiple)) * multiple if multiple > 1 else int(round(target))
+    return max(min(count, size), min(min_keep, size), 1)
+
+
+def _global_counts(members: list[Group], scores, ratio: float, multiple: int, min_keep: int) -> dict[int, int]:
+    """One threshold across groups on scores normalised by each group's mean."""
+    total = sum(g.size for g in members)
+    n_remove = int(round(total * ratio))
+    pool = []
+    for g in members:
+        s = scores[g.id]
+        normalised = s / s.mean().clamp_min(1e-12)
+        pool.extend((float(v), g.id) for v in normalised)
+    pool.sort()
+    removed: dict[int, int] = {g.id: 0 for g in members}
+    for _, gid in pool[:n_remove]:
+        removed[gid] += 1
+    counts = {}
+    for g in members:
+        kept = g.size - removed[g.id]
+        counts[g.id] = _keep_count(g.size, 1.0 - kept / g.size, multiple, min_keep)
+    return counts
+
+
+def _describe(group: Group, kept: torch.Tensor) -> dict:
+    return {"kind": group.kind, "module_path": group.module_path, "size": group.size, "kept": int(kept.numel())}
+
+
+# ---- rewriting ----------------------------------------------------------------------------
+def apply_plan(program: Program, analysis: DependencyAnalysis, keep: dict[int, torch.Tensor]) -> None:
+    """Slice every weight and rewrite every shape constant so that group ``g`` keeps ``keep[g]``."""
+    gm = program.module
+    graph = analysis.graph
+    changed: dict[int, torch.Tensor] = {}
+    for sid, coords in analysis.coords.items():
+        if set(coords) & set(keep):
+            kept = analysis.kept_indices(sid, keep)
+            if kept.numel() < next(iter(coords.values())).numel():
+                changed[sid] = kept
+    sliced: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in sliced:
+            continue
+        sliced.add(node.target)
+        tensor = _get(gm, node.target)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        new = tensor.detach()
+        for d in range(tensor.dim()):
+            sid = graph.slot_space.get((f"attr:{node.target}", 0, d))
+            if sid in changed:
+                new = new.index_select(d, changed[sid])
+        if new is not tensor.detach():
+            _set(gm, node.target, new.contiguous(), tensor)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    split_sizes: dict[str, dict[int, int]] = {}
+    for sid, kept in changed.items():
+        for node_name, arg_index, position in graph.spaces[sid].sites:
+            node = nodes[node_name]
+            if isinstance(position, tuple):  # ("split", part)
+                split_sizes.setdefault(node_name, {})[position[1]] = int(kept.numel())
+                continue
+            args = list(node.args)
+            if position is None:
+                args[arg_index] = int(kept.numel())
+            else:
+                values = list(args[arg_index])
+                values[position] = int(kept.numel())
+                args[arg_index] = values
+            node.args = tuple(args)
+    for node_name, new_sizes in split_sizes.items():
+        node = nodes[node_name]
+        sizes = [int(v.shape[node.args[2] if len(node.args) > 2 else 0]) for v in node.meta["val"]]
+        for part, size in new_sizes.items():
+            sizes[part] = size
+        dim = node.args[2] if len(node.args) > 2 else 0
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], sizes, dim)
+    gm.graph.lint()
+    gm.recompile()
+    _propagate_shapes(gm)
+    program.invalidate()
+
+
+def _get(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(gm: fx.GraphModule, target: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _propagate_shapes(gm: fx.GraphModule) -> None:
+    """Recompute every node's FakeTensor (``meta['val']``) with the new weight shapes."""
+    inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    fake = next((v for v in inputs if isinstance(v, torch._subclasses.FakeTensor)), None)
+    if fake is None:
+        return
+    mode = fake.fake_mode
+    allowed = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    finally:
+        mode.allow_non_fake_inputs = allowed
