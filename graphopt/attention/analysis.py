@@ -1,0 +1,126 @@
+"""What the attention passes need to know about each ``aten.scaled_dot_product_attention`` node.
+
+* :func:`sdpa_nodes`: the SDPA nodes in graph order, with a layer index and module path.
+* :func:`sdpa_values`: their concrete inputs on the program's example inputs (an fx
+  Interpreter run), cached on the program as an analysis.
+* :func:`classify_mask`: what a mask *does* on those inputs: nothing, key padding (every
+  query row the same), or causal plus key padding. Approximate attention keeps only a key
+  bias, so it must know; the classification is evidence from the example inputs, which
+  the pass records in its info.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from graphopt.program import Program, module_path
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+# A mask entry at or below this is "masked out"; above it, it must be exactly 0.
+MASKED = -1e4
+
+
+@dataclass(frozen=True)
+class SDPASite:
+    node: fx.Node
+    layer: int
+    module_path: str
+
+    @property
+    def mask(self) -> fx.Node | None:
+        node = self.node
+        return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+
+    def option(self, name: str, position: int, default):
+        node = self.node
+        return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+    @property
+    def dropout(self) -> float:
+        return self.option("dropout_p", 4, 0.0)
+
+    @property
+    def is_causal(self) -> bool:
+        return bool(self.option("is_causal", 5, False))
+
+    @property
+    def enable_gqa(self) -> bool:
+        return bool(self.node.kwargs.get("enable_gqa", False))
+
+    def scale(self) -> float:
+        scale = self.node.kwargs.get("scale")
+        if scale is None:
+            scale = self.node.args[6] if len(self.node.args) > 6 else None
+        return float(scale) if scale is not None else 1.0 / math.sqrt(self.node.args[0].meta["val"].shape[-1])
+
+
+def sdpa_nodes(program: Program) -> list[SDPASite]:
+    nodes = [n for n in program.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    return [SDPASite(node, index, module_path(node)) for index, node in enumerate(nodes)]
+
+
+def sdpa_values(program: Program) -> dict[str, tuple]:
+    """{node name: (q, k, v, mask or None)} on the program's example inputs (cached)."""
+    return program.analysis("sdpa_values", _capture_values)
+
+
+def _capture_values(program: Program) -> dict[str, tuple]:
+    captured: dict[str, tuple] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node.op == "call_function" and node.target is SDPA:
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+                captured[node.name] = (args[0], args[1], args[2], mask)
+            return result
+
+    flat_args = _flat_inputs(program)
+    with torch.no_grad():
+        Recorder(program.module).run(*flat_args)
+    return captured
+
+
+def _flat_inputs(program: Program) -> list:
+    """The example inputs flattened the way the graph's placeholders take them."""
+    from torch.utils import _pytree as pytree
+
+    info = getattr(program.module.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:  # a plain fx graph: positional placeholders
+        return list(program.args) + list(program.kwargs.values())
+    keys = info.in_spec.child(1).context if info.in_spec.num_children == 2 else list(program.kwargs)
+    return pytree.tree_leaves((tuple(program.args), {key: program.kwargs[key] for key in keys}))
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    kind: str  # "none", "key", "causal+key", or "general"
+    reason: str = ""
+
+
+def classify_mask(mask: torch.Tensor | None, seq_q: int, seq_k: int) -> MaskKind:
+    if mask is None:
+        return MaskKind("none")
+    if mask.dtype == torch.bool:
+        return MaskKind("general", "boolean mask (only additive float masks are handled)")
+    if mask.dim() != 4:
+        return MaskKind("general", f"{mask.dim()}-D mask, expected (batch, heads, q_seq, k_seq)")
+    if mask.shape[1] != 1 and not bool((mask == mask[:, :1]).all()):
+        return MaskKind("general", "the mask differs between heads")
+    values = mask[:, :1].expand(-1, 1, seq_q, seq_k)
+    if not bool(((values == 0) | (values <= MASKED)).all()):
+        return MaskKind("general", f"mask values other than 0 and <= {MASKED:g} (a soft bias)")
+    last = values[:, :, -1:, :]
+    if bool((values == last).all()):
+        return MaskKind("key")
+    keep = torch.ones(seq_q, seq_k, dtype=torch.bool).tril(seq_k - seq_q)
+    causal = torch.where(keep, last.expand_as(values), torch.full_like(values, torch.finfo(values.dtype).min))
+    if bool(((values <= MASKED) == (causal <= MASKED)).all()):
+        return MaskKind("causal+key")
+    return MaskKind("general", "the mask is neither key padding nor causal plus key padding on the example inputs")
