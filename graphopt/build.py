@@ -54,13 +54,20 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
     timings: dict[str, float] = {}
     example = loaded.example_kwargs or {}
 
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        say = lambda _msg: None  # noqa: E731 - one rank speaks
     with _step(say, "capture", timings):
         program = capture(loaded.model, kwargs=example)
+    program.meta["tokenizer"] = loaded.tokenizer
+    program.meta["report_dir"] = str(out)
     with _step(say, f"optimize ({recipe.pipeline_text() or 'empty pipeline'})", timings):
-        result = optimize(program, recipe, reproducer_dir=out, progress=options.progress)
+        result = optimize(program, recipe, reproducer_dir=out, progress=options.progress and rank == 0)
     report = result.report
     report.model = loaded.name
     build_result = BuildResult(result=result, timings=timings)
+    if rank != 0:  # data-parallel helpers: they took part in training; rank 0 exports and measures
+        return build_result
     model_path = out / "model.onnx"
     with _step(say, "export + ORT parity", timings):
         try:

@@ -51,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--bench-repeat", type=int, default=30)
     opt.add_argument("--heldout", type=int, default=64, help="held-out sentences for fidelity (0: skip)")
     opt.add_argument("--no-baseline", action="store_true", help="skip exporting the unoptimized model for comparison")
+    opt.add_argument("--nproc", type=int, default=1, help="processes for data-parallel stages (distill), launched with torchrun")
     opt.add_argument("--quiet", action="store_true")
     opt.set_defaults(func=_cmd_optimize)
+
+    dis = sub.add_parser("distill", parents=[opt], add_help=False, conflict_handler="resolve",
+                         help="optimize with a recipe that has a distill stage (data-parallel with --nproc)")
+    dis.set_defaults(func=_cmd_distill)
 
     lst = sub.add_parser("passes", help="list every pass with its config fields and docs")
     lst.add_argument("--json", action="store_true")
@@ -73,7 +78,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_distill(args) -> int:
+    from graphopt.errors import ConfigError
+    from graphopt.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    text = args.pipeline if args.pipeline is not None else recipe.pipeline_text()
+    if "distill" not in text:
+        raise ConfigError(f"graphopt distill needs a pipeline with a distill stage; got '{text}' (add e.g. distill{{steps=300}})")
+    return _cmd_optimize(args)
+
+
+def _launch_data_parallel(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes; return its exit code."""
+    import subprocess
+
+    argv = list(sys.argv[1:])
+    for i, arg in enumerate(argv):
+        if arg == "--nproc":
+            del argv[i : i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "graphopt.cli", *argv]
+    return subprocess.call(command)
+
+
+def _init_distributed() -> None:
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _cmd_optimize(args) -> int:
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _launch_data_parallel(args.nproc)
+    _init_distributed()
+    if int(os.environ.get("RANK", "0")) != 0:
+        args.quiet = True
     from graphopt.build import BuildOptions, build, format_table
     from graphopt.models import load_model
     from graphopt.recipe import Recipe
@@ -94,6 +138,8 @@ def _cmd_optimize(args) -> int:
         progress=not args.quiet,
     )
     outcome = build(loaded, recipe, options, say=say)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return EXIT_OK
     report = outcome.result.report
     print(report.to_markdown())
     if outcome.rows:

@@ -93,12 +93,17 @@ class PassManager(Pass):
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.name, "config": self.config.model_dump(mode="json"), "passes": [p.to_dict() for p in self.passes]}
 
+    def _needs_teacher(self) -> bool:
+        return any(p._needs_teacher() if isinstance(p, PassManager) else getattr(p, "needs_teacher", False) for p in self.passes)
+
     # ---- running ------------------------------------------------------------------------
     def run(self, program: Program) -> PassResult:
         report = Report(pipeline=self.text(), model=program.meta.get("model_class", ""))
         report.environment = environment()
         if self.instrument:
             report.initial = ProgramStats.of(program)
+        if program.teacher is None and self._needs_teacher():
+            program.teacher = program.clone()
         state = _RunState(outputs=program.run(), report=report)
         initial_fingerprint = program.fingerprint()
         program = self._run_passes(program, state, self)

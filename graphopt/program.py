@@ -39,6 +39,9 @@ class Program:
     meta: dict = field(default_factory=dict)
     # Analyses cached by name; cleared whenever a pass reports ``modified``.
     analyses: dict = field(default_factory=dict, repr=False, compare=False)
+    # The program as it was before the pipeline ran: the teacher of distillation. Shared,
+    # never modified, not copied by clone().
+    teacher: Program | None = field(default=None, repr=False, compare=False)
 
     @property
     def graph(self) -> fx.Graph:
@@ -68,7 +71,8 @@ class Program:
             reference_outputs=self.reference_outputs,
             output_names=list(self.output_names),
             ir=self.ir,
-            meta=copy.deepcopy(self.meta),
+            meta=dict(self.meta),  # values are treated as immutable (tokenizer, model name, ...)
+            teacher=self.teacher,
         )
 
     def invalidate(self) -> None:

@@ -66,6 +66,7 @@ class Gates(_Strict):
 class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
+    plugins: tuple[str, ...] = Field((), description="modules to import first: they register their own passes")
     pipeline: str = ""
     passes: tuple[dict[str, Any], ...] = ()
     on_failure: Literal["continue", "stop", "raise"] = "continue"
@@ -88,11 +89,21 @@ class Recipe(_Strict):
         from graphopt.passbase import create_pass
         from graphopt.pipeline import parse_pipeline
 
+        self.load_plugins()
         passes = list(parse_pipeline(self.pipeline).passes) if self.pipeline else []
         for table in self.passes:
             options = {k: v for k, v in table.items() if k != "name"}
             passes.append(create_pass(table["name"], **options))
         return PassManager(passes, budget=self.budget, on_failure=self.on_failure, **settings)
+
+    def load_plugins(self) -> None:
+        import importlib
+
+        for module in self.plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"recipe plugin '{module}' cannot be imported: {exc}") from None
 
     def pipeline_text(self) -> str:
         return self.manager().text()

@@ -2,10 +2,11 @@
 
 from graphopt.passes.dce import DeadCodeElimination
 from graphopt.passes.dedup import Deduplicate
+from graphopt.passes.distill import Distill
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.fused_attention import FusedAttention
 from graphopt.passes.approx_attention import ApproxAttention
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
 
-__all__ = ["DeadCodeElimination", "Deduplicate", "AttentionToSDPA", "FusedAttention", "ApproxAttention", "Prune", "Quantize"]
+__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "ApproxAttention", "Prune", "Quantize"]

@@ -1,0 +1,162 @@
+"""Distillation: it recovers, it resumes, it runs data-parallel, it fails clearly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import graphopt
+from graphopt import zoo
+from graphopt.distill import DistillConfig, DistillError, distill
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distill_worker import perturbed_pair, tensor_data  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def cosine0(a, b):
+    return torch.nn.functional.cosine_similarity(a.run()[0].flatten(), b.run()[0].flatten(), dim=0).item()
+
+
+def test_distillation_recovers_a_damaged_student():
+    teacher, student = perturbed_pair()
+    before = cosine0(teacher, student)
+    result = distill(student, teacher, tensor_data(teacher), DistillConfig(steps=40, lr=3e-3, progress=False))
+    after = cosine0(teacher, student)
+    assert result.steps == 40 and result.history[-1]["loss"] < 0.25 * result.history[0]["loss"]
+    # measured on the example inputs, which training never saw
+    assert before < 0.5 and after > before + 0.3
+    assert not any(p.requires_grad for p in student.module.parameters())  # left frozen for export
+
+
+class Interrupt(dict):
+    """A batch whose use stops the run, as a killed job would."""
+
+    def items(self):
+        raise KeyboardInterrupt("job killed")
+
+
+def test_resume_continues_exactly(tmp_path):
+    teacher, straight = perturbed_pair()
+    data = tensor_data(teacher, batches=8)
+    config = dict(steps=8, lr=1e-3, progress=False, checkpoint_every=2)
+    distill(straight, teacher, data, DistillConfig(**config))
+    ckpt = str(tmp_path / "ckpt")
+    _, killed = perturbed_pair()
+    with pytest.raises(KeyboardInterrupt):
+        distill(killed, teacher, data[:5] + [Interrupt()] + data[6:], DistillConfig(checkpoint_dir=ckpt, **config))
+    _, fresh = perturbed_pair()  # a new process starts from the original weights
+    result = distill(fresh, teacher, data, DistillConfig(checkpoint_dir=ckpt, **config))
+    assert [h["step"] for h in result.history] == list(range(1, 9))  # 4 from the checkpoint, 4 new
+    for (name, a), b in zip(straight.module.named_parameters(), fresh.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_two_processes_match_one(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable, str(HERE / "distill_worker.py"), str(single)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "distill_worker.py"), str(double)],
+        check=True, env=env, timeout=300, capture_output=True,
+    )
+    with safe_open(str(double), "pt") as f:
+        assert f.metadata()["world_size"] == "2"
+    one, two = load_file(str(single)), load_file(str(double))
+    _, start = perturbed_pair()
+    moved = max((one[k] - v).abs().max().item() for k, v in start.module.named_parameters())
+    assert moved > 1e-3  # training really changed the weights
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_text_data_with_validation_and_curve(tmp_path):
+    from graphopt.data import train_sentences
+    from graphopt.models import load_model
+
+    tokenizer = load_model("minilm").tokenizer
+    torch.manual_seed(0)
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    inputs = dict(tokenizer(["a short example", "another example sentence here"], padding=True, return_tensors="pt"))
+    teacher = graphopt.capture(model, kwargs=inputs)
+    student = teacher.clone()
+    with torch.no_grad():
+        for p in student.module.parameters():
+            if p.dim() == 2:
+                p.mul_(0.9)
+    result = distill(student, teacher, train_sentences(120), DistillConfig(steps=12, eval_every=6, batch_size=8, max_length=32, progress=False), tokenizer=tokenizer, report_dir=tmp_path)
+    scores = [h["val_mean_cosine"] for h in result.history if "val_mean_cosine" in h]
+    assert len(scores) == 2 and all(0 < s <= 1 for s in scores)
+    assert Path(result.curve_png).is_file() and Path(result.curve_png).stat().st_size > 1000
+
+
+def test_distill_stage_in_a_pipeline():
+    from test_manager import ScaleWeights  # a lossy pass that damages the first weight
+
+    graphopt.register_pass(ScaleWeights)
+    try:
+        program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
+        result = graphopt.optimize(program, "test-scale{factor=1.3},distill{steps=30,lr=0.001,progress=false}", budget=graphopt.Budget(min_cosine=0.0))
+    finally:
+        graphopt.passbase.unregister_pass("test-scale")
+    damage, recovery = result.report.passes
+    assert damage.status == "applied" and recovery.status == "applied"
+    assert recovery.drift_total["cosine"] > damage.drift_total["cosine"]
+    assert recovery.info["steps"] == 30
+
+
+def test_distill_on_an_undamaged_program_does_nothing():
+    program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
+    result = graphopt.optimize(program, "distill{steps=5}")
+    assert result.report.passes[0].status == "skipped"
+
+
+def test_clear_errors():
+    teacher, student = perturbed_pair()
+    with pytest.raises(DistillError, match="data list is empty"):
+        distill(student, teacher, [], DistillConfig(steps=1, progress=False))
+    with pytest.raises(DistillError, match="needs a tokenizer"):
+        distill(student, teacher, ["some text"], DistillConfig(steps=1, progress=False))
+    gpt = graphopt.capture(zoo.tiny_model("gpt2"), kwargs=zoo.example_inputs("gpt2", seq=10))
+    with pytest.raises(DistillError, match="do not correspond"):
+        distill(student, gpt, tensor_data(teacher), DistillConfig(steps=1, progress=False))
+
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    empty = graphopt.capture(Doubler(), (torch.randn(2, 3),))
+    with pytest.raises(DistillError, match="no trainable"):
+        distill(empty, empty.clone(), [{"x": torch.randn(2, 3)}], DistillConfig(steps=1, progress=False))
+
+
+def test_cli_runs_distillation_on_two_processes(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'plugins = ["plugin_passes"]\npipeline = "dce,test-damage,distill{steps=4,batch_size=4,progress=false}"\n'
+        "[budget]\nmin_cosine = 0.0\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "graphopt.cli", "distill", "--model", "factories:tiny_bert", "--recipe", str(recipe), "--out", str(out),
+         "--nproc", "2", "--no-baseline", "--heldout", "0", "--bench-repeat", "3", "--quiet"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["dce", "test-damage", "distill"]
+    distilled = report["passes"][2]
+    assert distilled["status"] == "applied" and distilled["info"]["distill"]["world_size"] == 2
+    assert report["sections"]["parity"]["passed"]
