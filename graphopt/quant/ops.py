@@ -39,9 +39,22 @@ def quantize_activation_u8(x: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return torch.clamp(torch.round(x.float() / scale) + zero_point, 0.0, 255.0)
 
 
+# |uint8 code - zero point| <= 255 and |int8 weight| <= 127: a fp32 dot product of up to
+# 512 such terms stays below 2**24, so it is exact, as ORT's int32 accumulation is.
+_EXACT_FP32_TERMS = 512
+
+
 def _integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # Integer codes in float64: every product and sum up to 2**53 is exact, as in int32.
-    return torch.matmul(a.double(), b.double())
+    """Exact ``a @ b`` of integer codes held in floats: fp32 chunks of K, summed in fp64."""
+    K = a.shape[-1]
+    a, b = a.float(), b.float()
+    if K <= _EXACT_FP32_TERMS:
+        return torch.matmul(a, b).double()
+    total = None
+    for start in range(0, K, _EXACT_FP32_TERMS):
+        part = torch.matmul(a[..., start : start + _EXACT_FP32_TERMS], b[start : start + _EXACT_FP32_TERMS]).double()
+        total = part if total is None else total + part
+    return total
 
 
 # ---- dynamic int8 ---------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""The quantize pass on tiny models: rewrites, ORT kernels actually used, ORT parity, config errors."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import zoo
+from graphopt.errors import ConfigError
+from graphopt.export import make_session, run as ort_run, to_onnx
+from graphopt.passes.quantize import Quantize
+from graphopt.pipeline import parse_pipeline
+from graphopt.quant.calibration import CalibrationSet
+from graphopt.quant.cpu import CpuInt8Support, cpu_int8_support, weight_qmax
+
+GRAPHOPT_OPS = ("graphopt::linear_dynamic_int8", "graphopt::linear_nbits", "graphopt::linear_static_int8")
+FLOAT_MATMULS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+
+
+def _capture(arch: str, layers: int = 1):
+    model = zoo.tiny_model(arch, layers=layers)
+    return graphopt.capture(model, kwargs=zoo.example_inputs(arch))
+
+
+def _ort_graph(program, tmp_path, name="model"):
+    """Export, open an ORT session (all optimizations), and return (session, optimized op counts)."""
+    exported = to_onnx(program, tmp_path / f"{name}.onnx")
+    optimized = tmp_path / f"{name}.opt.onnx"
+    session = make_session(exported.path, threads=2, optimized_model_path=optimized)
+    ops = collections.Counter(node.op_type for node in onnx.load(optimized).graph.node)
+    return session, ops, exported
+
+
+def _float_matmuls_on_weights(path) -> list[str]:
+    """fp32 matmuls whose right operand is an initializer (a weight left in fp32 or dequantized to it)."""
+    model = onnx.load(path)
+    initializers = {i.name for i in model.graph.initializer}
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    bad = []
+    for node in model.graph.node:
+        if node.op_type in FLOAT_MATMULS and len(node.input) > 1:
+            weight = node.input[1]
+            source = produced_by.get(weight)
+            if weight in initializers or (source is not None and source.op_type == "DequantizeLinear"):
+                bad.append(node.name)
+    return bad
+
+
+def _ort_vs_program(program, session, inputs) -> float:
+    """Max |ORT - PyTorch reference| relative to the output scale, over outputs."""
+    got = ort_run(session, inputs)
+    want = [t.numpy() for t in program.run((), inputs)]
+    return max(float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want))
+
+
+def _linear_count(program) -> int:
+    hist = program.op_histogram()
+    return sum(v for k, v in hist.items() if k.split(".")[0] in ("aten::linear", "aten::addmm"))
+
+
+def _graphopt_ops(program) -> dict[str, int]:
+    return {k.split(".")[0]: v for k, v in program.op_histogram().items() if k.startswith("graphopt::")}
+
+
+# ---- dynamic int8 -------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "vit"])
+def test_dynamic_int8_uses_integer_kernels_with_tight_ort_parity(arch, tmp_path):
+    program = _capture(arch)
+    linears = _linear_count(program)
+    result = Quantize()(program)
+
+    assert result.modified and result.info["replaced"] == linears > 0
+    assert _graphopt_ops(program) == {"graphopt::linear_dynamic_int8": linears}
+    assert _linear_count(program) == 0
+    drift = torch.nn.functional.cosine_similarity(program.run()[0].flatten(), program.reference_outputs[0].flatten(), dim=0)
+    assert drift > 0.999
+
+    session, ops, _ = _ort_graph(program, tmp_path)
+    assert ops["DynamicQuantizeMatMul"] == linears, ops
+    assert not _float_matmuls_on_weights(tmp_path / "model.opt.onnx")
+    other = zoo.example_inputs(arch, batch=3, seq=11, seed=1)
+    for inputs in (zoo.example_inputs(arch), other):
+        assert _ort_vs_program(program, session, inputs) < 2e-5
+
+
+class _Linear(nn.Module):
+    def __init__(self, k: int, n: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _linear_program(k=256, n=64, rows=32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen) * scale
+    return graphopt.capture(_Linear(k, n, seed), (x,), dynamic_shapes=None), x
+
+
+@pytest.mark.parametrize("weight_range", ["reduced", "full"])
+def test_dynamic_int8_real_kernel_matches_reference_on_this_cpu(weight_range, tmp_path):
+    """The ORT kernel on the machine at hand against the eager reference (catches int16 saturation)."""
+    if weight_range == "full" and cpu_int8_support().saturates_u8s8:
+        pytest.skip("full-range int8 weights saturate ORT's u8s8 GEMM on this CPU (no VNNI); auto picks reduced")
+    program, x = _linear_program()
+    fp32 = program.run()[0]
+    Quantize(weight_range=weight_range)(program)
+    reference = program.run()[0]
+    session, ops, exported = _ort_graph(program, tmp_path)
+    got = torch.from_numpy(ort_run(session, {exported.input_names[0]: x})[0])
+    assert ops["DynamicQuantizeMatMul"] == 1
+    assert (got - reference).abs().max() / reference.abs().max() < 1e-5
+    # and the quantization itself is sound: a few tenths of a percent off fp32, not 28%
+    assert (reference - fp32).norm() / fp32.norm() < (0.02 if weight_range == "reduced" else 0.01)
+
+
+def test_weight_range_follows_the_cpu():
+    avx2 = CpuInt8Support(capability="AVX2", vnni=False, x86=True)
+    vnni = CpuInt8Support(capability="AVX512", vnni=True, x86=True)
+    arm = CpuInt8Support(capability="DEFAULT", vnni=False, x86=False)
+    assert weight_qmax("auto", avx2) == 63 and avx2.saturates_u8s8
+    assert weight_qmax("auto", vnni) == 127 and weight_qmax("auto", arm) == 127
+    assert weight_qmax("full", avx2) == 127 and weight_qmax("reduced", vnni) == 63
+    program, _ = _linear_program()
+    info = Quantize()(program).info
+    assert info["cpu"] == cpu_int8_support().to_dict()
+    expected = 63 if cpu_int8_support().saturates_u8s8 else 127
+    codes = [t for name, t in program.tensors().items() if name.endswith("w_q")][0]
+    assert int(codes.abs().max()) == expected
+
+
+# ---- not modified, filters, errors -----------------------------------------------------------
+def test_unmodified_when_nothing_is_selected():
+    program = _capture("bert")
+    fingerprint = program.fingerprint()
+    result = Quantize(include=("nothing.matches.*",))(program)
+    assert not result.modified and result.info["replaced"] == 0
+    assert program.fingerprint() == fingerprint
+    filtered = [row for row in result.info["skipped"] if "include" in row["reason"]]
+    assert len(filtered) == len(result.info["layers"]) == _linear_count(program) > 0
+
+
+def test_unmodified_without_linear_layers():
+    class OnlyActivations(nn.Module):
+        def forward(self, a, b):
+            return torch.matmul(a, b).softmax(-1)
+
+    program = graphopt.capture(OnlyActivations(), (torch.randn(2, 4, 8), torch.randn(2, 8, 4)), dynamic_shapes=None)
+    result = Quantize()(program)
+    assert not result.modified
+    assert result.info["skipped"] and "constant_weight" in result.info["skipped"][0]["reason"]
+
+
+def test_target_filter_by_module_path():
+    program = _capture("bert")
+    result = Quantize(include=("encoder.layer.0.*",), exclude=("*.attention.output.dense",))(program)
+    quantized = [row["module_path"] for row in result.info["layers"] if row["scheme"] != "fp32"]
+    assert sorted(quantized) == sorted(
+        f"encoder.layer.0.{m}" for m in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense", "output.dense")
+    )
+    assert result.info["replaced"] == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(bits=4), "quantizes to 8 bits"),
+        (dict(mode="weight_only", bits=3), "bits 4 or 8"),
+        (dict(mode="weight_only", group_size=48), "power of two"),
+        (dict(mode="weight_only", group_size=512), "16 to 256"),
+        (dict(mode="int3"), "mode"),
+        (dict(colour="red"), "unknown option 'colour'"),
+    ],
+)
+def test_config_errors_are_clear(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Quantize(**options)
+
+
+def test_empty_calibration_set_is_an_error():
+    with pytest.raises(ConfigError, match="empty"):
+        CalibrationSet.from_tensors([])
+    with pytest.raises(ConfigError, match="empty"):
+        CalibrationSet.from_sentences(object(), [])
+
+
+def test_pipeline_text_round_trips():
+    text = "quantize{mode=weight_only,bits=4,group_size=32,exclude=[\"*.pooler.*\"]}"
+    pipeline = parse_pipeline(text)
+    assert parse_pipeline(str(pipeline)) == pipeline
+    (quantize,) = pipeline.passes
+    assert quantize.config.group_size == 32 and quantize.config.exclude == ("*.pooler.*",)
