@@ -58,7 +58,8 @@ def nystrom_attention_onnx(q: FLOAT, k: FLOAT, v: FLOAT, key_bias: FLOAT, scale:
         q_l = op.MatMul(average, q)
         k_l_t = op.Transpose(op.MatMul(average, k), perm=[0, 1, 3, 2])
         kernel_q = op.Softmax(op.Add(op.Mul(op.MatMul(q, k_l_t), scale_t), landmark_bias), axis=-1)
-        kernel_l = op.Softmax(op.Add(op.Mul(op.MatMul(q_l, k_l_t), scale_t), landmark_bias), axis=-1)
+        landmark_valid = op.CastLike(op.Greater(counts, op.CastLike(op.Constant(value_float=0.0), q)), q)
+        kernel_l = op.Mul(op.Softmax(op.Add(op.Mul(op.MatMul(q_l, k_l_t), scale_t), landmark_bias), axis=-1), landmark_valid)
         kernel_k = op.Softmax(op.Add(op.Mul(op.MatMul(q_l, k_t), scale_t), key_bias), axis=-1)
         # Newton–Schulz pseudo-inverse of kernel_l (see reference.newton_pinv).
         eye = op.CastLike(op.EyeLike(op.ConstantOfShape(op.Concat(op.Unsqueeze(m, op.Constant(value_ints=[0])), op.Unsqueeze(m, op.Constant(value_ints=[0])), axis=0))), q)

@@ -26,12 +26,13 @@ def exact_attention(q, k, v, key_bias=None, scale: float = 1.0, causal: bool = F
 
 
 # ---- Nyström --------------------------------------------------------------------------------
-def segment_means_matrix(n: int, landmarks: int, valid: torch.Tensor | None, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(averaging matrix (batch, 1, m, n), landmark bias (batch, 1, 1, m)) for m = min(landmarks, n).
+def segment_means_matrix(n: int, landmarks: int, valid: torch.Tensor | None, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(averaging matrix (b, 1, m, n), landmark bias (b, 1, 1, m), landmark validity (b, 1, m, 1)).
 
-    Landmark i averages the valid tokens in [floor(i n / m), floor((i + 1) n / m)); a
-    landmark whose segment is all padding gets a -inf-like bias so no softmax uses it.
-    With m = n every landmark is one token: the Nyström form is then exact attention.
+    m = min(landmarks, n). Landmark i averages the valid tokens in [floor(i n / m),
+    floor((i + 1) n / m)); a landmark whose segment is all padding gets a -inf-like bias so
+    no softmax uses it, and its row of the landmark kernel is zeroed so the pseudo-inverse
+    ignores it. With m = n every landmark is one token: the Nyström form is then exact.
     """
     m = min(landmarks, n)
     bounds = torch.div(torch.arange(m + 1) * n, m, rounding_mode="floor")
@@ -43,7 +44,7 @@ def segment_means_matrix(n: int, landmarks: int, valid: torch.Tensor | None, dty
     counts = weights.sum(-1, keepdim=True)  # (b, 1, m, 1)
     average = weights / counts.clamp(min=1.0)
     landmark_bias = torch.where(counts > 0, 0.0, torch.finfo(dtype).min).to(dtype).transpose(-1, -2)  # (b, 1, 1, m)
-    return average, landmark_bias
+    return average, landmark_bias, (counts > 0).to(dtype)
 
 
 def newton_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -71,10 +72,10 @@ def nystrom_attention(q, k, v, key_bias=None, scale: float = 1.0, landmarks: int
     if n <= threshold or k.shape[-2] != n:
         return exact_attention(q, k, v, key_bias, scale)
     valid = None if key_bias is None else key_bias.reshape(key_bias.shape[0], -1) > PADDING_BIAS
-    average, landmark_bias = segment_means_matrix(n, landmarks, valid, q.dtype)
+    average, landmark_bias, landmark_valid = segment_means_matrix(n, landmarks, valid, q.dtype)
     q_l, k_l = average @ q, average @ k
     kernel_q = torch.softmax(q @ k_l.transpose(-1, -2) * scale + landmark_bias, -1)  # (b, h, n, m)
-    kernel_l = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale + landmark_bias, -1)  # (b, h, m, m)
+    kernel_l = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale + landmark_bias, -1) * landmark_valid  # (b, h, m, m)
     scores_k = q_l @ k.transpose(-1, -2) * scale
     if key_bias is not None:
         scores_k = scores_k + key_bias

@@ -1,0 +1,150 @@
+"""Attention custom ops: eager reference vs ONNX Runtime, exactness, thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import graphopt.attention  # noqa: F401  (registers the ops)
+from graphopt.attention import reference
+from graphopt.export.lowerings import lowering_table
+
+DYN = torch.export.Dim.DYNAMIC
+LOW = torch.finfo(torch.float32).min
+HEADS, HEAD_DIM = 4, 8
+
+
+class OpCall(torch.nn.Module):
+    """Calls one graphopt attention op on (q, k, v, key_bias); constants as buffers."""
+
+    def __init__(self, op: str, **options):
+        super().__init__()
+        self.op, self.options = op, options
+        if "rotations" in options:
+            self.register_buffer("rotations", options.pop("rotations"))
+        self.eval()
+
+    def forward(self, q, k, v, key_bias):
+        o, ops = self.options, torch.ops.graphopt
+        if self.op == "fused":
+            return ops.fused_attention(q, k, v, o["scale"], o["causal"], HEADS)
+        if self.op == "fused_biased":
+            return ops.fused_attention_biased(q, k, v, key_bias, o["scale"], o["causal"], HEADS)
+        if self.op == "nystrom":
+            return ops.nystrom_attention(q, k, v, key_bias, o["scale"], o["landmarks"], o["iterations"], o["threshold"])
+        return ops.lsh_attention(q, k, v, key_bias, self.rotations, o["scale"], o["chunk"], o["causal"], o["threshold"])
+
+
+def _inputs(batch: int, seq: int, seed: int = 0, padded: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, HEADS, seq, HEAD_DIM, generator=gen) for _ in range(3))
+    bias = torch.zeros(batch, 1, 1, seq)
+    if padded and batch > 1:
+        bias[1, ..., seq - max(1, seq // 4):] = LOW
+    return q, k, v, bias
+
+
+def _session(module: OpCall) -> ort.InferenceSession:
+    example = _inputs(2, 16)
+    exported = torch.onnx.export(
+        module, example, dynamo=True, verbose=False, custom_translation_table=lowering_table(),
+        dynamic_shapes=({0: DYN, 2: DYN},) * 3 + ({0: DYN, 3: DYN},),
+    )
+    return ort.InferenceSession(exported.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+CASES = {
+    "fused": dict(scale=0.3, causal=False),
+    "fused-causal": dict(scale=0.3, causal=True),
+    "fused_biased": dict(scale=0.3, causal=False),
+    "nystrom": dict(scale=0.3, landmarks=6, iterations=6, threshold=0),
+    "nystrom-threshold": dict(scale=0.3, landmarks=6, iterations=6, threshold=18),
+    "lsh": dict(scale=0.3, chunk=4, causal=False, threshold=0, rotations=reference.lsh_rotations(HEAD_DIM, 4, 2)),
+    "lsh-causal": dict(scale=0.3, chunk=4, causal=True, threshold=0, rotations=reference.lsh_rotations(HEAD_DIM, 4, 3)),
+    "lsh-causal-threshold": dict(scale=0.3, chunk=4, causal=True, threshold=18, rotations=reference.lsh_rotations(HEAD_DIM, 8, 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_matches_onnxruntime(case):
+    module = OpCall(case.split("-")[0], **dict(CASES[case]))
+    session = _session(module)
+    names = [i.name for i in session.get_inputs()]
+    # Lengths below and above any threshold, not multiples of the chunk, and the export length.
+    for batch, seq in ((1, 5), (2, 16), (3, 21), (2, 37)):
+        inputs = _inputs(batch, seq, seed=seq)
+        got = session.run(None, {name: t.numpy() for name, t in zip(names, inputs)})[0]
+        with torch.no_grad():
+            want = module(*inputs).numpy()
+        assert np.isfinite(got).all()
+        assert _rel(got, want) < 2e-5, (case, batch, seq)
+
+
+def test_fused_ops_lower_to_multi_head_attention():
+    session_model = torch.onnx.export(OpCall("fused", scale=0.3, causal=True), _inputs(2, 16), dynamo=True, verbose=False,
+                                      custom_translation_table=lowering_table())
+    ops = [n.op_type for n in session_model.model_proto.graph.node]
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_nystrom_is_exact_when_landmarks_cover_the_sequence(padded):
+    q, k, v, bias = _inputs(2, 12, padded=padded)
+    exact = reference.exact_attention(q, k, v, bias, 0.35)
+    approx = reference.nystrom_attention(q, k, v, bias, 0.35, landmarks=12, iterations=30, threshold=0)
+    assert reference.relative_error(approx, exact) < 1e-4
+    fewer = reference.nystrom_attention(q, k, v, bias, 0.35, landmarks=3, iterations=30, threshold=0)
+    assert reference.relative_error(fewer, exact) > 1e-2  # and it is an approximation otherwise
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq", [12, 13])
+def test_lsh_is_exact_with_one_bucket_covering_the_sequence(causal, seq):
+    q, k, v, bias = _inputs(2, seq)
+    one_bucket = torch.zeros(3, HEAD_DIM, 1)  # three rounds, all in bucket 0
+    exact = reference.exact_attention(q, k, v, bias, 0.35, causal)
+    approx = reference.lsh_attention(q, k, v, bias, one_bucket, 0.35, chunk=seq, causal=causal, threshold=0)
+    assert reference.relative_error(approx, exact) < 1e-5
+    hashed = reference.lsh_attention(q, k, v, bias, reference.lsh_rotations(HEAD_DIM, 8, 2), 0.35, chunk=4, causal=causal, threshold=0)
+    assert reference.relative_error(hashed, exact) > 1e-2
+
+
+def test_below_threshold_the_ops_are_exact_attention():
+    q, k, v, bias = _inputs(2, 16)
+    exact = reference.exact_attention(q, k, v, bias, 0.35)
+    assert torch.equal(reference.nystrom_attention(q, k, v, bias, 0.35, landmarks=2, threshold=16), exact)
+    rotations = reference.lsh_rotations(HEAD_DIM, 8, 2)
+    assert torch.equal(reference.lsh_attention(q, k, v, bias, rotations, 0.35, chunk=2, threshold=16), exact)
+
+
+def test_lsh_causal_never_looks_ahead():
+    q, k, v, bias = _inputs(1, 24, padded=False)
+    rotations = reference.lsh_rotations(HEAD_DIM, 4, 2)
+    base = reference.lsh_attention(q, k, v, bias, rotations, 0.35, chunk=4, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 20:, :] += 5.0  # change the future of position 19
+    v2[..., 20:, :] -= 3.0
+    moved = reference.lsh_attention(q, k2, v2, bias, rotations, 0.35, chunk=4, causal=True)
+    # Hash order of later keys can change which earlier keys share a chunk, so compare
+    # with exact attention over the prefix instead of bitwise equality.
+    prefix = reference.exact_attention(q[..., :20, :], k[..., :20, :], v[..., :20, :], None, 0.35, causal=True)
+    assert torch.isfinite(moved).all()
+    assert reference.relative_error(moved[..., :1, :], prefix[..., :1, :]) < 1e-5  # position 0 sees only itself
+    assert reference.relative_error(base[..., :1, :], prefix[..., :1, :]) < 1e-5
+
+
+def test_newton_pinv_converges_to_the_pseudo_inverse():
+    a = torch.softmax(torch.randn(3, 10, 10), -1) + torch.eye(10)
+    assert torch.allclose(reference.newton_pinv(a, 20), torch.linalg.pinv(a), atol=1e-4)
+
+
+def test_lsh_rejects_odd_bucket_counts():
+    with pytest.raises(ValueError, match="even"):
+        reference.lsh_rotations(HEAD_DIM, 3, 1)

@@ -1,0 +1,136 @@
+"""fused-attention (exact) and approx-attention (lossy) passes on tiny models, through ORT."""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import zoo
+from graphopt.export import check_parity, to_onnx
+from graphopt.manager import PassManager
+from graphopt.passes.approx_attention import ApproxAttention
+from graphopt.passes.fused_attention import FusedAttention
+from graphopt.passes.sdpa import AttentionToSDPA
+from graphopt.pipeline import parse_pipeline
+from graphopt.verify import Budget
+
+SDPA = "aten::scaled_dot_product_attention"
+
+
+def _sdpa_program(arch: str, layers: int = 2):
+    program = graphopt.capture(zoo.tiny_model(arch, layers=layers), kwargs=zoo.example_inputs(arch))
+    assert AttentionToSDPA()(program).modified
+    return program
+
+
+def _rel(program) -> float:
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(program.run(), program.reference_outputs))
+
+
+def _onnx_ops(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _ops(program) -> dict[str, int]:
+    return {name.split(".")[0]: count for name, count in program.op_histogram().items()}
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_fused_attention_is_exact_and_lowers_to_multi_head_attention(arch, tmp_path):
+    program = _sdpa_program(arch)
+    result = FusedAttention()(program)
+    assert result.modified and result.info["replaced"] == 2 and result.info["skipped_nodes"] == []
+    ops = _ops(program)
+    assert SDPA not in ops and sum(v for k, v in ops.items() if k.startswith("graphopt::fused_attention")) == 2
+    assert _rel(program) < 1e-5
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    assert "MultiHeadAttention" in _onnx_ops(exported.path) and "Softmax" not in _onnx_ops(exported.path)
+    report = check_parity(program, exported.path)
+    assert all(r.passed for r in report.results), report
+
+
+def test_fused_attention_leaves_unmeasured_providers_and_plain_graphs_alone():
+    program = _sdpa_program("bert", layers=1)
+    code = program.module.code
+    result = FusedAttention(provider="openvino")(program)
+    assert not result.modified and "no measured fused lowering" in result.info["reason"]
+    assert program.module.code == code
+    plain = graphopt.capture(nn.Sequential(nn.Linear(8, 8), nn.Softmax(-1)).eval(), (torch.randn(2, 8),))
+    assert not FusedAttention()(plain).modified
+
+
+def test_approx_nystrom_records_per_layer_error_and_exports(tmp_path):
+    program = _sdpa_program("bert")
+    # Landmarks cover the 16 example tokens: exact but for the pseudo-inverse, which the
+    # tiny random model's near-uniform attention makes ill-conditioned (hence 1e-2).
+    result = ApproxAttention(method="nystrom", threshold=0, landmarks=16)(program)
+    assert result.modified and result.info["replaced"] == 2
+    layers = result.info["layers"]
+    assert [r["layer"] for r in layers] == [0, 1] and all(r["applied"] and r["mask"] == "key" for r in layers)
+    assert all(r["rel_error"] < 1e-2 and r["seq"] == 16 and r["active_at_example"] for r in layers)
+    assert layers[0]["module_path"] == "encoder.layer.0.attention.self"
+    assert _rel(program) < 1e-2
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    report = check_parity(program, exported.path)
+    assert all(r.passed for r in report.results), report
+
+
+def test_approx_lsh_handles_causal_models_by_layer(tmp_path):
+    program = _sdpa_program("gpt2")
+    result = ApproxAttention(method="lsh", layers=(1, 7), threshold=0, buckets=4, rounds=2, chunk=4)(program)
+    assert result.modified and result.info["replaced"] == 1 and result.info["unknown_layers"] == [7]
+    (record,) = result.info["layers"]
+    assert record["layer"] == 1 and record["causal"] and record["mask"] == "causal+key"
+    assert 0 < record["rel_error"] < math.inf
+    assert _ops(program)[SDPA] == 1 and _ops(program)["graphopt::lsh_attention"] == 1
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    report = check_parity(program, exported.path)
+    assert all(r.passed for r in report.results), report
+
+
+def test_nystrom_refuses_causal_attention_and_says_why():
+    program = _sdpa_program("gpt2", layers=1)
+    code = program.module.code
+    result = ApproxAttention(method="nystrom")(program)
+    assert not result.modified and "causal" in result.info["layers"][0]["reason"]
+    assert program.module.code == code
+
+
+def test_layers_above_max_layer_error_stay_exact():
+    program = _sdpa_program("bert")
+    result = ApproxAttention(method="nystrom", threshold=0, landmarks=2, max_layer_error=1e-6)(program)
+    assert not result.modified
+    assert all("max_layer_error" in r["reason"] and r["rel_error"] > 1e-6 for r in result.info["layers"])
+
+
+def test_above_threshold_only_the_example_is_still_exact():
+    program = _sdpa_program("bert")
+    result = ApproxAttention(method="lsh", threshold=64, buckets=4, chunk=4)(program)
+    assert result.modified and not any(r["active_at_example"] for r in result.info["layers"])
+    assert _rel(program) < 1e-5  # 16 tokens <= 64: exact at run time
+    long_inputs = zoo.example_inputs("bert", seq=100)
+    with torch.no_grad():
+        assert not torch.allclose(program(**long_inputs)[0], zoo.tiny_model("bert")(**long_inputs)[0], atol=1e-4)
+
+
+def test_manager_budget_rolls_back_a_lossy_layer():
+    program = _sdpa_program("gpt2")
+    manager = PassManager([ApproxAttention(method="lsh", layers=(0,), threshold=0, buckets=4, chunk=4),
+                           ApproxAttention(method="lsh", layers=(1,), threshold=64)],
+                          budget=Budget(min_cosine=0.99999))
+    result = manager(program)
+    statuses = [r.status for r in manager.report.passes]
+    assert statuses == ["rolled-back", "applied"], manager.report.failures
+    assert _ops(result.program)[SDPA] == 1
+
+
+def test_pipeline_text_round_trips():
+    text = "sdpa,approx-attention{method=lsh,layers=[0,2],chunk=32},fused-attention"
+    assert str(parse_pipeline(text)) == text
+    with pytest.raises(Exception, match="even"):
+        ApproxAttention(method="lsh", buckets=3)
