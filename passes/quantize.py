@@ -118,6 +118,7 @@ class Quantize(Pass):
         modified = replaced > 0 or embedded["replaced"] > 0
         removed = []
         if modified:
+            gm.graph.eliminate_dead_code()  # the fp32 weights' get_attr nodes, now unread
             removed = remove_unused_tensors(gm)
             gm.graph.lint()
             gm.recompile()
@@ -190,10 +191,10 @@ class Quantize(Pass):
         schemes = {name: (fallback if name in order[:kept] else scheme) for name in names}
         final = simulator.cosines([n for n in names if schemes[n].kind != "fp32"]) if kept and cfg.fallback == "fp32" else None
         plan = {
-            "sensitivity": {n: round(v, 7) for n, v in sensitivity.items()},
+            "sensitivity": dict(sensitivity),
             "plan": {
                 "target_cosine": cfg.target_cosine,
-                "kept_at_fallback": [{"node": n, "module_path": module_path_of(gm, n), "sensitivity": round(sensitivity[n], 7)} for n in order[:kept]],
+                "kept_at_fallback": [{"node": n, "module_path": module_path_of(gm, n), "sensitivity": sensitivity[n]} for n in order[:kept]],
                 "fallback": fallback.label(),
                 "probes": [p.to_dict() for p in probes],
                 "calibration_mean_cosine": round(float(final.mean()), 6) if final is not None else (probes[-1].mean_cosine if probes else None),

@@ -198,3 +198,109 @@ def test_pipeline_text_round_trips():
     assert parse_pipeline(str(pipeline)) == pipeline
     (quantize,) = pipeline.passes
     assert quantize.config.group_size == 32 and quantize.config.exclude == ("*.pooler.*",)
+
+
+# ---- weight-only n-bit ---------------------------------------------------------------------
+@pytest.mark.parametrize(("bits", "group_size", "accuracy_level"), [(4, 32, 4), (4, 16, 0), (8, 32, 4)])
+def test_weight_only_uses_matmulnbits_with_tight_ort_parity(bits, group_size, accuracy_level, tmp_path):
+    program = _capture("bert")
+    linears = _linear_count(program)
+    result = Quantize(mode="weight_only", bits=bits, group_size=group_size, accuracy_level=accuracy_level)(program)
+    assert result.modified and result.info["replaced"] == linears
+    assert _graphopt_ops(program) == {"graphopt::linear_nbits": linears}
+    assert result.info["scheme"] == f"int{bits} weight-only (g{group_size})"
+
+    session, ops, _ = _ort_graph(program, tmp_path)
+    assert ops["MatMulNBits"] == linears, ops
+    assert not _float_matmuls_on_weights(tmp_path / "model.opt.onnx")
+    for inputs in (zoo.example_inputs("bert"), zoo.example_inputs("bert", batch=3, seq=11, seed=1)):
+        assert _ort_vs_program(program, session, inputs) < 2e-5
+
+
+def test_weight_only_pads_a_width_the_group_does_not_divide(tmp_path):
+    program, x = _linear_program(k=40, n=24)
+    fp32 = program.run()[0]
+    result = Quantize(mode="weight_only", bits=4, group_size=32)(program)
+    (row,) = result.info["layers"]
+    assert row["padded_input_rows"] == 24 and row["shape"] == [24, 40]
+    got = program.run()[0]
+    assert (got - fp32).norm() / fp32.norm() < 0.1  # 4-bit weights: a few percent, not garbage
+    session, ops, exported = _ort_graph(program, tmp_path)
+    assert ops["MatMulNBits"] == 1
+    ort_out = torch.from_numpy(ort_run(session, {exported.input_names[0]: x})[0])
+    assert (ort_out - got).abs().max() / got.abs().max() < 2e-5
+
+
+def test_int4_weights_are_smaller_than_int8_weights():
+    sizes = {}
+    for bits in (4, 8):
+        program = _capture("bert")
+        before = program.parameter_stats()["parameter_bytes"]
+        Quantize(mode="weight_only", bits=bits, group_size=32)(program)
+        sizes[bits] = program.parameter_stats()["parameter_bytes"]
+    assert sizes[4] < sizes[8] < before
+
+
+# ---- static int8 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_static_int8_calibrates_and_uses_integer_kernels(arch, tmp_path):
+    program = _capture(arch)
+    linears = _linear_count(program)
+    calibration = CalibrationSet.from_tensors([zoo.example_inputs(arch, seed=s) for s in range(3)])
+    result = Quantize(mode="static", calibration=calibration)(program)
+    assert result.modified and result.info["replaced"] == linears
+    assert result.info["calibration"] == "tensors"
+    scales = [float(t) for name, t in program.tensors().items() if name.endswith("x_scale")]
+    assert len(scales) == linears and all(s > 0 for s in scales)
+
+    session, ops, _ = _ort_graph(program, tmp_path)
+    assert ops["MatMulIntegerToFloat"] == linears and ops["QuantizeLinear"] >= 1, ops
+    assert not _float_matmuls_on_weights(tmp_path / "model.opt.onnx")
+    assert _ort_vs_program(program, session, zoo.example_inputs(arch, batch=3, seq=11, seed=7)) < 2e-5
+
+
+def test_calibration_is_deterministic():
+    program = _capture("bert")
+    calibration = CalibrationSet.from_tensors([zoo.example_inputs("bert", seed=s) for s in range(2)])
+    scales = []
+    for _ in range(2):
+        copy = program.clone()
+        Quantize(mode="static", calibration=calibration)(copy)
+        scales.append({k: float(v) for k, v in copy.tensors().items() if k.endswith("x_scale")})
+    assert scales[0] == scales[1]
+
+
+# ---- sensitivity and mixed precision -------------------------------------------------------
+def test_sensitivity_plan_keeps_the_most_sensitive_layers():
+    program = _capture("bert")
+    calibration = CalibrationSet.from_tensors([zoo.example_inputs("bert", seed=s) for s in range(2)])
+    result = Quantize(sensitivity=True, keep=2, calibration=calibration)(program)
+    sens = {row["node"]: row["sensitivity"] for row in result.info["layers"]}
+    assert len(sens) == _linear_count(graphopt.capture(zoo.tiny_model("bert", layers=1), kwargs=zoo.example_inputs("bert")))
+    kept = [k["node"] for k in result.info["plan"]["kept_at_fallback"]]
+    assert kept == sorted(sens, key=lambda n: -sens[n])[:2]
+    schemes = {row["node"]: row["scheme"] for row in result.info["layers"]}
+    assert all(schemes[n] == "fp32" for n in kept)
+    assert sum(s != "fp32" for s in schemes.values()) == result.info["replaced"] == len(sens) - 2
+
+
+def test_target_cosine_plan_meets_its_target_on_calibration_data():
+    program = _capture("gpt2")
+    calibration = CalibrationSet.from_tensors([zoo.example_inputs("gpt2", seed=s) for s in range(2)])
+    plan = Quantize(mode="weight_only", bits=4, group_size=16, target_cosine=0.99995, fallback="int8_weight_only", calibration=calibration)(program).info["plan"]
+    assert plan["probes"] and plan["probes"][-1]["mean_cosine"] >= 0.99995 or plan["kept_at_fallback"] == []
+    kept = len(plan["kept_at_fallback"])
+    below = [p for p in plan["probes"] if p["kept"] < kept]
+    assert all(p["mean_cosine"] < 0.99995 for p in below)
+    assert plan["fallback"] == "int8 weight-only (g16)"
+
+
+# ---- embeddings ----------------------------------------------------------------------------
+def test_int8_embeddings_and_parity(tmp_path):
+    program = _capture("bert")
+    before = program.parameter_stats()["parameter_bytes"]
+    result = Quantize(embeddings=True, include=("nothing",))(program)
+    assert result.modified and result.info["replaced"] == 0 and result.info["embeddings_replaced"] == 3
+    assert program.parameter_stats()["parameter_bytes"] < before
+    session, _, _ = _ort_graph(program, tmp_path)
+    assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=3)) < 2e-5

@@ -25,11 +25,12 @@ def dynamic_int8(x: FLOAT, w_q: INT8, w_scale: FLOAT, bias: FLOAT) -> FLOAT:
 
 
 @onnxscript.script(default_opset=op)
-def static_int8(x: FLOAT, x_scale: FLOAT, x_zero_point: UINT8, w_q: INT8, w_scale: FLOAT, bias: FLOAT) -> FLOAT:
-    # QDQ form: ORT's QDQ optimizer fuses it into an integer matmul (MatMulIntegerToFloat).
-    x_dq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zero_point), x_scale, x_zero_point)
-    w_dq = op.DequantizeLinear(w_q, w_scale, axis=1)
-    return op.Add(op.MatMul(x_dq, w_dq), bias)
+def static_int8(x: FLOAT, x_scale: FLOAT, x_zero_point: UINT8, w_q: INT8, w_scale: FLOAT, w_zero_point: INT8, bias: FLOAT) -> FLOAT:
+    # QuantizeLinear with the calibrated scale, then the integer kernel that dequantizes its
+    # int32 result. (The QDQ spelling, DQ -> MatMul <- DQ, is fused into the same kernel by
+    # ORT only for 3-D inputs: on 2-D ones MatMul + Add becomes a Gemm first and stays fp32.)
+    x_q = op.QuantizeLinear(x, x_scale, x_zero_point)
+    return msft.MatMulIntegerToFloat(x_q, w_q, x_scale, w_scale, x_zero_point, w_zero_point, bias)
 
 
 @onnxscript.script(default_opset=op)

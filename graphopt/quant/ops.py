@@ -75,17 +75,23 @@ def _(x, w_q, w_scale, bias):
 # ---- static int8 (QDQ) ----------------------------------------------------------------------
 @torch.library.custom_op(f"{LIB}::linear_static_int8", mutates_args=())
 def linear_static_int8(
-    x: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    bias: torch.Tensor,
 ) -> torch.Tensor:
-    """``dequant(quant(x; x_scale, x_zero_point [uint8])) @ dequant(w_q [K, N] int8, w_scale [N]) + bias``."""
+    """``dequant(quant(x; x_scale, x_zero_point [uint8])) @ dequant(w_q [K, N] int8, w_scale [N], w_zero_point [N]) + bias``."""
     zero_point = x_zero_point.float()
     codes = quantize_activation_u8(x, x_scale.float(), zero_point) - zero_point
-    acc = _integer_matmul(codes, w_q).float()
+    acc = _integer_matmul(codes, w_q.float() - w_zero_point.float()).float()
     return (acc * (x_scale.float() * w_scale.float()) + bias.float()).to(x.dtype)
 
 
 @linear_static_int8.register_fake
-def _(x, x_scale, x_zero_point, w_q, w_scale, bias):
+def _(x, x_scale, x_zero_point, w_q, w_scale, w_zero_point, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[1]))
 
 

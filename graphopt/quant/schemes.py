@@ -67,7 +67,8 @@ def quantize_linear(
             raise ConfigError("static int8 needs the activation range from calibration")
         x_scale, x_zero_point = activation_qparams(*activation_range)
         w_q, w_scale = quantize_per_channel_int8(weight, scheme.weight_qmax)
-        tensors = {"x_scale": x_scale, "x_zero_point": x_zero_point, "w_q": w_q, "w_scale": w_scale, "bias": bias}
+        w_zero_point = torch.zeros(N, dtype=torch.int8)
+        tensors = {"x_scale": x_scale, "x_zero_point": x_zero_point, "w_q": w_q, "w_scale": w_scale, "w_zero_point": w_zero_point, "bias": bias}
         return QuantizedLinear(graphopt.linear_static_int8.default, tensors)
     if scheme.kind == "nbits":
         q = quantize_nbits(weight, scheme.bits, scheme.block_size, scheme.symmetric)
