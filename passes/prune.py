@@ -111,19 +111,18 @@ def plan(groups: list[Group], scores: dict[int, torch.Tensor], cfg: PruneConfig)
 
 def _keep_count(size: int, ratio: float, multiple: int, min_keep: int) -> int:
     target = size * (1.0 - ratio)
-    count = int(round(target / multiple)) * multiple if multiple > 1 else int(round(target))
-    return max(min(count, size), min(min_keep, size), 1)
+    count = int(round(target / multiple)) * multiple
+    floor = -(-max(min_keep, 1) // multiple) * multiple  # min_keep rounded up to the multiple
+    return min(max(count, floor), size)
 
 
 def _global_counts(members: list[Group], scores, ratio: float, multiple: int, min_keep: int) -> dict[int, int]:
-    """One threshold across groups on scores normalised by each group's mean."""
+    """One threshold on the raw scores across all groups of a kind."""
     total = sum(g.size for g in members)
     n_remove = int(round(total * ratio))
     pool = []
     for g in members:
-        s = scores[g.id]
-        normalised = s / s.mean().clamp_min(1e-12)
-        pool.extend((float(v), g.id) for v in normalised)
+        pool.extend((float(v), g.id) for v in scores[g.id])
     pool.sort()
     removed: dict[int, int] = {g.id: 0 for g in members}
     for _, gid in pool[:n_remove]:
@@ -136,7 +135,8 @@ def _global_counts(members: list[Group], scores, ratio: float, multiple: int, mi
 
 
 def _describe(group: Group, kept: torch.Tensor) -> dict:
-    return {"kind": group.kind, "module_path": group.module_path, "size": group.size, "kept": int(kept.numel())}
+    return {"kind": group.kind, "module_path": group.module_path, "size": group.size, "kept": int(kept.numel()),
+            "kept_indices": kept.tolist()}
 
 
 # ---- rewriting ----------------------------------------------------------------------------

@@ -1,0 +1,257 @@
+"""The prune pass: groups found in the graph, weights sliced, shape constants rewritten.
+
+Numerical references are models built from smaller configs with the kept weights sliced
+here by hand, so a wrong coupling (a head's rows cut from q but not from o, a kv head cut
+without its query heads) shows up as a wrong number, not only as a shape error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import graphopt
+from graphopt import zoo
+from graphopt.analysis import dependency_groups
+from graphopt.passes.prune import Prune
+
+LAYERS = 2
+HEAD_DIM = zoo.HIDDEN // zoo.HEADS
+
+
+def _capture(arch: str, attn: str = "sdpa", **kwargs):
+    model = zoo.tiny_model(arch, attn, layers=LAYERS)
+    return model, graphopt.capture(model, kwargs=zoo.example_inputs(arch, **kwargs))
+
+
+def _kept(info: dict, kind: str, path: str) -> list[int]:
+    (group,) = [g for g in info["groups"] if g["kind"] == kind and g["module_path"] == path]
+    return group["kept_indices"]
+
+
+def _rows(heads: list[int], dim: int = HEAD_DIM) -> torch.Tensor:
+    return torch.tensor([h * dim + i for h in heads for i in range(dim)])
+
+
+def _close(got, want, tol=1e-5):
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= tol * max(1.0, want.abs().max()), (got - want).abs().max()
+
+
+# ---- contract -------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{}, {"heads": 0.1, "ffn": 0.01}], ids=["zero", "rounds-to-nothing"])
+def test_nothing_to_cut_is_unmodified(options):
+    _, program = _capture("bert")
+    fingerprint = program.fingerprint()
+    result = Prune(**options)(program)
+    assert not result.modified
+    assert program.fingerprint() == fingerprint
+
+
+def test_text_form_round_trips_and_is_lossy():
+    from graphopt.pipeline import parse_pipeline
+
+    (p,) = parse_pipeline("prune{heads=0.25,ffn=0.5,importance=taylor}").passes
+    assert isinstance(p, Prune) and not p.exact
+    assert str(p) == "prune{heads=0.25,ffn=0.5,importance=taylor}"
+    with pytest.raises(graphopt.ConfigError):
+        Prune(heads=1.0)
+
+
+# ---- numerics against smaller configs -------------------------------------------------------
+def test_bert_heads_and_ffn_equal_a_hand_sliced_smaller_bert():
+    model, program = _capture("bert")
+    result = Prune(heads=0.5, ffn=0.5, multiple=1, importance="l2")(program)
+    assert result.modified and result.info["params_after"] < result.info["params_before"]
+
+    small = tf.BertModel(tf.BertConfig(**{**model.config.to_dict(), "intermediate_size": zoo.FFN // 2}), add_pooling_layer=True).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, layer in enumerate(small.encoder.layer):
+        heads = _kept(result.info, "heads", f"encoder.layer.{i}.attention")
+        assert heads == _top_l2_heads(model.encoder.layer[i], 2)  # the importance, checked by hand
+        channels = torch.tensor(_kept(result.info, "ffn", f"encoder.layer.{i}"))
+        prefix = f"encoder.layer.{i}."
+        rows = _rows(heads)
+        attention = layer.attention
+        attention.self.num_attention_heads, attention.self.all_head_size = len(heads), len(heads) * HEAD_DIM
+        for name in ("query", "key", "value"):
+            setattr(attention.self, name, nn.Linear(zoo.HIDDEN, len(rows)))
+            state[f"{prefix}attention.self.{name}.weight"] = state[f"{prefix}attention.self.{name}.weight"][rows]
+            state[f"{prefix}attention.self.{name}.bias"] = state[f"{prefix}attention.self.{name}.bias"][rows]
+        attention.output.dense = nn.Linear(len(rows), zoo.HIDDEN)
+        state[f"{prefix}attention.output.dense.weight"] = state[f"{prefix}attention.output.dense.weight"][:, rows]
+        state[f"{prefix}intermediate.dense.weight"] = state[f"{prefix}intermediate.dense.weight"][channels]
+        state[f"{prefix}intermediate.dense.bias"] = state[f"{prefix}intermediate.dense.bias"][channels]
+        state[f"{prefix}output.dense.weight"] = state[f"{prefix}output.dense.weight"][:, channels]
+    small.load_state_dict(state)
+
+    for inputs in (zoo.example_inputs("bert"), zoo.example_inputs("bert", batch=3, seq=11, seed=1)):
+        with torch.no_grad():
+            want = small(**inputs)
+        got = program(**inputs)
+        _close(got["last_hidden_state"], want.last_hidden_state)
+        _close(got["pooler_output"], want.pooler_output)
+
+
+def _top_l2_heads(layer, keep: int) -> list[int]:
+    attention = layer.attention
+    power = torch.zeros(zoo.HEADS)
+    for linear in (attention.self.query, attention.self.key, attention.self.value):
+        rows = linear.weight.detach().pow(2).sum(1) + linear.bias.detach().pow(2)
+        power += rows.view(zoo.HEADS, HEAD_DIM).sum(1)
+    power += attention.output.dense.weight.detach().pow(2).sum(0).view(zoo.HEADS, HEAD_DIM).sum(1)
+    return sorted(torch.argsort(power, descending=True)[:keep].tolist())
+
+
+def _llama_state(model, info, *, q_heads, kv_heads, ffn, hidden=None) -> dict:
+    """Slice a Llama state dict by hand: q heads, kv heads and FFN channels per layer, hidden."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(LAYERS):
+        p = f"layers.{i}."
+        q, kv = _rows(q_heads(i)), _rows(kv_heads(i))
+        channels = torch.tensor(ffn(i)) if ffn else torch.arange(zoo.FFN)
+        state[p + "self_attn.q_proj.weight"] = state[p + "self_attn.q_proj.weight"][q]
+        state[p + "self_attn.k_proj.weight"] = state[p + "self_attn.k_proj.weight"][kv]
+        state[p + "self_attn.v_proj.weight"] = state[p + "self_attn.v_proj.weight"][kv]
+        state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, q]
+        state[p + "mlp.gate_proj.weight"] = state[p + "mlp.gate_proj.weight"][channels]
+        state[p + "mlp.up_proj.weight"] = state[p + "mlp.up_proj.weight"][channels]
+        state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, channels]
+    if hidden is not None:
+        h = torch.tensor(hidden)
+        for key, value in state.items():
+            if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "embed_tokens.weight")):
+                state[key] = value[:, h]
+            elif key.endswith(("o_proj.weight", "down_proj.weight", "norm.weight")):
+                state[key] = value[h]
+    return state
+
+
+def _small_llama(model, **overrides):
+    config = tf.LlamaConfig(**{**model.config.to_dict(), "head_dim": HEAD_DIM, **overrides})
+    return tf.AutoModel.from_config(config, attn_implementation="sdpa").eval()
+
+
+def _assert_llama_equal(program, small):
+    for inputs in (zoo.example_inputs("llama"), zoo.example_inputs("llama", batch=3, seq=9, seed=1)):
+        with torch.no_grad():
+            want = small(**inputs).last_hidden_state
+        _close(program(**inputs)["last_hidden_state"], want)
+
+
+def test_llama_kv_heads_take_their_query_heads_along():
+    model, program = _capture("llama")
+    result = Prune(kv_heads=0.5, ffn=0.5, multiple=1)(program)
+    info = result.info
+    kv = lambda i: _kept(info, "kv_heads", f"layers.{i}.self_attn")  # noqa: E731
+    n_rep = zoo.HEADS // zoo.KV_HEADS
+    small = _small_llama(model, num_attention_heads=2, num_key_value_heads=1, intermediate_size=zoo.FFN // 2)
+    small.load_state_dict(_llama_state(
+        model, info, kv_heads=kv, q_heads=lambda i: [k * n_rep + r for k in kv(i) for r in range(n_rep)],
+        ffn=lambda i: _kept(info, "ffn", f"layers.{i}.mlp"),
+    ))
+    _assert_llama_equal(program, small)
+
+
+def test_llama_query_heads_are_cut_alike_in_every_kv_group():
+    model, program = _capture("llama")
+    info = Prune(heads=0.5)(program).info
+    slot = lambda i: _kept(info, "heads", f"layers.{i}.self_attn")  # noqa: E731
+    n_rep = zoo.HEADS // zoo.KV_HEADS
+    small = _small_llama(model, num_attention_heads=2, num_key_value_heads=2)
+    small.load_state_dict(_llama_state(
+        model, info, kv_heads=lambda i: list(range(zoo.KV_HEADS)),
+        q_heads=lambda i: [k * n_rep + r for k in range(zoo.KV_HEADS) for r in slot(i)], ffn=None,
+    ))
+    _assert_llama_equal(program, small)
+
+
+def test_llama_hidden_width_through_embeddings_norms_and_residual():
+    model, program = _capture("llama")
+    info = Prune(hidden=0.5, multiple=1, allow_output_change=True)(program).info
+    hidden = _kept(info, "hidden", "")
+    small = _small_llama(model, hidden_size=zoo.HIDDEN // 2)
+    small.load_state_dict(_llama_state(
+        model, info, kv_heads=lambda i: list(range(zoo.KV_HEADS)), q_heads=lambda i: list(range(zoo.HEADS)),
+        ffn=None, hidden=hidden,
+    ))
+    _assert_llama_equal(program, small)
+
+
+def test_hidden_width_needs_permission_to_change_the_output():
+    _, program = _capture("llama")
+    result = Prune(hidden=0.5)(program)
+    assert not result.modified and result.info["kinds_without_groups"] == ["hidden"]
+
+
+# ---- importance ------------------------------------------------------------------------------
+@pytest.mark.parametrize("criterion", ["l1", "l2", "taylor", "activation"])
+def test_dead_units_go_first_and_cutting_them_is_exact(criterion):
+    model = zoo.tiny_model("bert", "sdpa", layers=LAYERS)
+    with torch.no_grad():
+        for layer in model.encoder.layer:  # head 1 and FFN channels 0..31 contribute nothing
+            rows = _rows([1])
+            for linear in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value):
+                linear.weight[rows] = 0
+                linear.bias[rows] = 0
+            layer.attention.output.dense.weight[:, rows] = 0
+            layer.intermediate.dense.weight[:32] = 0
+            layer.intermediate.dense.bias[:32] = 0  # GELU(0) = 0
+            layer.output.dense.weight[:, :32] = 0
+    program = graphopt.capture(model, kwargs=zoo.example_inputs("bert"))
+    program.meta["calibration"] = [((), zoo.example_inputs("bert", seed=s)) for s in range(2)]
+    before = program.run()
+    result = Prune(heads=0.25, ffn=0.5, importance=criterion)(program)
+    for i in range(LAYERS):
+        assert 1 not in _kept(result.info, "heads", f"encoder.layer.{i}.attention")
+        assert _kept(result.info, "ffn", f"encoder.layer.{i}") == list(range(32, 64))
+    for got, want in zip(program.run(), before):
+        _close(got, want)
+
+
+def test_global_scope_moves_width_between_layers():
+    model = zoo.tiny_model("bert", "sdpa", layers=LAYERS)
+    with torch.no_grad():
+        layer = model.encoder.layer[0]  # layer 0's channels matter less
+        for tensor in (layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight):
+            tensor.mul_(0.1)
+    program = graphopt.capture(model, kwargs=zoo.example_inputs("bert"))
+    info = Prune(ffn=0.5, scope="global", importance="l2")(program).info
+    widths = [_kept(info, "ffn", f"encoder.layer.{i}") for i in range(LAYERS)]
+    assert len(widths[0]) < len(widths[1]) and len(widths[0]) >= 8
+    assert all(len(w) % 8 == 0 for w in widths)
+
+
+# ---- what is left alone ------------------------------------------------------------------------
+class CumulativeFFN(nn.Module):
+    """An FFN whose channels pass through an op with no channel rule (cumsum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.up2, self.down2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = x + self.down(torch.cumsum(self.up(x), dim=-1))
+        return self.down2(torch.relu(self.up2(x)))
+
+
+def test_groups_the_analysis_cannot_follow_are_left_alone_and_listed():
+    program = graphopt.capture(CumulativeFFN().eval(), (torch.randn(2, 5, 16),))
+    result = Prune(ffn=0.5)(program)
+    assert result.modified
+    assert program.module.up.weight.shape == (32, 16) and program.module.up2.weight.shape == (16, 16)
+    listed = {entry["module_path"]: entry["reason"] for entry in result.info["not_prunable"] if "cumsum" in entry["reason"]}
+    assert sorted(listed) == ["down", "up"]  # the channels before and after the cumsum
+
+
+def test_groups_are_cached_and_dropped_on_change():
+    _, program = _capture("bert")
+    analysis = dependency_groups(program)
+    assert dependency_groups(program) is analysis
+    kinds = sorted(g.kind for g in analysis.prunable())
+    assert kinds == ["ffn"] * LAYERS + ["heads"] * LAYERS
+    Prune(heads=0.5)(program)
+    assert dependency_groups(program) is not analysis
