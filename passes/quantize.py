@@ -39,7 +39,7 @@ from graphopt.quant.cpu import cpu_int8_support, weight_qmax
 from graphopt.quant.schemes import QuantizedLinear, Scheme, quantize_embedding, quantize_linear
 from graphopt.quant.sensitivity import Simulator, layer_sensitivity, plan_mixed_precision
 from graphopt.quant.sites import LINEAR_ANCHORS, LinearSite, find_linear_sites, get_tensor
-from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, only_user
 
 aten = torch.ops.aten
 _KIND_OF_MODE = {"dynamic": "int8_dynamic", "static": "int8_static", "weight_only": "nbits"}
@@ -59,6 +59,7 @@ class QuantizeConfig(PassConfig):
     target_cosine: float | None = Field(None, gt=0, le=1, description="mixed precision: calibration mean cosine to keep")
     keep: int = Field(0, ge=0, description="keep this many of the most sensitive layers at the fallback precision")
     fallback: Literal["fp32", "int8_weight_only"] = "fp32"
+    fuse_gelu: bool = Field(True, description="quantized linear + GELU -> zero-bias op + one BiasGelu kernel (exact)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -113,6 +114,7 @@ class Quantize(Pass):
 
         rule = quantized_linear_rule({s.node: (s, layers[s.node]) for s in chosen if s.node in layers}, gm)
         stats = apply_rules(gm, [rule], provenance=self.name)
+        gelus = apply_rules(gm, [bias_gelu_rule(gm)], provenance=self.name).total if cfg.fuse_gelu and stats.total else 0
         embedded = quantize_embeddings(gm) if cfg.embeddings else {"replaced": 0, "skipped": []}
         replaced = stats.applied[rule.name]
         modified = replaced > 0 or embedded["replaced"] > 0
@@ -141,6 +143,7 @@ class Quantize(Pass):
             "layers": layer_rows,
             "skipped": skipped + embedded["skipped"],
             "embeddings_replaced": embedded["replaced"],
+            "gelu_fused": gelus,
             "tensors_removed": len(removed),
             "calibration": data.source if data is not None else None,
             **{k: v for k, v in plan_info.items() if k != "sensitivity"},
@@ -242,6 +245,37 @@ def quantized_linear_rule(plan: dict[str, tuple[LinearSite, QuantizedLinear]], g
         return out
 
     return RewriteRule("quantized_linear", LINEAR_ANCHORS, match, replace)
+
+
+def bias_gelu_rule(gm: fx.GraphModule) -> RewriteRule:
+    """gelu(qlinear(x, bias)) -> bias_gelu(qlinear(x, 0), bias): ORT's BiasGelu kernel does the
+    add and the GELU in one pass; the exporter would spell GELU as Div, Erf, Add, Mul, Mul."""
+    graphopt = torch.ops.graphopt
+    producers = frozenset({graphopt.linear_dynamic_int8.default, graphopt.linear_static_int8.default, graphopt.linear_nbits.default})
+    registered: dict[int, str] = {}
+
+    def match(node: fx.Node) -> Match | NoMatch:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        if approximate != "none":
+            return NoMatch("approximate", f"'{node.name}' is the {approximate} GELU; BiasGelu computes the erf form")
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source.target not in producers:
+            return NoMatch("producer", f"'{node.name}' does not follow a quantized linear op")
+        user = only_user(source)
+        if isinstance(user, NoMatch):
+            return user
+        index = [a.name for a in source.target._schema.arguments].index("bias")
+        return Match(root=node, nodes=(node,), bindings={"linear": source, "index": index})
+
+    def replace(graph: fx.Graph, m: Match) -> fx.Node:
+        linear, index = m.bindings["linear"], m.bindings["index"]
+        bias = linear.args[index]
+        with graph.inserting_before(linear):
+            zeros = _constant_node(graph, gm, linear.name, "zero_bias", torch.zeros_like(get_tensor(gm, bias.target)), registered)
+        linear.update_arg(index, zeros)
+        return emit(graph, graphopt.bias_gelu.default, (linear, bias))
+
+    return RewriteRule("bias_gelu", frozenset({aten.gelu.default}), match, replace)
 
 
 def _constant_node(graph: fx.Graph, gm: fx.GraphModule, owner: str, key: str, tensor: torch.Tensor, registered: dict[int, str]) -> fx.Node:

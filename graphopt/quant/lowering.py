@@ -43,6 +43,11 @@ def nbits(
 
 
 @onnxscript.script(default_opset=op)
+def bias_gelu(x: FLOAT, bias: FLOAT) -> FLOAT:
+    return msft.BiasGelu(x, bias)
+
+
+@onnxscript.script(default_opset=op)
 def embedding_int8(table_q: INT8, scales: FLOAT, indices: INT64) -> FLOAT:
     rows = op.Cast(op.Gather(table_q, indices), to=1)
     return op.Mul(rows, op.Gather(scales, indices))
@@ -53,3 +58,4 @@ register_lowering(_ops.linear_dynamic_int8.default, dynamic_int8)
 register_lowering(_ops.linear_static_int8.default, static_int8)
 register_lowering(_ops.linear_nbits.default, nbits)
 register_lowering(_ops.embedding_int8.default, embedding_int8)
+register_lowering(_ops.bias_gelu.default, bias_gelu)

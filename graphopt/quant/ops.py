@@ -153,3 +153,16 @@ def embedding_int8(table_q: torch.Tensor, scales: torch.Tensor, indices: torch.T
 @embedding_int8.register_fake
 def _(table_q, scales, indices):
     return table_q.new_empty((*indices.shape, table_q.shape[1]), dtype=torch.float32)
+
+
+# ---- epilogue: bias + GELU ------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::bias_gelu", mutates_args=())
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(x + bias)`` (erf form): one ``BiasGelu`` kernel after a quantized matmul, instead
+    of the five elementwise ops the exporter spells GELU with."""
+    return torch.nn.functional.gelu(x + bias)
+
+
+@bias_gelu.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
