@@ -185,6 +185,8 @@ def distill(
     of strings (with ``tokenizer``), or a list of input dicts (tensors, batched).
     """
     config = config or DistillConfig()
+    import graphopt.quant.training  # noqa: F401 - gradients through quantized ops (straight-through)
+
     torch.manual_seed(config.seed)
     rank, world = _rank_world()
     tokenizer = tokenizer or student.meta.get("tokenizer")

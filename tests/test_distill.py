@@ -160,3 +160,26 @@ def test_cli_runs_distillation_on_two_processes(tmp_path):
     distilled = report["passes"][2]
     assert distilled["status"] == "applied" and distilled["info"]["distill"]["world_size"] == 2
     assert report["sections"]["parity"]["passed"]
+
+
+def test_gradients_pass_through_quantized_ops_straight_through():
+    import graphopt.quant.training  # noqa: F401
+    from graphopt.quant import ops
+    from graphopt.quant.packing import dequantize_nbits, quantize_nbits, quantize_per_channel_int8
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 16)  # [N, K]
+    bias = torch.randn(6, requires_grad=True)
+    x = torch.randn(3, 16, requires_grad=True)
+    grad = torch.randn(3, 6)
+
+    w_kn, scale = quantize_per_channel_int8(weight)  # codes [K, N], scales [N]
+    dequant = (w_kn.float() * scale.float()).T  # [N, K]
+    ops.linear_dynamic_int8(x, w_kn, scale, bias).backward(grad)
+    assert torch.allclose(x.grad, grad @ dequant, atol=1e-5)
+    assert torch.allclose(bias.grad, grad.sum(0), atol=1e-6)
+
+    x.grad = None
+    q = quantize_nbits(weight, 4, 16)
+    ops.linear_nbits(x, q.packed, q.scales, q.zero_points, bias.detach(), 16, 6, 4, 16, 0).backward(grad)
+    assert torch.allclose(x.grad, grad @ dequantize_nbits(q), atol=1e-5)
