@@ -31,18 +31,18 @@ def long_text_ids(tokenizer, tokens: int, *, heldout: bool = True) -> torch.Tens
 
 
 @torch.no_grad()
-def minilm_qkv(model, tokenizer, seq: int, layer: int = 0, *, window: int = WINDOW) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(q, k, v, scale) of ``model.encoder.layer[layer]`` on ``seq`` tokens of held-out text.
+def long_hidden_states(model, tokenizer, seq: int, layer: int = 0, *, window: int = WINDOW) -> torch.Tensor:
+    """(1, seq, hidden): the states entering ``model.encoder.layer[layer]``'s attention.
 
-    Shapes (1, heads, seq, head_dim). ``seq`` is cut into windows of at most ``window``
-    tokens, each framed by [CLS] … [SEP] like a real input.
+    ``seq`` tokens of held-out text are cut into windows of ``window - 2`` tokens, each run
+    framed by [CLS] … [SEP] like a real input; the special tokens are dropped again.
     """
     inner = window - 2
     text = long_text_ids(tokenizer, seq)[0]
-    hidden = []
     attention = model.encoder.layer[layer].attention.self
     captured: list[torch.Tensor] = []
     handle = attention.register_forward_pre_hook(lambda _m, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    hidden = []
     try:
         for start in range(0, seq, inner):
             piece = text[start : start + inner]
@@ -52,8 +52,18 @@ def minilm_qkv(model, tokenizer, seq: int, layer: int = 0, *, window: int = WIND
             hidden.append(captured[0][:, 1:-1])
     finally:
         handle.remove()
-    states = torch.cat(hidden, 1)[:, :seq]
-    heads = attention.num_attention_heads if hasattr(attention, "num_attention_heads") else model.config.num_attention_heads
+    return torch.cat(hidden, 1)[:, :seq]
+
+
+@torch.no_grad()
+def minilm_qkv(model, tokenizer, seq: int, layer: int = 0, *, window: int = WINDOW) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(q, k, v, scale) of ``model.encoder.layer[layer]`` on ``seq`` tokens of held-out text.
+
+    Shapes (1, heads, seq, head_dim): the layer's own projections of :func:`long_hidden_states`.
+    """
+    states = long_hidden_states(model, tokenizer, seq, layer, window=window)
+    attention = model.encoder.layer[layer].attention.self
+    heads = model.config.num_attention_heads
     head_dim = states.shape[-1] // heads
 
     def split(linear):

@@ -107,11 +107,12 @@ def lsh_attention(q, k, v, key_bias=None, rotations=None, scale: float = 1.0, ch
 
     Every round hashes queries and keys with the same random rotation (angular LSH on unit
     vectors), sorts each by (bucket, position) and cuts both orders into chunks of
-    ``chunk``: query chunk i attends to key chunks i - 1 and i, so a query sees the keys of
-    its own and the neighbouring buckets. Each query also always sees its own key (counted
-    once), so a causal row is never empty. Padded keys and, with ``causal``, later keys
-    are masked. Rounds are merged by the softmax of their log-sum-exps. With one bucket and
-    ``chunk`` >= the sequence length this is exact attention.
+    ``chunk``: query chunk i attends to key chunks i - 1 and i (cyclic), so a query sees
+    the keys of its own and the neighbouring buckets. Padded keys are masked. With
+    ``causal``, keys at or after the query's position are masked in the chunks and the
+    query's own key is merged in separately, so no row is empty. Rounds are merged by the
+    softmax of their log-sum-exps. With one bucket and ``chunk`` >= the sequence length
+    this is exact attention.
     """
     n = q.shape[-2]
     if n <= threshold or k.shape[-2] != n:
@@ -139,25 +140,24 @@ def lsh_attention(q, k, v, key_bias=None, rotations=None, scale: float = 1.0, ch
     q_order, k_order = order_of(q), order_of(k)
     rounds = q_order.shape[0]
     split = (rounds, b, h, chunks, c)
-    qs = rows(q, q_order).reshape(*split, d)
+    qs = rows(q, q_order).reshape(*split, d) * scale
     ks, vs = (look_back(rows(x, k_order).reshape(*split, d)) for x in (k, v))
     k_bias = look_back(torch.gather(bias.expand(rounds, b, h, n + 1), -1, k_order).reshape(*split, 1))[..., 0]
-    k_pos = look_back(k_order.reshape(*split, 1))[..., 0]
-    q_pos = q_order.reshape(split)
-    scores = qs @ ks.transpose(-1, -2) * scale + k_bias[..., None, :]
-    hidden = k_pos[..., None, :] == q_pos[..., None]  # its own key comes separately
     if chunks == 1:  # the only chunk looks back at itself: count its keys once
-        hidden = hidden | (torch.arange(2 * c) < c)
-    if causal:
-        hidden = hidden | (k_pos[..., None, :] > q_pos[..., None])
-    scores = scores.masked_fill(hidden, low)
-    own_k, own_v = rows(k, q_order).reshape(*split, d), rows(v, q_order).reshape(*split, d)
-    own_bias = torch.gather(bias.expand(rounds, b, h, n + 1), -1, q_order).reshape(split)
-    own = ((qs * own_k).sum(-1) * scale + own_bias)[..., None]
-    scores = torch.cat([scores, own], -1)
+        k_bias = torch.where(torch.arange(2 * c) < c, low, k_bias)
+    scores = qs @ ks.transpose(-1, -2) + k_bias[..., None, :]
+    if causal:  # later keys and the query's own key (merged below) are hidden
+        k_pos = look_back(k_order.reshape(*split, 1))[..., 0]
+        scores = scores.masked_fill(k_pos[..., None, :] >= q_order.reshape(split)[..., None], low)
     lse = torch.logsumexp(scores, -1, keepdim=True)
-    probs = torch.exp(scores - lse)
-    out = probs[..., :-1] @ vs + probs[..., -1:] * own_v  # (rounds, b, h, chunks, c, d)
+    out = torch.softmax(scores, -1) @ vs  # (rounds, b, h, chunks, c, d)
+    if causal:
+        own_k, own_v = rows(k, q_order).reshape(*split, d), rows(v, q_order).reshape(*split, d)
+        own_bias = torch.gather(bias.expand(rounds, b, h, n + 1), -1, q_order).reshape(*split, 1)
+        own = (qs * own_k).sum(-1, keepdim=True) + own_bias
+        merged = torch.logaddexp(lse, own)
+        out = torch.exp(lse - merged) * out + torch.exp(own - merged) * own_v
+        lse = merged
     inverse = torch.argsort(q_order, -1)[..., :n]
     out = torch.gather(out.reshape(rounds, b, h, total, d), -2, inverse[..., None].expand(*inverse.shape, d))
     lse = torch.gather(lse.reshape(rounds, b, h, total), -1, inverse)
