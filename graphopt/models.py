@@ -93,8 +93,25 @@ def _load_directory(path: Path, attn_implementation: str, name: str | None = Non
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a model without text inputs, or weights shipped without a tokenizer
-    example = example_inputs(tokenizer) if tokenizer is not None else None
+    example = example_inputs(tokenizer) if tokenizer is not None else synthetic_inputs(model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, example_kwargs=example, name=name or path.name)
+
+
+def synthetic_inputs(config: Any, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor] | None:
+    """Example inputs from the config alone, for a directory without a tokenizer: random
+    token ids (with padding in the last row) for text models, pixels for vision models."""
+    generator = torch.Generator().manual_seed(0)
+    image_size = getattr(config, "image_size", None)
+    if image_size is not None and hasattr(config, "num_channels"):
+        size = image_size if isinstance(image_size, int) else image_size[0]
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=generator)}
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        return None
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq // 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _load_factory(spec: str) -> LoadedModel:

@@ -81,3 +81,18 @@ def test_console_script_is_installed():
     bin_dir = Path(sys.executable).parent
     out = subprocess.run([str(bin_dir / "graphopt"), "recipes"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "default" in out.stdout and "lossless" in out.stdout
+
+
+@pytest.mark.parametrize("arch", ["bert", "vit"])
+def test_optimize_a_hugging_face_directory(tmp_path, arch):
+    from graphopt import zoo
+
+    model_dir = tmp_path / arch
+    zoo.tiny_model(arch).save_pretrained(model_dir)  # weights + config, no tokenizer
+    out = tmp_path / "out"
+    assert main(["optimize", "--model", str(model_dir), "--out", str(out), *FAST]) == EXIT_OK
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == arch
+    sdpa = next(p for p in report["passes"] if p["name"] == "sdpa")
+    assert sdpa["info"]["replaced"] == 2  # loaded with eager attention, fused by the pass
+    assert report["sections"]["parity"]["passed"]
