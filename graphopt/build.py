@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from graphopt.api import OptimizeResult, optimize
+from graphopt.bundle import write_manifest
 from graphopt.capture import capture
 from graphopt.errors import GraphoptError, ParityError
 from graphopt.recipe import Recipe
@@ -74,7 +75,6 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
             result.export(model_path)
         except ParityError as exc:
             say(f"  parity failed: {exc}")
-    report.sections["timings (s)"] = {k: round(v, 2) for k, v in timings.items()}
 
     if result.exported is not None:
         with _step(say, "measure latency and fidelity", timings):
@@ -84,7 +84,10 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
     report.sections["gates"] = {"passed": not build_result.gate_failures, "failures": build_result.gate_failures}
     report.failures.extend(f"gate: {g}" for g in build_result.gate_failures)
     report.sections["timings (s)"] = {k: round(v, 2) for k, v in timings.items()}
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out / "tokenizer")
     report.write(out)
+    write_manifest(out, recipe=recipe, figures=build_result.rows, provider=recipe.runtime.provider, threads=threads, model=loaded.name)
     return build_result
 
 

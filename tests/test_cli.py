@@ -15,8 +15,17 @@ FAST = ["--bench-repeat", "3", "--heldout", "0", "--no-baseline", "--quiet"]
 def test_optimize_tiny_model_writes_model_and_reports(tmp_path, capsys):
     code = main(["optimize", "--model", "factories:tiny_bert", "--out", str(tmp_path), *FAST])
     assert code == EXIT_OK
-    for name in ("model.onnx", "report.json", "report.md"):
+    for name in ("model.onnx", "report.json", "report.md", "manifest.json"):
         assert (tmp_path / name).is_file()
+    from graphopt.bundle import verify_manifest
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {"model.onnx", "report.json", "report.md"} <= set(manifest["files"])
+    assert manifest["versions"]["torch"].startswith("2.13") and manifest["tuned_for"]["provider"] == "cpu"
+    assert manifest["recipe"]["pipeline"] == "dce,dedup,sdpa,dce"
+    assert verify_manifest(tmp_path) == []
+    (tmp_path / "model.onnx").write_bytes(b"tampered")
+    assert verify_manifest(tmp_path) == ["model.onnx: changed"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["dce", "dedup", "sdpa", "dce"]
     assert report["ok"] is True and report["sections"]["parity"]["passed"] is True
