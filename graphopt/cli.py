@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--bench-repeat", type=int, default=30)
     opt.add_argument("--heldout", type=int, default=64, help="held-out sentences for fidelity (0: skip)")
     opt.add_argument("--no-baseline", action="store_true", help="skip exporting the unoptimized model for comparison")
+    opt.add_argument("--min-fidelity", type=float, help="search the candidate recipes for the fastest with held-out mean cosine >= this")
+    opt.add_argument("--max-latency-ms", type=float, help="search the candidate recipes for the most faithful with ORT p50 <= this")
+    opt.add_argument("--candidates", help="comma-separated recipe files or presets to search (default: every preset)")
     opt.add_argument("--nproc", type=int, default=1, help="processes for data-parallel stages (distill), launched with torchrun")
     opt.add_argument("--quiet", action="store_true")
     opt.set_defaults(func=_cmd_optimize)
@@ -118,7 +121,7 @@ def _cmd_optimize(args) -> int:
     _init_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         args.quiet = True
-    from graphopt.build import BuildOptions, build, format_table
+    from graphopt.build import build, format_table
     from graphopt.models import load_model
     from graphopt.recipe import Recipe
 
@@ -127,17 +130,9 @@ def _cmd_optimize(args) -> int:
     if args.pipeline is not None:
         recipe = Recipe.from_dict(recipe.model_dump(exclude={"passes"}) | {"pipeline": args.pipeline}, source="--pipeline")
     loaded = load_model(args.model, attn_implementation=args.attn)
-    options = BuildOptions(
-        out_dir=Path(args.out),
-        threads=args.threads,
-        bench_batch=args.bench_batch,
-        bench_seq=args.bench_seq,
-        bench_repeat=args.bench_repeat,
-        heldout=args.heldout,
-        baseline_onnx=not args.no_baseline,
-        progress=not args.quiet,
-    )
-    outcome = build(loaded, recipe, options, say=say)
+    if args.min_fidelity is not None or args.max_latency_ms is not None:
+        return _search(args, loaded)
+    outcome = build(loaded, recipe, _build_options(args), say=say)
     if int(os.environ.get("RANK", "0")) != 0:
         return EXIT_OK
     report = outcome.result.report
@@ -149,6 +144,40 @@ def _cmd_optimize(args) -> int:
         for failure in report.failures:
             print(f"FAILED: {failure}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _build_options(args):
+    from graphopt.build import BuildOptions
+
+    return BuildOptions(
+        out_dir=Path(args.out),
+        threads=args.threads,
+        bench_batch=args.bench_batch,
+        bench_seq=args.bench_seq,
+        bench_repeat=args.bench_repeat,
+        heldout=args.heldout,
+        baseline_onnx=not args.no_baseline,
+        progress=not args.quiet,
+    )
+
+
+def _search(args, loaded) -> int:
+    from graphopt.errors import ConfigError
+    from graphopt.recipe import Recipe, presets
+    from graphopt.search import search
+
+    if args.min_fidelity is not None and (loaded.tokenizer is None or args.heldout <= 0):
+        raise ConfigError("--min-fidelity is measured on held-out sentences: it needs a text model with a tokenizer and --heldout > 0")
+    names = args.candidates.split(",") if args.candidates else [p for p in presets() if p != "default"]
+    candidates = [Recipe.load(name.strip()) for name in names]
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    result = search(loaded, candidates, _build_options(args), min_fidelity=args.min_fidelity, max_latency_ms=args.max_latency_ms, say=say)
+    print(result.to_markdown(args.min_fidelity, args.max_latency_ms))
+    if result.winner is None:
+        print("FAILED: no candidate recipe meets the gate", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote the '{result.winner.name}' bundle to {args.out} (all candidates: search.md)")
     return EXIT_OK
 
 

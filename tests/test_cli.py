@@ -105,3 +105,28 @@ def test_optimize_a_hugging_face_directory(tmp_path, arch):
     sdpa = next(p for p in report["passes"] if p["name"] == "sdpa")
     assert sdpa["info"]["replaced"] == 2  # loaded with eager attention, fused by the pass
     assert report["sections"]["parity"]["passed"]
+
+
+def test_search_keeps_the_best_candidate_meeting_the_gate(tmp_path, capsys):
+    plain = tmp_path / "plain.toml"
+    plain.write_text('name = "plain"\npipeline = "dce"\n')
+    out = tmp_path / "out"
+    args = ["optimize", "--model", "factories:tiny_bert", "--out", str(out), "--candidates", f"lossless,{plain}", *FAST]
+    assert main([*args, "--max-latency-ms", "1e6"]) == EXIT_OK
+    found = json.loads((out / "search.json").read_text())
+    assert [c["name"] for c in found["candidates"]] == ["lossless", "plain"]
+    assert all(c["meets_gate"] and c["p50_ms"] > 0 for c in found["candidates"])
+    assert found["winner"] in ("lossless", "plain")
+    assert any(c["pareto"] for c in found["candidates"])
+    assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
+    assert "(chosen)" in capsys.readouterr().out
+
+    one = ["optimize", "--model", "factories:tiny_bert", "--out", str(tmp_path / "none"), "--candidates", str(plain), *FAST]
+    assert main([*one, "--max-latency-ms", "1e-9"]) == EXIT_FAILED
+    assert "no candidate recipe meets the gate" in capsys.readouterr().err
+
+
+def test_fidelity_search_needs_a_text_model(tmp_path, capsys):
+    code = main(["optimize", "--model", "factories:tiny_bert", "--out", str(tmp_path), "--min-fidelity", "0.99", "--no-baseline", "--quiet"])
+    assert code == EXIT_USAGE
+    assert "held-out sentences" in capsys.readouterr().err
