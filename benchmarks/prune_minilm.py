@@ -35,6 +35,7 @@ PLANS = {
     "heads-25% + FFN-50%": {"heads": 0.25, "ffn": 0.5},
     "heads-50% + FFN-75%": {"heads": 0.5, "ffn": 0.75},
 }
+LATENCY_AWARE = {f"{name}, latency-aware": {**plan, "latency_aware": True} for name, plan in list(PLANS.items())[1:]}
 
 
 def calibration(tokenizer, n: int = 128, batch_size: int = 16) -> list[tuple[tuple, dict]]:
@@ -55,7 +56,7 @@ def build(loaded, plan: dict, importance: str, calib) -> tuple[graphopt.Program,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--importance", default="l2", choices=["l1", "l2", "taylor", "activation"])
+    parser.add_argument("--importance", default="taylor", choices=["l1", "l2", "taylor", "activation"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs per model per round")
     parser.add_argument("--heldout", type=int, default=256, help="held-out sentences for fidelity")
     parser.add_argument("--criteria", action="store_true", help="also compare the fidelity of every importance criterion")
+    parser.add_argument("--no-latency-aware", action="store_true", help="leave out the latency-aware variants")
+    parser.add_argument("--per-layer", action="store_true", help="print every group's kept width, parameters and block latency")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"load before: {os.getloadavg()}  cpu: {torch.backends.cpu.get_cpu_capability()}  threads: {args.threads}")
@@ -73,7 +76,9 @@ def main() -> None:
     feed = _timing_inputs(loaded.tokenizer, args.batch, args.seq)
     rows, sessions = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, plan in PLANS.items():
+        plans = dict(PLANS) if args.no_latency_aware else {**PLANS, **LATENCY_AWARE}
+        for name, plan in plans.items():
+            plan = dict(plan, latency_tokens=args.batch * args.seq, latency_threads=args.threads) if plan.get("latency_aware") else plan
             program, info = build(loaded, plan, args.importance, calib)
             exported = to_onnx(program, Path(folder) / f"{len(sessions)}.onnx")
             check_parity(program, exported.path, atol=1e-4, rtol=1e-3)
@@ -82,6 +87,7 @@ def main() -> None:
             rows.append({"plan": name, "params": program.parameter_stats()["parameters"], "onnx_mb": exported.bytes / 2**20,
                          "cosine": fidelity["mean_cosine"], "spearman": fidelity["spearman"], "info": info})
         latency, speedup = _interleaved(sessions, feed, args.rounds, args.runs)
+    latency_all = latency
     print(f"load after: {os.getloadavg()}")
     print(f"\nMiniLM-L6 (all-MiniLM-L6-v2), ORT CPU fp32, batch {args.batch} x seq {args.seq}, {args.threads} thread(s), "
           f"importance={args.importance}, held-out n={len(heldout)}\n")
@@ -91,6 +97,20 @@ def main() -> None:
         ms = latency[row["plan"]]
         print(f"| {row['plan']} | {row['params'] / 1e6:.2f} M | {row['onnx_mb']:.1f} | {ms:.2f} | {speedup[row['plan']]:.2f}x | "
               f"{row['cosine']:.4f} | {row['spearman']:.4f} |")
+    for row in rows:
+        latency = row["info"].get("latency")
+        if latency:
+            print(f"\n{row['plan']}: matmul blocks predicted {latency['predicted_full_ms']:.2f} ms unpruned -> "
+                  f"{latency['predicted_planned_ms']:.2f} ms planned -> {latency['predicted_chosen_ms']:.2f} ms chosen "
+                  f"(measured end to end: {latency_of(rows, latency_ms=latency_all, name=row['plan'])})")
+    if args.per_layer:
+        for row in rows[1:]:
+            print(f"\n{row['plan']}:\n\n| group | module | kept / size | params before -> after | block ms (full -> kept) |")
+            print("|---|---|---|---|---|")
+            for g in row["info"]["groups"]:
+                lat = g.get("latency_ms") or {}
+                ms = f"{lat['full']:.3f} -> {lat['chosen']:.3f}" if lat else ""
+                print(f"| {g['kind']} | {g['module_path']} | {g['kept']} / {g['size']} | {g['params_before']} -> {g['params_after']} | {ms} |")
     if args.criteria:
         print("\nheld-out cosine by importance criterion (no recovery):\n")
         print("| plan | " + " | ".join(["l1", "l2", "taylor", "activation"]) + " |")
@@ -101,6 +121,11 @@ def main() -> None:
                 program, _ = build(loaded, plan, criterion, calib)
                 cells.append(f"{compare_encoders(loaded.model, program, loaded.tokenizer, heldout)['mean_cosine']:.4f}")
             print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def latency_of(rows, *, latency_ms, name) -> str:
+    base = latency_ms["unpruned"]
+    return f"{base:.2f} ms -> {latency_ms[name]:.2f} ms"
 
 
 def _timing_inputs(tokenizer, batch: int, seq: int) -> dict[str, np.ndarray]:

@@ -52,6 +52,13 @@ class PruneConfig(PassConfig):
     min_keep: int = Field(1, ge=1)  # never keep fewer units than this in a group
     allow_output_change: bool = False  # allow cutting spaces that reach a graph output
     calibration_batches: int = Field(8, ge=1)
+    # Latency-aware widths: time each group's matmuls on ONNX Runtime at widths around the
+    # planned one and keep the widest that is as fast as the fastest at or below the plan.
+    latency_aware: bool = False
+    latency_tolerance: float = Field(0.03, ge=0.0, le=1.0)
+    latency_tokens: int = Field(128, ge=1)  # rows of the timed matmuls (batch x sequence)
+    latency_threads: int = Field(1, ge=1)
+    latency_provider: str = "cpu"
 
     def ratios(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("heads", "kv_heads", "ffn", "hidden") if getattr(self, k) > 0}
@@ -78,12 +85,23 @@ class Prune(Pass):
         calibration = list(program.meta.get("calibration", ()))[: cfg.calibration_batches]
         scores = importance(cfg.importance, program, groups, calibration)
         keep = plan(groups, scores, cfg)
+        latency = _latency_aware(program, analysis, keep, scores, cfg) if cfg.latency_aware else {}
         cut = {gid: kept for gid, kept in keep.items() if kept.numel() < analysis.group(gid).size}
         params_before = program.parameter_stats()["parameters"]
+        sizes_before = {name: t.numel() for name, t in program.tensors().items()}
         info["groups"] = [_describe(analysis.group(gid), keep[gid]) for gid in sorted(keep)]
+        if latency:
+            info["latency"] = latency.pop("summary")
+            for entry, gid in zip(info["groups"], sorted(keep)):
+                entry["latency_ms"] = latency[gid]
         if not cut:
             return PassResult(program, False, {**info, "reason": "nothing to cut after rounding"})
         apply_plan(program, analysis, cut)
+        sizes_after = {name: t.numel() for name, t in program.tensors().items()}
+        for entry, gid in zip(info["groups"], sorted(keep)):
+            attrs = {m.attr for m in analysis.group(gid).members}
+            entry["params_before"] = sum(sizes_before.get(a, 0) for a in attrs)
+            entry["params_after"] = sum(sizes_after.get(a, 0) for a in attrs)
         info["params_before"] = params_before
         info["params_after"] = program.parameter_stats()["parameters"]
         return PassResult(program, True, info)
@@ -104,8 +122,7 @@ def plan(groups: list[Group], scores: dict[int, torch.Tensor], cfg: PruneConfig)
         else:
             counts = _global_counts(members, scores, ratio, multiple, cfg.min_keep)
         for g in members:
-            order = torch.argsort(scores[g.id], descending=True, stable=True)
-            keep[g.id] = torch.sort(order[: counts[g.id]]).values
+            keep[g.id] = _top(scores[g.id], counts[g.id])
     return keep
 
 
@@ -132,6 +149,40 @@ def _global_counts(members: list[Group], scores, ratio: float, multiple: int, mi
         kept = g.size - removed[g.id]
         counts[g.id] = _keep_count(g.size, 1.0 - kept / g.size, multiple, min_keep)
     return counts
+
+
+def _latency_aware(program: Program, analysis: DependencyAnalysis, keep: dict[int, torch.Tensor], scores,
+                   cfg: PruneConfig) -> dict:
+    """Re-choose each group's width from measured block latency; per group: full / planned /
+    chosen milliseconds, and a summary of the predicted saving over all groups."""
+    from graphopt.analysis.latency import BlockTimer, block_of, choose_width
+
+    timer = BlockTimer(cfg.latency_provider, cfg.latency_threads, cfg.latency_tokens)
+    shapes = {name: tuple(t.shape) for name, t in program.tensors().items()}
+    report: dict = {}
+    full_total = chosen_total = planned_total = 0.0
+    for gid in sorted(keep):
+        group = analysis.group(gid)
+        block = block_of(group, shapes)
+        planned = int(keep[gid].numel())
+        if not block:
+            report[gid] = None
+            continue
+        multiple = 1 if group.kind in ("heads", "kv_heads") else cfg.multiple
+        chosen, measured = choose_width(timer, block, group.size, planned, multiple, cfg.latency_tolerance)
+        full = timer.ms(block, group.size)
+        keep[gid] = _top(scores[gid], chosen)
+        report[gid] = {"full": full, "planned": measured[planned], "chosen": measured[chosen], "planned_width": planned,
+                       "measured": {str(w): t for w, t in measured.items()}}
+        full_total, planned_total, chosen_total = full_total + full, planned_total + measured[planned], chosen_total + measured[chosen]
+    report["summary"] = {"provider": cfg.latency_provider, "tokens": cfg.latency_tokens, "threads": cfg.latency_threads,
+                         "predicted_full_ms": full_total, "predicted_planned_ms": planned_total,
+                         "predicted_chosen_ms": chosen_total}
+    return report
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.sort(torch.argsort(scores, descending=True, stable=True)[:count]).values
 
 
 def _describe(group: Group, kept: torch.Tensor) -> dict:

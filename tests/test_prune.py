@@ -255,3 +255,26 @@ def test_groups_are_cached_and_dropped_on_change():
     assert kinds == ["ffn"] * LAYERS + ["heads"] * LAYERS
     Prune(heads=0.5)(program)
     assert dependency_groups(program) is not analysis
+
+
+def test_latency_aware_widths_are_measured_and_never_below_the_plan():
+    _, program = _capture("bert")
+    info = Prune(heads=0.5, ffn=0.5, latency_aware=True, latency_tokens=32)(program).info
+    for group in info["groups"]:
+        latency = group["latency_ms"]
+        assert group["kept"] >= latency["planned_width"]
+        assert str(group["kept"]) in latency["measured"] and str(group["size"]) in latency["measured"]
+        if group["kept"] < group["size"]:  # a cut is only made when it was measured to pay
+            assert latency["planned"] < latency["full"]
+    summary = info["latency"]
+    assert summary["provider"] == "cpu" and summary["predicted_chosen_ms"] > 0
+
+
+def test_in_a_pipeline_the_budget_decides():
+    model = zoo.tiny_model("bert", "eager", layers=LAYERS)
+    inputs = zoo.example_inputs("bert")
+    loose = graphopt.optimize(model, "sdpa,prune{heads=0.5,ffn=0.5}", kwargs=inputs, budget=graphopt.Budget(min_cosine=0.5))
+    assert [r.status for r in loose.report.passes] == ["applied", "applied"]
+    assert loose.program.parameter_stats()["parameters"] < graphopt.capture(model, kwargs=inputs).parameter_stats()["parameters"]
+    strict = graphopt.optimize(model, "sdpa,prune{heads=0.5,ffn=0.5}", kwargs=inputs, budget=graphopt.Budget(min_cosine=0.999999))
+    assert [r.status for r in strict.report.passes] == ["applied", "rolled-back"]
