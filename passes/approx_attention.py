@@ -107,7 +107,7 @@ class ApproxAttention(Pass):
             return {"reason": "causal attention: Nyström landmarks mix past and future (use method=lsh)", "mask": kind.kind}
         key_bias = None if mask_val is None else mask_val[:, :1, -1:, :]
         scale = site.scale()
-        rotations = reference.lsh_rotations(q.shape[-1], self.config.buckets, self.config.rounds, self.config.seed)
+        rotations = reference.lsh_rotations(q.shape[-1], self.config.buckets, self.config.rounds, self.config.seed + site.layer)
         with torch.no_grad():
             exact = reference.exact_attention(q_val, k_val, v_val, key_bias, scale, causal)
             approx = self._approximate(q_val, k_val, v_val, key_bias, scale, causal, rotations, threshold=0)
