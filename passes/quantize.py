@@ -36,8 +36,11 @@ from graphopt.passes.dce import remove_unused_tensors
 from graphopt.program import Program, module_path
 from graphopt.quant.calibration import ActivationRange, CalibrationSet, run_calibration
 from graphopt.quant.cpu import cpu_int8_support, weight_qmax
+from graphopt.quant.packing import quantize_nbits
 from graphopt.quant.schemes import QuantizedLinear, Scheme, quantize_embedding, quantize_linear
 from graphopt.quant.sensitivity import Simulator, layer_sensitivity, plan_mixed_precision
+from graphopt.quant.attention import fused_attention_rule
+from graphopt.quant.constants import constant_node as _constant_node
 from graphopt.quant.sites import LINEAR_ANCHORS, LinearSite, find_linear_sites, get_tensor
 from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, only_user
 
@@ -54,12 +57,14 @@ class QuantizeConfig(PassConfig):
     weight_range: Literal["auto", "full", "reduced"] = Field("auto", description="int8 weights: ±127, ±63, or by CPU")
     include: tuple[str, ...] = Field((), description="fnmatch patterns on module paths to quantize (empty: all)")
     exclude: tuple[str, ...] = Field((), description="fnmatch patterns on module paths to leave in fp32")
-    embeddings: bool = Field(False, description="also store embedding tables as int8 (per-row scales)")
+    embeddings: bool = Field(False, description="also quantize embedding tables (not tied to another reader)")
+    embedding_bits: Literal[4, 8] = Field(8, description="embedding tables: 8 (per-row scales) or 4 (groups of group_size along a row)")
     sensitivity: bool = Field(False, description="measure each layer's drift alone on the calibration data")
     target_cosine: float | None = Field(None, gt=0, le=1, description="mixed precision: calibration mean cosine to keep")
     keep: int = Field(0, ge=0, description="keep this many of the most sensitive layers at the fallback precision")
     fallback: Literal["fp32", "int8_weight_only"] = "fp32"
     fuse_gelu: bool = Field(True, description="quantized linear + GELU -> zero-bias op + one BiasGelu kernel (exact)")
+    fuse_attention: bool = Field(True, description="dynamic int8: Q/K/V projections + SDPA -> one int8 GEMM + MultiHeadAttention")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -115,7 +120,9 @@ class Quantize(Pass):
         rule = quantized_linear_rule({s.node: (s, layers[s.node]) for s in chosen if s.node in layers}, gm)
         stats = apply_rules(gm, [rule], provenance=self.name)
         gelus = apply_rules(gm, [bias_gelu_rule(gm)], provenance=self.name).total if cfg.fuse_gelu and stats.total else 0
-        embedded = quantize_embeddings(gm) if cfg.embeddings else {"replaced": 0, "skipped": []}
+        fusable = cfg.fuse_attention and cfg.mode == "dynamic" and stats.total
+        attention = apply_rules(gm, [fused_attention_rule(gm)], provenance=self.name) if fusable else None
+        embedded = quantize_embeddings(gm, cfg.embedding_bits, cfg.group_size) if cfg.embeddings else {"replaced": 0, "skipped": []}
         replaced = stats.applied[rule.name]
         modified = replaced > 0 or embedded["replaced"] > 0
         removed = []
@@ -144,6 +151,8 @@ class Quantize(Pass):
             "skipped": skipped + embedded["skipped"],
             "embeddings_replaced": embedded["replaced"],
             "gelu_fused": gelus,
+            "attention_fused": attention.total if attention else 0,
+            "attention_near_misses": [m.to_dict() for m in attention.near_misses] if attention else [],
             "tensors_removed": len(removed),
             "calibration": data.source if data is not None else None,
             **{k: v for k, v in plan_info.items() if k != "sensitivity"},
@@ -278,37 +287,10 @@ def bias_gelu_rule(gm: fx.GraphModule) -> RewriteRule:
     return RewriteRule("bias_gelu", frozenset({aten.gelu.default}), match, replace)
 
 
-def _constant_node(graph: fx.Graph, gm: fx.GraphModule, owner: str, key: str, tensor: torch.Tensor, registered: dict[int, str]) -> fx.Node:
-    name = registered.get(id(tensor))
-    if name is None:
-        name = _free_name(gm, f"quant_{re.sub(r'[^0-9A-Za-z_]', '_', owner)}_{key}")
-        gm.register_buffer(name, tensor)
-        registered[id(tensor)] = name
-    node = graph.get_attr(name)
-    mode = _fake_mode(graph)
-    if mode is not None:
-        node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
-    return node
-
-
-def _free_name(gm: torch.nn.Module, base: str) -> str:
-    name, suffix = base, 1
-    while hasattr(gm, name):
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    return name
-
-
-def _fake_mode(graph: fx.Graph):
-    for node in graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch._subclasses.FakeTensor):
-            return val.fake_mode
-    return None
-
-
 # ---- embeddings ----------------------------------------------------------------------------
-def quantize_embeddings(gm: fx.GraphModule) -> dict[str, Any]:
-    """``aten.embedding(W, ids)`` with a stored table read by nothing else -> int8 rows + scales."""
+def quantize_embeddings(gm: fx.GraphModule, bits: int = 8, group_size: int = 32) -> dict[str, Any]:
+    """``aten.embedding(W, ids)`` with a stored table read by nothing else -> int8 rows with one
+    scale per row, or 4-bit groups of ``group_size`` (a width the group does not divide stays int8)."""
     replaced, skipped = 0, []
     graph = gm.graph
     registered: dict[int, str] = {}
@@ -328,10 +310,18 @@ def quantize_embeddings(gm: fx.GraphModule) -> dict[str, Any]:
         if weight.dtype != torch.float32 or weight.dim() != 2:
             skipped.append({"node": node.name, "module_path": module_path(node), "reason": f"table is {weight.dtype} {tuple(weight.shape)}", "kept": "fp32"})
             continue
-        codes, scales = quantize_embedding(weight)
         with graph.inserting_before(node):
-            inputs = [_constant_node(graph, gm, node.name, key, t, registered) for key, t in (("table", codes), ("scales", scales))]
-            new = emit(graph, torch.ops.graphopt.embedding_int8.default, (*inputs, node.args[1]))
+            if bits == 4 and weight.shape[1] % group_size == 0:
+                q = quantize_nbits(weight, 4, group_size)
+                tensors = (("table", q.packed.reshape(q.N, -1)), ("scales", q.scales), ("zero_points", q.zero_points))
+                inputs = [_constant_node(graph, gm, node.name, key, t, registered) for key, t in tensors]
+                new = emit(graph, torch.ops.graphopt.embedding_nbits.default, (*inputs, node.args[1], group_size, 4))
+            else:
+                if bits == 4:
+                    skipped.append({"node": node.name, "module_path": module_path(node), "reason": f"width {weight.shape[1]} is not a multiple of group_size {group_size}", "kept": "int8"})
+                codes, scales = quantize_embedding(weight)
+                inputs = [_constant_node(graph, gm, node.name, key, t, registered) for key, t in (("table", codes), ("scales", scales))]
+                new = emit(graph, torch.ops.graphopt.embedding_int8.default, (*inputs, node.args[1]))
         new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "graphopt_module_path") if k in node.meta})
         new.meta["graphopt_created_by"] = "quantize:embedding_int8"
         node.replace_all_uses_with(new)

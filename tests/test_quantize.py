@@ -309,3 +309,47 @@ def test_int8_embeddings_and_parity(tmp_path):
     assert program.parameter_stats()["parameter_bytes"] < before
     session, _, _ = _ort_graph(program, tmp_path)
     assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=3)) < 2e-5
+
+
+def test_int4_embeddings_use_gather_block_quantized(tmp_path):
+    program = _capture("bert")
+    before = program.parameter_stats()["parameter_bytes"]
+    tables = sum(t.numel() * 4 for name, t in program.tensors().items() if name.endswith("_embeddings.weight"))
+    result = Quantize(embeddings=True, embedding_bits=4, group_size=16, include=("nothing",))(program)
+    assert result.modified and result.info["embeddings_replaced"] == 3
+    assert _graphopt_ops(program) == {"graphopt::embedding_nbits": 3}
+    assert before - program.parameter_stats()["parameter_bytes"] > 0.75 * tables > 0
+    session, ops, _ = _ort_graph(program, tmp_path)
+    assert ops["GatherBlockQuantized"] == 3, ops
+    assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=3)) < 2e-5
+
+
+# ---- attention: one int8 QKV GEMM + MultiHeadAttention ---------------------------------------
+def test_attention_after_sdpa_fuses_qkv_and_uses_multihead_attention(tmp_path):
+    from graphopt.passes.sdpa import AttentionToSDPA
+
+    program = _capture("bert")
+    AttentionToSDPA()(program)
+    result = Quantize()(program)
+    assert result.info["attention_fused"] == 1 and result.info["attention_near_misses"] == []
+    assert _graphopt_ops(program)["graphopt::attention_int8"] == 1
+    assert _graphopt_ops(program)["graphopt::linear_dynamic_int8"] == _linear_count(_capture("bert")) - 3
+    session, ops, _ = _ort_graph(program, tmp_path)
+    assert ops["MultiHeadAttention"] == 1 and ops["Softmax"] == 0, ops
+    assert not _float_matmuls_on_weights(tmp_path / "model.opt.onnx")
+    for inputs in (zoo.example_inputs("bert"), zoo.example_inputs("bert", batch=3, seq=11, seed=2)):
+        assert _ort_vs_program(program, session, inputs) < 2e-5
+
+
+def test_attention_fusion_explains_what_it_leaves_alone():
+    from graphopt.passes.sdpa import AttentionToSDPA
+
+    llama = _capture("llama")
+    AttentionToSDPA()(llama)
+    info = Quantize()(llama).info
+    assert info["attention_fused"] == 0
+    assert [m["check"] for m in info["attention_near_misses"]] == ["head_split"]  # rotary embeddings sit between
+    bert = _capture("bert")
+    AttentionToSDPA()(bert)
+    info = Quantize(exclude=("*.self.key",))(bert).info
+    assert info["attention_fused"] == 0 and info["attention_near_misses"][0]["check"] == "projection"

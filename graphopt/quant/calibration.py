@@ -93,8 +93,9 @@ class NodeInterpreter(fx.Interpreter):
         gm: fx.GraphModule,
         observe: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
         override: Mapping[str, Callable[..., torch.Tensor]] | None = None,
+        keep_values: bool = False,
     ):
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=not keep_values)
         self.observe = dict(observe or {})
         self.override = dict(override or {})
 
@@ -119,12 +120,18 @@ def activation_of(node: fx.Node, args: tuple) -> torch.Tensor:
 
 def run_calibration(gm: fx.GraphModule, data: CalibrationSet, **interpreter_options) -> list[tuple[torch.Tensor, ...]]:
     """Flattened outputs per batch, with the given observers / overrides active."""
-    outputs = []
+    return [run_batch(gm, args, kwargs, **interpreter_options)[0] for args, kwargs in data.batches]
+
+
+def run_batch(
+    gm: fx.GraphModule, args: tuple, kwargs: dict, *, initial_values: dict | None = None, keep_values: bool = False, **interpreter_options
+) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """(flattened outputs, every node's value when ``keep_values``) for one batch. Nodes in
+    ``initial_values`` are not recomputed: a run that changes one layer reuses the rest."""
+    interpreter = NodeInterpreter(gm, keep_values=keep_values, **interpreter_options)
     with torch.no_grad():
-        for args, kwargs in data.batches:
-            interpreter = NodeInterpreter(gm, **interpreter_options)
-            outputs.append(flatten_outputs(interpreter.run(*_placeholder_values(gm, args, kwargs))))
-    return outputs
+        out = interpreter.run(*_placeholder_values(gm, args, kwargs), initial_env=dict(initial_values or {}))
+    return flatten_outputs(out), (interpreter.env if keep_values else {})
 
 
 def _placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:

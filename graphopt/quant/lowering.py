@@ -53,9 +53,24 @@ def embedding_int8(table_q: INT8, scales: FLOAT, indices: INT64) -> FLOAT:
     return op.Mul(rows, op.Gather(scales, indices))
 
 
+@onnxscript.script(default_opset=op)
+def embedding_nbits(table_packed: UINT8, scales: FLOAT, zero_points: UINT8, indices: INT64, block_size: int, bits: int) -> FLOAT:
+    return msft.GatherBlockQuantized(table_packed, indices, scales, zero_points, gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+
+
+@onnxscript.script(default_opset=op)
+def attention_int8(x: FLOAT, w_qkv: INT8, w_scale: FLOAT, bias: FLOAT, mask: FLOAT, num_heads: int, scale: float) -> FLOAT:
+    # One integer GEMM for Q, K and V, then ORT's fused attention on [B, S, hidden] inputs.
+    qkv = msft.DynamicQuantizeMatMul(x, w_qkv, w_scale, None, bias)
+    q, k, v = op.Split(qkv, axis=-1, num_outputs=3)
+    return msft.MultiHeadAttention(q, k, v, None, None, mask, num_heads=num_heads, scale=scale)
+
+
 _ops = torch.ops.graphopt
 register_lowering(_ops.linear_dynamic_int8.default, dynamic_int8)
 register_lowering(_ops.linear_static_int8.default, static_int8)
 register_lowering(_ops.linear_nbits.default, nbits)
 register_lowering(_ops.embedding_int8.default, embedding_int8)
 register_lowering(_ops.bias_gelu.default, bias_gelu)
+register_lowering(_ops.embedding_nbits.default, embedding_nbits)
+register_lowering(_ops.attention_int8.default, attention_int8)

@@ -166,3 +166,46 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 @bias_gelu.register_fake
 def _(x, bias):
     return torch.empty_like(x)
+
+
+# ---- n-bit embedding (GatherBlockQuantized) ---------------------------------------------------
+@torch.library.custom_op(f"{LIB}::embedding_nbits", mutates_args=())
+def embedding_nbits(
+    table_packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, indices: torch.Tensor, block_size: int, bits: int
+) -> torch.Tensor:
+    """Rows of a group-quantized table: ``table_packed [V, D*bits/8]`` (MatMulNBits' packing per row),
+    ``scales [V, D/block_size]``, packed zero points; dequantized to float32."""
+    from graphopt.quant.packing import unpack_nbits, unpack_zero_points
+
+    V, blocks = scales.shape
+    rows = table_packed[indices.reshape(-1)]
+    codes = unpack_nbits(rows, bits, blocks * block_size).reshape(-1, blocks, block_size)
+    flat = indices.reshape(-1)
+    zero = unpack_zero_points(zero_points[flat], bits, blocks)
+    values = (codes - zero[..., None]) * scales[flat][..., None]
+    return values.reshape(*indices.shape, blocks * block_size)
+
+
+@embedding_nbits.register_fake
+def _(table_packed, scales, zero_points, indices, block_size, bits):
+    return scales.new_empty((*indices.shape, scales.shape[1] * block_size))
+
+
+# ---- self-attention with one int8 QKV projection ------------------------------------------------
+@torch.library.custom_op(f"{LIB}::attention_int8", mutates_args=())
+def attention_int8(
+    x: torch.Tensor, w_qkv: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, num_heads: int, scale: float
+) -> torch.Tensor:
+    """Self-attention ``[B, S, H] -> [B, S, H]`` whose Q, K, V projections are one dynamic-int8
+    matmul by ``w_qkv [H, 3H]`` (the activation is quantized once, as it would be for each of
+    the three separately); ``mask`` is an additive ``[B or 1, 1 or heads, S, S]`` bias."""
+    qkv = linear_dynamic_int8(x, w_qkv, w_scale, bias)
+    batch, seq, _ = qkv.shape
+    q, k, v = (t.reshape(batch, seq, num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+@attention_int8.register_fake
+def _(x, w_qkv, w_scale, bias, mask, num_heads, scale):
+    return x.new_empty((*x.shape[:-1], w_qkv.shape[1] // 3))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt.quant.calibration import CalibrationSet, activation_of, run_calibration
+from graphopt.quant.calibration import CalibrationSet, activation_of, run_batch
 
 
 def sample_cosines(reference: Sequence[tuple[torch.Tensor, ...]], candidate: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -49,10 +49,20 @@ class Simulator:
         self.data = data
         self.quantized = dict(quantized)
         self.bias_after = dict(bias_after)  # node -> True when the bias is a separate input (addmm with a computed bias)
-        self.reference = run_calibration(gm, data)
+        # Every node's fp32 value per batch: a run that changes some layers recomputes only
+        # what lies downstream of them.
+        runs = [run_batch(gm, args, kwargs, keep_values=True) for args, kwargs in data.batches]
+        self.reference = [outputs for outputs, _ in runs]
+        self.values = [values for _, values in runs]
 
     def outputs(self, names: Sequence[str]) -> list[tuple[torch.Tensor, ...]]:
-        return run_calibration(self.gm, self.data, override={name: self._override(name) for name in names})
+        affected = downstream(self.gm.graph, set(names))
+        override = {name: self._override(name) for name in names}
+        results = []
+        for (args, kwargs), values in zip(self.data.batches, self.values):
+            kept = {node: value for node, value in values.items() if node not in affected}
+            results.append(run_batch(self.gm, args, kwargs, initial_values=kept, override=override)[0])
+        return results
 
     def cosines(self, names: Sequence[str]) -> torch.Tensor:
         return sample_cosines(self.reference, self.outputs(names))
@@ -67,6 +77,15 @@ class Simulator:
             return out
 
         return compute
+
+
+def downstream(graph: fx.Graph, names: set[str]) -> set[fx.Node]:
+    """The nodes named and every node that (transitively) uses them."""
+    reached: set[fx.Node] = set()
+    for node in graph.nodes:  # topological order: a user comes after what it uses
+        if node.name in names or any(arg in reached for arg in node.all_input_nodes):
+            reached.add(node)
+    return reached
 
 
 def layer_sensitivity(simulator: Simulator, names: Sequence[str]) -> dict[str, float]:

@@ -1,0 +1,256 @@
+"""graphopt's quantize modes on all-MiniLM-L6-v2 against PyTorch and ONNX Runtime baselines.
+
+    python benchmarks/quantize_minilm.py [--threads 2] [--rounds 10] [--heldout 128]
+
+Everything is measured in one process, on one machine, in one run:
+
+* PyTorch eager fp32, and ``torch.ao.quantization.quantize_dynamic`` (int8 ``nn.Linear``);
+* ORT fp32 (graphopt's plain export);
+* ORT's strongest int8 path: the TorchScript export (which its transformer optimizer fuses
+  best: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), then
+  ``onnxruntime.quantization.quantize_dynamic`` with per-channel int8 weights;
+* each graphopt mode, exported with graphopt.export.to_onnx.
+
+Latency: batch 1 and 8, sequence 128, ``--threads`` intra-op threads. Variants are timed
+in interleaved rounds (every variant a few runs per round) so that load from other
+processes falls on all of them alike; p50 / p90 over all runs. Fidelity: mean-pooled
+embeddings of held-out ``pydoc_data.topics`` sentences (never used for calibration) against
+PyTorch fp32: mean / min cosine and the Spearman correlation of pairwise similarities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import graphopt
+from graphopt.build import benchmark_inputs
+from graphopt.data import heldout_sentences, train_sentences
+from graphopt.export import make_session, run as ort_run, to_onnx
+from graphopt.fidelity import compare_encoders
+from graphopt.models import load_model
+from graphopt.passes.quantize import Quantize
+from graphopt.quant.calibration import CalibrationSet
+from graphopt.quant.cpu import cpu_int8_support
+
+ORT_INT8 = "ORT optimizer + int8 per-channel"
+GRAPHOPT_MODES = {
+    # name: (quantize options, needs calibration)
+    "graphopt int8 dynamic, all layers": dict(embeddings=True),
+    "graphopt int8 dynamic, mixed (plan)": dict(embeddings=True, target_cosine=0.995),
+    "graphopt int8 static, mixed (plan)": dict(mode="static", embeddings=True, target_cosine=0.995),
+    "graphopt int4 weight-only g32": dict(mode="weight_only", bits=4, group_size=32, embeddings=True),
+    "graphopt int8 weight-only g128": dict(mode="weight_only", bits=8, group_size=128, embeddings=True),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    parser.add_argument("--runs-per-round", type=int, default=3)
+    parser.add_argument("--heldout", type=int, default=128, help="held-out sentences for fidelity")
+    parser.add_argument("--calibration", type=int, default=32, help="training sentences for calibration / sensitivity")
+    parser.add_argument("--modes", nargs="*", default=list(GRAPHOPT_MODES), help="graphopt modes to include")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the models and results.json")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    out = args.out or Path(tempfile.mkdtemp(prefix="quantize_minilm_"))
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"machine: {platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"int8: {cpu_int8_support().to_dict()}, load {os.getloadavg()}")
+
+    loaded = load_model("minilm")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    names = list(loaded.example_kwargs)
+    program = graphopt.capture(model, kwargs=loaded.example_kwargs)
+    calibration = CalibrationSet.from_sentences(tokenizer, train_sentences(args.calibration, source="topics"), batch_size=16, input_names=names)
+    heldout = heldout_sentences(args.heldout, source="topics")
+
+    variants: dict[str, dict] = {}  # name -> {"fn_for": batch -> callable, "encoder": callable, "bytes": int, "info": str}
+    variants["PyTorch eager fp32"] = _torch_variant(model, _state_dict_bytes(model))
+    qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    variants["torch quantize_dynamic"] = _torch_variant(qmodel, _state_dict_bytes(qmodel))
+
+    fp32 = to_onnx(program, out / "fp32" / "model.onnx")
+    variants["ORT fp32"] = _ort_variant(fp32.path, args.threads)
+    ort_int8 = ort_int8_baseline(model, loaded.example_kwargs, out / "ort_int8", fp32.path)
+    variants[ORT_INT8] = _ort_variant(ort_int8, args.threads)
+
+    for mode in args.modes:
+        options = GRAPHOPT_MODES[mode]
+        start = time.perf_counter()
+        candidate = program.clone()
+        result = Quantize(calibration=calibration, **options)(candidate)
+        seconds = time.perf_counter() - start
+        exported = to_onnx(candidate, out / mode.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") / "model.onnx")
+        plan = result.info.get("plan")
+        kept = [k["module_path"] for k in plan["kept_at_fallback"]] if plan else []
+        note = f"{result.info['replaced']} layers {result.info['scheme']}, {len(kept)} kept fp32, pass {seconds:.0f} s"
+        variants[mode] = _ort_variant(exported.path, args.threads, note=note, kept=kept)
+
+    say("fidelity on held-out sentences ...")
+    for name, variant in variants.items():
+        if name == "PyTorch eager fp32":
+            variant["fidelity"] = {"mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0}
+            continue
+        variant["fidelity"] = compare_encoders(model, variant["encoder"], tokenizer, heldout, input_names=names)
+
+    rows = {name: {"size_mb": v["bytes"] / 1e6, **{k: v["fidelity"][k] for k in ("mean_cosine", "min_cosine", "spearman")}} for name, v in variants.items()}
+    load_before = os.getloadavg()
+    for batch in args.batches:
+        inputs = benchmark_inputs(loaded, batch, args.seq)
+        say(f"timing batch {batch} ...")
+        latency = interleaved_latency({name: v["fn_for"](inputs) for name, v in variants.items()}, args.rounds, args.runs_per_round)
+        for name, stats in latency.items():
+            rows[name][f"b{batch}_p50"] = stats["p50_ms"]
+            rows[name][f"b{batch}_p90"] = stats["p90_ms"]
+        for name in rows:
+            rows[name][f"b{batch}_x_eager"] = rows["PyTorch eager fp32"][f"b{batch}_p50"] / rows[name][f"b{batch}_p50"]
+            rows[name][f"b{batch}_x_ort_int8"] = rows[ORT_INT8][f"b{batch}_p50"] / rows[name][f"b{batch}_p50"]
+    load_after = os.getloadavg()
+
+    print()
+    print(format_table(rows, args.batches))
+    print()
+    print(f"load average (1/5/15 min) before timing {tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)}; "
+          f"{args.threads} threads; fp32 file {variants['ORT fp32']['bytes'] / 1e6:.1f} MB")
+    for name, variant in variants.items():
+        if variant.get("note"):
+            print(f"- {name}: {variant['note']}" + (f"; fp32: {', '.join(variant['kept'])}" if variant.get("kept") else ""))
+    (out / "results.json").write_text(json.dumps({"rows": rows, "load": [load_before, load_after], "argv": sys.argv}, indent=2))
+    print(f"models and results.json in {out}")
+    return 0
+
+
+# ---- variants --------------------------------------------------------------------------------
+def _torch_variant(model: torch.nn.Module, nbytes: int) -> dict:
+    def fn_for(inputs):
+        def run():
+            with torch.inference_mode():
+                return model(**inputs)
+
+        return run
+
+    return {"fn_for": fn_for, "encoder": model, "bytes": nbytes}
+
+
+def _ort_variant(path: Path, threads: int, note: str = "", kept: list[str] | None = None) -> dict:
+    session = make_session(path, threads=threads)
+    declared = {i.name for i in session.get_inputs()}
+
+    def fn_for(inputs):
+        feed = {k: v for k, v in inputs.items() if k in declared}
+        return lambda: ort_run(session, feed)
+
+    def encoder(**inputs):
+        return torch.from_numpy(ort_run(session, {k: v for k, v in inputs.items() if k in declared})[0])
+
+    size = Path(path).stat().st_size + sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + ".data"))
+    return {"fn_for": fn_for, "encoder": encoder, "bytes": size, "note": note, "kept": kept or []}
+
+
+def ort_int8_baseline(model, example_kwargs: dict, folder: Path, fallback_onnx: Path) -> Path:
+    """TorchScript export -> ORT transformer optimizer -> ORT quantize_dynamic (per-channel int8).
+
+    The TorchScript export is what ORT's optimizer fuses best (Attention, EmbedLayerNorm); the
+    graphopt (dynamo) export is used when it is unavailable. reduce_range follows the CPU.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(example_kwargs)
+    source = folder / "torchscript.onnx"
+    try:
+        # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, and a
+        # fresh module is in training mode, which would switch on the model's dropout.
+        wrapper = _LastHidden(model, names).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, tuple(example_kwargs[n] for n in names), str(source), dynamo=False, opset_version=17,
+                              input_names=names, output_names=["last_hidden_state"],
+                              dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+    except Exception as exc:  # noqa: BLE001 - fall back to the dynamo export, and say so
+        say(f"TorchScript export failed ({type(exc).__name__}: {exc}); ORT baseline uses the dynamo export")
+        source = fallback_onnx
+    finally:
+        model.eval()
+    hidden = model.config.hidden_size
+    heads = model.config.num_attention_heads
+    optimized = optimizer.optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden)
+    say(f"ORT optimizer fusions: { {k: v for k, v in optimized.get_fused_operator_statistics().items() if v} }")
+    optimized.save_model_to_file(str(folder / "optimized.onnx"))
+    quantized = folder / "model.onnx"
+    quantize_dynamic(str(folder / "optimized.onnx"), str(quantized), per_channel=True, weight_type=QuantType.QInt8,
+                     reduce_range=cpu_int8_support().saturates_u8s8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return quantized
+
+
+class _LastHidden(torch.nn.Module):
+    def __init__(self, model, names):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors))).last_hidden_state
+
+
+def _state_dict_bytes(model: torch.nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# ---- timing and output -----------------------------------------------------------------------
+def interleaved_latency(fns: dict, rounds: int, runs_per_round: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))} for name, t in samples.items()}
+
+
+def format_table(rows: dict[str, dict], batches: list[int]) -> str:
+    headers = ["variant"]
+    for b in batches:
+        headers += [f"b{b} p50 ms", f"b{b} p90 ms", f"b{b} × eager", f"b{b} × ORT int8"]
+    headers += ["size MB", "mean cos", "min cos", "spearman"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, row in rows.items():
+        cells = [name]
+        for b in batches:
+            cells += [f"{row[f'b{b}_p50']:.1f}", f"{row[f'b{b}_p90']:.1f}", f"{row[f'b{b}_x_eager']:.2f}", f"{row[f'b{b}_x_ort_int8']:.2f}"]
+        cells += [f"{row['size_mb']:.1f}", f"{row['mean_cosine']:.4f}", f"{row['min_cosine']:.4f}", f"{row['spearman']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def say(message: str) -> None:
+    print(f"[quantize_minilm] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
