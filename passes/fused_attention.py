@@ -33,7 +33,7 @@ from graphopt.program import Program
 from graphopt.rewrite import emit, fake
 
 # provider -> lowering, from the table above; "exporter" keeps torch.onnx's own form.
-LOWERING_BY_PROVIDER: dict[str, str] = {"cpu": "multi_head_attention", "cuda": "multi_head_attention"}
+LOWERING_BY_PROVIDER: dict[str, str] = {"cpu": "multi_head_attention"}
 
 
 class FusedAttentionConfig(PassConfig):
