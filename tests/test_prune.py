@@ -275,6 +275,6 @@ def test_in_a_pipeline_the_budget_decides():
     inputs = zoo.example_inputs("bert")
     loose = graphopt.optimize(model, "sdpa,prune{heads=0.5,ffn=0.5}", kwargs=inputs, budget=graphopt.Budget(min_cosine=0.5))
     assert [r.status for r in loose.report.passes] == ["applied", "applied"]
-    assert loose.program.parameter_stats()["parameters"] < graphopt.capture(model, kwargs=inputs).parameter_stats()["parameters"]
     strict = graphopt.optimize(model, "sdpa,prune{heads=0.5,ffn=0.5}", kwargs=inputs, budget=graphopt.Budget(min_cosine=0.999999))
     assert [r.status for r in strict.report.passes] == ["applied", "rolled-back"]
+    assert loose.program.parameter_stats()["parameters"] < strict.program.parameter_stats()["parameters"]
