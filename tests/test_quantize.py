@@ -206,7 +206,7 @@ def test_pipeline_text_round_trips():
 
 
 # ---- weight-only n-bit ---------------------------------------------------------------------
-@pytest.mark.parametrize(("bits", "group_size", "accuracy_level"), [(4, 32, 4), (4, 16, 0), (8, 32, 4)])
+@pytest.mark.parametrize(("bits", "group_size", "accuracy_level"), [(4, 32, 4), (8, 16, 0)])
 def test_weight_only_uses_matmulnbits_with_tight_ort_parity(bits, group_size, accuracy_level, tmp_path):
     program = _capture("bert")
     linears = _linear_count(program)
@@ -247,7 +247,7 @@ def test_int4_weights_are_smaller_than_int8_weights():
 
 
 # ---- static int8 ---------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["gpt2"])  # addmm on 2-D inputs: where the QDQ spelling stayed fp32
 def test_static_int8_calibrates_and_uses_integer_kernels(arch, tmp_path):
     program = _capture(arch)
     linears = _linear_count(program)
