@@ -8,7 +8,6 @@ definitions the custom ops run in PyTorch, and what the ONNX lowerings must repr
 
 from __future__ import annotations
 
-
 import torch
 
 # A key whose bias is below this is padding: it takes no part in landmark means or hashing.
@@ -167,11 +166,3 @@ def lsh_attention(q, k, v, key_bias=None, rotations=None, scale: float = 1.0, ch
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """‖approx − exact‖ / ‖exact‖ (Frobenius, over everything)."""
     return float((approx.double() - exact.double()).norm() / exact.double().norm().clamp(min=1e-30))
-
-
-def attention_flops(n: int, heads: int, head_dim: int) -> float:
-    return 4.0 * heads * n * n * head_dim
-
-
-
-
