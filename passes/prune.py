@@ -52,6 +52,9 @@ class PruneConfig(PassConfig):
     min_keep: int = Field(1, ge=1)  # never keep fewer units than this in a group
     allow_output_change: bool = False  # allow cutting spaces that reach a graph output
     calibration_batches: int = Field(8, ge=1)
+    # A parameter budget: keep this fraction of the program's parameters. The kind ratios
+    # then only give the proportions; one factor scaling them all is found by bisection.
+    target_params: float | None = Field(None, gt=0.0, lt=1.0)
     # Latency-aware widths: time each group's matmuls on ONNX Runtime at widths around the
     # planned one and keep the widest that is as fast as the fastest at or below the plan.
     latency_aware: bool = False
@@ -84,6 +87,8 @@ class Prune(Pass):
             info["kinds_without_groups"] = missing
         calibration = list(program.meta.get("calibration", ()))[: cfg.calibration_batches]
         scores = importance(cfg.importance, program, groups, calibration)
+        if cfg.target_params is not None:
+            cfg, info["target"] = _fit_params(program, analysis, groups, scores, cfg)
         keep = plan(groups, scores, cfg)
         latency = _latency_aware(program, analysis, keep, scores, cfg) if cfg.latency_aware else {}
         cut = {gid: kept for gid, kept in keep.items() if kept.numel() < analysis.group(gid).size}
@@ -124,6 +129,52 @@ def plan(groups: list[Group], scores: dict[int, torch.Tensor], cfg: PruneConfig)
         for g in members:
             keep[g.id] = _top(scores[g.id], counts[g.id])
     return keep
+
+
+def predicted_params(program: Program, analysis: DependencyAnalysis, keep: dict[int, torch.Tensor]) -> int:
+    """Parameters the program would hold after :func:`apply_plan` with ``keep``."""
+    graph, seen, total = analysis.graph, set(), 0
+    counts: dict[int, int] = {}
+    for node in program.graph.nodes:
+        if node.op != "get_attr" or node.target in seen:
+            continue
+        seen.add(node.target)
+        tensor = _get(program.module, node.target)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        numel = 1
+        for d, size in enumerate(tensor.shape):
+            sid = graph.slot_space.get((f"attr:{node.target}", 0, d))
+            if sid in analysis.coords and set(analysis.coords[sid]) & set(keep):
+                if sid not in counts:
+                    counts[sid] = int(analysis.kept_indices(sid, keep).numel())
+                size = counts[sid]
+            numel *= size
+        total += numel
+    return total
+
+
+def _fit_params(program, analysis, groups, scores, cfg: PruneConfig) -> tuple[PruneConfig, dict]:
+    """Scale every ratio by one factor so the pruned program keeps ``target_params`` of its parameters."""
+    ratios = cfg.ratios()
+    before = predicted_params(program, analysis, {})
+    goal = cfg.target_params * before
+
+    def scaled(factor: float) -> PruneConfig:
+        return cfg.model_copy(update={kind: min(r * factor, 0.999) for kind, r in ratios.items()})
+
+    def params(factor: float) -> int:
+        return predicted_params(program, analysis, plan(groups, scores, scaled(factor)))
+
+    lo, hi = 0.0, 0.999 / max(ratios.values())
+    reachable = params(hi) <= goal
+    if reachable:
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if params(mid) <= goal else (mid, hi)
+    fitted = scaled(hi)
+    return fitted, {"target_params": int(goal), "predicted_params": params(hi), "reachable": reachable,
+                    "ratios": fitted.ratios()}
 
 
 def _keep_count(size: int, ratio: float, multiple: int, min_keep: int) -> int:

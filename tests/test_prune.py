@@ -278,3 +278,14 @@ def test_in_a_pipeline_the_budget_decides():
     strict = graphopt.optimize(model, "sdpa,prune{heads=0.5,ffn=0.5}", kwargs=inputs, budget=graphopt.Budget(min_cosine=0.999999))
     assert [r.status for r in strict.report.passes] == ["applied", "rolled-back"]
     assert loose.program.parameter_stats()["parameters"] < strict.program.parameter_stats()["parameters"]
+
+
+def test_a_parameter_target_scales_the_ratios_to_meet_it():
+    _, program = _capture("bert")
+    before = program.parameter_stats()["parameters"]
+    result = Prune(heads=0.25, ffn=0.5, target_params=0.8, multiple=1)(program)  # proportions heads : ffn = 1 : 2
+    after = program.parameter_stats()["parameters"]
+    target = result.info["target"]
+    assert target["reachable"] and target["predicted_params"] == after
+    assert 0.75 * before < after <= 0.8 * before
+    assert target["ratios"]["ffn"] > target["ratios"]["heads"]
