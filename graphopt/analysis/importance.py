@@ -94,7 +94,7 @@ def taylor(program: Program, groups: Sequence[Group], calibration) -> Scores:
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             products = {name: (t.detach() * g) if g is not None else None for (name, t), g in zip(params.items(), grads)}
             for g in groups:
-                signed = _scatter(g, lambda t, d, g=g: None, {})  # zeros of the right size
+                signed = torch.zeros(g.size, dtype=torch.float64)
                 for member in g.members:
                     wg = products.get(member.attr)
                     if wg is None:
