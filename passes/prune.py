@@ -55,8 +55,8 @@ class PruneConfig(PassConfig):
     # A parameter budget: keep this fraction of the program's parameters. The kind ratios
     # then only give the proportions; one factor scaling them all is found by bisection.
     target_params: float | None = Field(None, gt=0.0, lt=1.0)
-    # Latency-aware widths: time each group's matmuls on ONNX Runtime at widths around the
-    # planned one and keep the widest that is as fast as the fastest at or below the plan.
+    # Latency-aware widths: time each group's matmuls on ONNX Runtime from the planned width
+    # up; keep the widest no slower than the plan, and skip cuts that are not measurably faster.
     latency_aware: bool = False
     latency_tolerance: float = Field(0.03, ge=0.0, le=1.0)
     latency_tokens: int = Field(128, ge=1)  # rows of the timed matmuls (batch x sequence)
