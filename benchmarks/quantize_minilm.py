@@ -53,7 +53,7 @@ GRAPHOPT_MODES = {
     "graphopt int8 dynamic, 3 most sensitive fp32": dict(embeddings=True, sensitivity=True, keep=3),
     "graphopt int8 static, all layers": dict(mode="static", embeddings=True),
     "graphopt int4 weight-only g32, int4 embeddings": dict(mode="weight_only", bits=4, group_size=32, embeddings=True, embedding_bits=4),
-    "graphopt int4 weight-only g32, int8 embeddings": dict(mode="weight_only", bits=4, group_size=32, embeddings=True),
+    "graphopt int4 weight-only g32 GPTQ, int4 embeddings": dict(mode="weight_only", bits=4, group_size=32, gptq=True, embeddings=True, embedding_bits=4),
 }
 
 

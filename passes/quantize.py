@@ -63,6 +63,7 @@ class QuantizeConfig(PassConfig):
     target_cosine: float | None = Field(None, gt=0, le=1, description="mixed precision: calibration mean cosine to keep")
     keep: int = Field(0, ge=0, description="keep this many of the most sensitive layers at the fallback precision")
     fallback: Literal["fp32", "int8_weight_only"] = "fp32"
+    gptq: bool = Field(False, description="weight_only: GPTQ rounding (error compensation on calibration inputs)")
     fuse_gelu: bool = Field(True, description="quantized linear + GELU -> zero-bias op + one BiasGelu kernel (exact)")
     fuse_attention: bool = Field(True, description="dynamic int8: Q/K/V projections + SDPA -> one int8 GEMM + MultiHeadAttention")
 
@@ -72,6 +73,8 @@ class QuantizeConfig(PassConfig):
             raise ValueError(f"mode={self.mode} quantizes to 8 bits, got bits={self.bits} (4 bits: mode=weight_only)")
         if self.mode == "weight_only" and self.bits not in (4, 8):
             raise ValueError(f"weight_only supports bits 4 or 8 (MatMulNBits), got bits={self.bits}")
+        if self.gptq and self.mode != "weight_only":
+            raise ValueError(f"gptq applies to mode=weight_only, not mode={self.mode}")
         if not 16 <= self.group_size <= 256 or self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two from 16 to 256, got {self.group_size}")
         return self
@@ -105,9 +108,10 @@ class Quantize(Pass):
 
         support = cpu_int8_support()
         scheme = self._scheme(cfg.mode, cfg.bits, support)
-        needs_data = cfg.mode == "static" or cfg.sensitivity or cfg.target_cosine is not None or cfg.keep > 0
+        needs_data = cfg.mode == "static" or cfg.sensitivity or cfg.target_cosine is not None or cfg.keep > 0 or cfg.gptq
         data = (self.calibration or CalibrationSet.from_program(program)) if needs_data and chosen else None
         ranges = observe_activation_ranges(gm, chosen, data) if cfg.mode == "static" and chosen else {}
+        self._hessians = observe_hessians(gm, chosen, data) if cfg.gptq and chosen else {}
         cache: dict[tuple, QuantizedLinear] = {}
         layers = {site.node: self._quantize(gm, site, scheme, ranges.get(site.node), cache) for site in chosen}
 
@@ -182,9 +186,10 @@ class Quantize(Pass):
 
     def _quantize(self, gm, site: LinearSite, scheme: Scheme, act_range, cache) -> QuantizedLinear:
         act = (act_range.low, act_range.high) if act_range is not None and scheme.kind == "int8_static" else None
-        key = (site.weight_name, site.transposed, site.bias_name, scheme, act)
+        hessian = self._hessians.get(site.node) if scheme.kind == "nbits" else None
+        key = (site.weight_name, site.transposed, site.bias_name, scheme, act, site.node if hessian is not None else None)
         if key not in cache:
-            cache[key] = quantize_linear(site.weight(gm), site.bias(gm), scheme, act)
+            cache[key] = quantize_linear(site.weight(gm), site.bias(gm), scheme, act, hessian)
         return cache[key]
 
     def _mixed_precision(self, gm, chosen, layers, data, scheme, support, ranges, cache):
@@ -224,6 +229,14 @@ def module_path_of(gm: fx.GraphModule, node_name: str) -> str:
         if node.name == node_name:
             return module_path(node)
     return ""
+
+
+def observe_hessians(gm: fx.GraphModule, sites: list[LinearSite], data: CalibrationSet) -> dict[str, torch.Tensor]:
+    from graphopt.quant.gptq import HessianObserver
+
+    observers = {site.node: HessianObserver() for site in sites}
+    run_calibration(gm, data, observe={name: o.update for name, o in observers.items()})
+    return {name: o.hessian for name, o in observers.items() if o.hessian is not None}
 
 
 def observe_activation_ranges(gm: fx.GraphModule, sites: list[LinearSite], data: CalibrationSet) -> dict[str, ActivationRange]:

@@ -301,14 +301,15 @@ def test_target_cosine_plan_meets_its_target_on_calibration_data():
 
 
 # ---- embeddings ----------------------------------------------------------------------------
-def test_int8_embeddings_and_parity(tmp_path):
+def test_int8_embeddings():
+    # (through ORT: tests/test_quantize_minilm.py exports MiniLM with int8 embeddings)
     program = _capture("bert")
     before = program.parameter_stats()["parameter_bytes"]
     result = Quantize(embeddings=True, include=("nothing",))(program)
     assert result.modified and result.info["replaced"] == 0 and result.info["embeddings_replaced"] == 3
     assert program.parameter_stats()["parameter_bytes"] < before
-    session, _, _ = _ort_graph(program, tmp_path)
-    assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=3)) < 2e-5
+    drift = (program.run()[0] - program.reference_outputs[0]).norm() / program.reference_outputs[0].norm()
+    assert 0 < drift < 0.01
 
 
 def test_int4_embeddings_use_gather_block_quantized(tmp_path):
@@ -353,3 +354,28 @@ def test_attention_fusion_explains_what_it_leaves_alone():
     AttentionToSDPA()(bert)
     info = Quantize(exclude=("*.self.key",))(bert).info
     assert info["attention_fused"] == 0 and info["attention_near_misses"][0]["check"] == "projection"
+
+
+def test_gptq_lowers_the_layer_output_error_on_calibration_inputs():
+    class Correlated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.mix = nn.Linear(64, 64)  # correlated inputs for the layer under test
+            self.fc = nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc(self.mix(x))
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 64, generator=gen),) for _ in range(4)]
+    program = graphopt.capture(Correlated(), batches[0], dynamic_shapes=None)
+    calibration = CalibrationSet.from_tensors(batches)
+    errors = {}
+    for gptq in (False, True):
+        copy = program.clone()
+        Quantize(mode="weight_only", bits=4, group_size=16, gptq=gptq, include=("fc",), calibration=calibration)(copy)
+        errors[gptq] = sum(((copy.run(args, {})[0] - program.run(args, {})[0]).pow(2).mean()).item() for args in batches)
+    assert errors[True] < 0.8 * errors[False], errors
+    with pytest.raises(ConfigError, match="gptq applies to mode=weight_only"):
+        Quantize(gptq=True)

@@ -50,6 +50,7 @@ def quantize_nbits(weight: torch.Tensor, bits: int, block_size: int, symmetric: 
 
     Asymmetric (default): each block's range, widened to include 0, maps onto 0..2^bits-1
     with a zero point. Symmetric: zero point fixed at 2^(bits-1), scale = amax / (2^(bits-1)-1).
+    Either range is shrunk per block where that lowers the block's squared error.
     A K that ``block_size`` does not divide is padded with zero weights (reported as ``padded``).
     """
     if bits not in (4, 8):
@@ -62,19 +63,46 @@ def quantize_nbits(weight: torch.Tensor, bits: int, block_size: int, symmetric: 
     padded = blocks * block_size - K
     w = torch.nn.functional.pad(w, (0, padded)).reshape(N, blocks, block_size)
     levels = 2**bits - 1
-    if symmetric:
-        mid = 2 ** (bits - 1)
-        amax = w.abs().amax(dim=-1)
-        scales = torch.where(amax > 0, amax / (mid - 1), torch.ones_like(amax))
-        zero = torch.full_like(scales, float(mid))
-    else:
-        lo = torch.clamp(w.amin(dim=-1), max=0.0)
-        hi = torch.clamp(w.amax(dim=-1), min=0.0)
-        scales = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
-        zero = torch.clamp(torch.round(-lo / scales), 0, levels)
+    scales, zero = _search_block_params(w, bits, symmetric)
     codes = torch.clamp(torch.round(w / scales[..., None]) + zero[..., None], 0, levels).to(torch.uint8)
     packed = pack_codes(codes.reshape(N, blocks * block_size), bits).reshape(N, blocks, block_size * bits // 8)
     return NBitsWeight(packed, scales.contiguous(), pack_zero_points(zero.to(torch.uint8), bits), K, N, bits, block_size, padded)
+
+
+# Shrinking a block's range clips its few largest weights but refines every other one; the
+# shrink with the least squared error per block is kept (1.0 = plain min/max).
+SHRINK_STEPS = tuple(1.0 - 0.025 * i for i in range(13))
+
+
+def _block_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = 2**bits - 1
+    if symmetric:
+        mid = 2 ** (bits - 1)
+        amax = w.abs().amax(dim=-1) * shrink
+        scales = torch.where(amax > 0, amax / (mid - 1), torch.ones_like(amax))
+        return scales, torch.full_like(scales, float(mid))
+    lo = torch.clamp(w.amin(dim=-1), max=0.0) * shrink
+    hi = torch.clamp(w.amax(dim=-1), min=0.0) * shrink
+    scales = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(hi))
+    return scales, torch.clamp(torch.round(-lo / scales), 0, levels)
+
+
+def _search_block_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``w [N, blocks, size]``: (scale, zero point) minimising the squared error."""
+    levels = 2**bits - 1
+    best_scales = best_zero = best_error = None
+    for shrink in SHRINK_STEPS:
+        scales, zero = _block_params(w, bits, symmetric, shrink)
+        codes = torch.clamp(torch.round(w / scales[..., None]) + zero[..., None], 0, levels)
+        error = ((codes - zero[..., None]) * scales[..., None] - w).pow(2).sum(dim=-1)
+        if best_error is None:
+            best_scales, best_zero, best_error = scales, zero, error
+            continue
+        better = error < best_error
+        best_scales = torch.where(better, scales, best_scales)
+        best_zero = torch.where(better, zero, best_zero)
+        best_error = torch.where(better, error, best_error)
+    return best_scales, best_zero
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

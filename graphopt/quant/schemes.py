@@ -53,9 +53,15 @@ class QuantizedLinear:
 
 
 def quantize_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme, activation_range: tuple[float, float] | None = None
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scheme: Scheme,
+    activation_range: tuple[float, float] | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedLinear:
-    """``weight [N, K]``, ``bias [N]`` or None -> the quantized op and its tensors."""
+    """``weight [N, K]``, ``bias [N]`` or None -> the quantized op and its tensors.
+
+    ``hessian`` (``X^T X`` of the layer's calibration inputs) makes n-bit rounding GPTQ's."""
     N, K = weight.shape
     bias = torch.zeros(N) if bias is None else bias.detach().float().clone()
     graphopt = torch.ops.graphopt
@@ -71,7 +77,12 @@ def quantize_linear(
         tensors = {"x_scale": x_scale, "x_zero_point": x_zero_point, "w_q": w_q, "w_scale": w_scale, "w_zero_point": w_zero_point, "bias": bias}
         return QuantizedLinear(graphopt.linear_static_int8.default, tensors)
     if scheme.kind == "nbits":
-        q = quantize_nbits(weight, scheme.bits, scheme.block_size, scheme.symmetric)
+        if hessian is not None and K % scheme.block_size == 0:
+            from graphopt.quant.gptq import gptq_nbits
+
+            q = gptq_nbits(weight, hessian, scheme.bits, scheme.block_size, scheme.symmetric)
+        else:
+            q = quantize_nbits(weight, scheme.bits, scheme.block_size, scheme.symmetric)
         tensors = {"w_packed": q.packed, "scales": q.scales, "zero_points": q.zero_points, "bias": bias}
         attributes = (K, N, scheme.bits, scheme.block_size, scheme.accuracy_level)
         return QuantizedLinear(graphopt.linear_nbits.default, tensors, attributes, q.padded)
