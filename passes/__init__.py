@@ -8,5 +8,7 @@ from graphopt.passes.fused_attention import FusedAttention
 from graphopt.passes.approx_attention import ApproxAttention
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
+from graphopt.passes.cluster import Cluster
+from graphopt.passes.share_layers import ShareLayers
 
-__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "ApproxAttention", "Prune", "Quantize"]
+__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "ApproxAttention", "Prune", "Quantize", "Cluster", "ShareLayers"]

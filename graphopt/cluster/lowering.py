@@ -45,8 +45,10 @@ def clustered_weight(codes, codebook, shape, bits):
         index = op.Slice(index, _const([0], np.int64), _const([n], np.int64))
     rows = op.Shape(codebook, start=0, end=1)
     index = op.Reshape(index, op.Concat(rows, _const([-1], np.int64), axis=0))
-    dense = op.GatherElements(codebook, index, axis=1)
-    return op.Reshape(dense, _const(list(shape), np.int64))
+    dense = op.Reshape(op.GatherElements(codebook, index, axis=1), _const(list(shape), np.int64))
+    if codebook.dtype == ir.DataType.FLOAT16:
+        dense = op.Cast(dense, to=ir.DataType.FLOAT)
+    return dense
 
 
 register_lowering(__import__("torch").ops.graphopt.clustered_weight.default, clustered_weight)
