@@ -90,6 +90,10 @@ def optimize(
     runs on a copy.
     """
     recipe = _as_recipe(pipeline)
+    if isinstance(budget, dict):
+        from graphopt.verify import Budget
+
+        budget = Budget(**budget)
     program = model if isinstance(model, Program) else capture(model, args, kwargs, dynamic_shapes)
     if isinstance(pipeline, (PassManager, list, tuple)) and not isinstance(pipeline, Recipe):
         manager = as_manager(pipeline)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
+import pydantic
 import pytest
 import torch
 
@@ -135,6 +136,13 @@ def test_lossy_pass_within_budget_is_kept(program):
     assert record.status == "applied"
     assert 0.99 < record.drift_total["cosine"] < 1.0
     assert not outputs_equal(result.program, program)
+
+
+def test_budget_may_be_a_dict(program):
+    result = graphopt.optimize(program, "test-scale{factor=-1.0}", budget={"min_cosine": 0.99})
+    assert result.report.passes[0].status == "rolled-back"
+    with pytest.raises(pydantic.ValidationError, match="min_cosin"):
+        graphopt.optimize(program, "dce", budget={"min_cosin": 0.99})
 
 
 def test_lossy_pass_over_budget_is_rolled_back(program):
