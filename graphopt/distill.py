@@ -90,23 +90,35 @@ def _text_batches(tokenizer, config: DistillConfig, input_names: Sequence[str]) 
     if not train:
         raise DistillError("no training sentences: the data source is empty")
 
-    def stream():
-        order = list(train)
-        epoch = 0
-        while True:
-            random.Random(config.seed + epoch).shuffle(order)
-            for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
-                yield order[start : start + config.batch_size]
-            epoch += 1
-
     def batches():
         rank, world = _rank_world()
-        for chunk in stream():
+        for chunk in _length_bucketed(train, config, tokenizer):
             mine = chunk[rank::world]
             inputs = tokenize(tokenizer, mine, max_length=config.max_length)
             yield {k: v for k, v in inputs.items() if k in input_names}
 
     return batches(), validation
+
+
+def _length_bucketed(sentences: list[str], config: DistillConfig, tokenizer, pool_batches: int = 16) -> Iterable[list[str]]:
+    """Global batches forever: each epoch shuffled (seeded), then within pools of
+    ``pool_batches`` batches sorted by length, so a batch pads little (padding is most of
+    the compute on short sentences); batch order shuffled again."""
+    encoded = tokenizer(list(sentences), truncation=True, max_length=config.max_length)["input_ids"]
+    lengths = {s: len(ids) for s, ids in zip(sentences, encoded)}
+    epoch = 0
+    while True:
+        rng = random.Random(config.seed + epoch)
+        order = list(sentences)
+        rng.shuffle(order)
+        size = config.batch_size
+        pool = size * pool_batches
+        for start in range(0, len(order) - size + 1, pool):
+            chunk = sorted(order[start : start + pool], key=lambda s: lengths[s])
+            group = [chunk[i : i + size] for i in range(0, len(chunk) - size + 1, size)]
+            rng.shuffle(group)
+            yield from group
+        epoch += 1
 
 
 def _tensor_batches(data: Sequence[dict]) -> Iterable[dict]:
