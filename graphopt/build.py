@@ -18,7 +18,7 @@ import torch
 from graphopt.api import OptimizeResult, optimize
 from graphopt.bundle import write_manifest
 from graphopt.capture import capture
-from graphopt.errors import GraphoptError, ParityError
+from graphopt.errors import ParityError
 from graphopt.recipe import Recipe
 
 
@@ -224,4 +224,4 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BuildOptions", "BuildResult", "build", "measure", "evaluate_gates", "format_table", "GraphoptError"]
+__all__ = ["BuildOptions", "BuildResult", "build", "measure", "evaluate_gates", "format_table"]

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from graphopt.errors import ConfigError, GraphoptError
+from graphopt.errors import GraphoptError
 from graphopt.passbase import PassConfig
 from graphopt.program import Program
-from graphopt.taps import BlockOutput, TappedModule, block_outputs, layer_map
+from graphopt.taps import TappedModule, block_outputs, layer_map
 
 
 class DistillError(GraphoptError):
@@ -442,4 +442,4 @@ def save_curve(history: list[dict], path: Path) -> str | None:
     return str(path)
 
 
-__all__ = ["DistillConfig", "DistillResult", "DistillError", "distill", "hidden_loss", "logits_loss", "ConfigError", "BlockOutput"]
+__all__ = ["DistillConfig", "DistillResult", "DistillError", "distill", "hidden_loss", "logits_loss"]

@@ -26,7 +26,7 @@ from graphopt.errors import PassContractError, PassFailedError
 from graphopt.passbase import Pass, PassConfig, PassResult
 from graphopt.program import Program
 from graphopt.report import PassRecord, ProgramStats, Report, environment
-from graphopt.verify import Budget, Drift, drift
+from graphopt.verify import Budget, drift
 
 OnFailure = Literal["continue", "stop", "raise"]
 

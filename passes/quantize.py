@@ -24,7 +24,6 @@ without it the program's example inputs are used, and ``info['calibration']`` sa
 from __future__ import annotations
 
 import fnmatch
-import re
 from typing import Any, ClassVar, Literal
 
 import torch

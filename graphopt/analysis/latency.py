@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from graphopt.analysis.groups import Group

@@ -10,7 +10,7 @@ an ``If`` on the runtime sequence length, so one exported graph serves every len
 from __future__ import annotations
 
 import torch
-from onnxscript import FLOAT, INT64, script
+from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 
 from graphopt.attention import reference
