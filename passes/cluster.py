@@ -28,6 +28,7 @@ from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
 from graphopt.passes.dce import remove_unused_tensors
 from graphopt.program import Program
 from graphopt.quant.calibration import CalibrationSet, run_calibration
+from graphopt.quant.constants import free_attr_name
 
 aten = torch.ops.aten
 Granularity = Literal["row", "tensor"]
@@ -234,7 +235,7 @@ def _cluster_attr(
 
 def _cluster_names(gm: torch.nn.Module, name: str) -> tuple[str, str]:
     base = "cluster_" + re.sub(r"[^0-9A-Za-z_]", "_", name)
-    return _free_name(gm, f"{base}_codes"), _free_name(gm, f"{base}_codebook")
+    return free_attr_name(gm, f"{base}_codes"), free_attr_name(gm, f"{base}_codebook")
 
 
 def _read_clustered(gm: fx.GraphModule, nodes: list[fx.Node], codes_name: str, book_name: str, shape: list[int], bits: int) -> None:
@@ -254,10 +255,3 @@ def _get(gm: torch.nn.Module, name: str) -> Any:
     for part in name.split("."):
         value = getattr(value, part, None)
     return value
-
-
-def _free_name(gm: torch.nn.Module, base: str) -> str:
-    name, suffix = base, 1
-    while hasattr(gm, name):
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    return name

@@ -11,7 +11,7 @@ import torch.fx as fx
 def constant_node(graph: fx.Graph, gm: fx.GraphModule, owner: str, key: str, tensor: torch.Tensor, registered: dict[int, str]) -> fx.Node:
     name = registered.get(id(tensor))
     if name is None:
-        name = _free_name(gm, f"quant_{re.sub(r'[^0-9A-Za-z_]', '_', owner)}_{key}")
+        name = free_attr_name(gm, f"quant_{re.sub(r'[^0-9A-Za-z_]', '_', owner)}_{key}")
         gm.register_buffer(name, tensor)
         registered[id(tensor)] = name
     node = graph.get_attr(name)
@@ -21,7 +21,8 @@ def constant_node(graph: fx.Graph, gm: fx.GraphModule, owner: str, key: str, ten
     return node
 
 
-def _free_name(gm: torch.nn.Module, base: str) -> str:
+def free_attr_name(gm: torch.nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first name not yet an attribute of ``gm``."""
     name, suffix = base, 1
     while hasattr(gm, name):
         name, suffix = f"{base}_{suffix}", suffix + 1
