@@ -33,13 +33,12 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import graphopt
 from graphopt.build import benchmark_inputs
 from graphopt.data import heldout_sentences, train_sentences
-from graphopt.export import make_session, run as ort_run, to_onnx
+from graphopt.export import interleaved_latency, make_session, run as ort_run, to_onnx
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
 from graphopt.passes.quantize import Quantize
@@ -230,20 +229,6 @@ def _state_dict_bytes(model: torch.nn.Module) -> int:
 
 
 # ---- timing and output -----------------------------------------------------------------------
-def interleaved_latency(fns: dict, rounds: int, runs_per_round: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(runs_per_round):
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))} for name, t in samples.items()}
-
-
 def format_table(rows: dict[str, dict], batches: list[int]) -> str:
     headers = ["variant"]
     for b in batches:

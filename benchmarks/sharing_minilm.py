@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -48,7 +47,7 @@ def main() -> None:
     import graphopt
     from graphopt.build import benchmark_inputs
     from graphopt.data import heldout_sentences
-    from graphopt.export import check_parity, make_session, run as ort_run, to_onnx
+    from graphopt.export import check_parity, interleaved_latency, make_session, run as ort_run, to_onnx
     from graphopt.fidelity import compare_encoders
     from graphopt.models import load_model
 
@@ -133,20 +132,6 @@ def main() -> None:
 def _pass_info(result) -> list[dict]:
     keep = ("groups", "unique_layers", "bytes_saved", "clustered", "bytes_before", "bytes_after", "stack")
     return [{"pass": r.name, **{k: v for k, v in r.info.items() if k in keep}} for r in result.report.passes]
-
-
-def interleaved_latency(fns: dict, rounds: int, runs_per_round: int, warmup: int = 2) -> dict[str, dict[str, float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(runs_per_round):
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))} for name, t in samples.items()}
 
 
 def _fmt(f: dict) -> str:

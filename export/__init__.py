@@ -10,7 +10,7 @@ from .onnx_export import (
 )
 from .lowerings import lowering_table, register_lowering
 from .parity import OutputParity, ParityReport, check_parity, random_inputs
-from .session import ProviderError, available_providers, make_session, measure_latency, run
+from .session import ProviderError, available_providers, interleaved_latency, make_session, measure_latency, run
 
 __all__ = [
     "to_onnx",
@@ -25,6 +25,7 @@ __all__ = [
     "available_providers",
     "run",
     "measure_latency",
+    "interleaved_latency",
     "ProviderError",
     "check_parity",
     "random_inputs",

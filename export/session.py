@@ -192,3 +192,19 @@ def measure_latency(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 20)
         "mean_ms": statistics.fmean(times),
         "runs": repeat,
     }
+
+
+def interleaved_latency(fns: dict[str, Callable[[], Any]], rounds: int, runs_per_round: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """p50/p90 of several variants timed in interleaved rounds (each variant a few runs
+    per round), so load from other processes falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))} for name, t in samples.items()}
