@@ -10,9 +10,20 @@ from .onnx_export import (
 )
 from .lowerings import lowering_table, register_lowering
 from .parity import OutputParity, ParityReport, check_parity, random_inputs
-from .session import ProviderError, available_providers, interleaved_latency, make_session, measure_latency, run
+from .session import (
+    KNOWN_SLOW_FUSIONS,
+    ProviderError,
+    available_providers,
+    interleaved_latency,
+    make_session,
+    measure_latency,
+    run,
+    tune_disabled_optimizers,
+)
 
 __all__ = [
+    "KNOWN_SLOW_FUSIONS",
+    "tune_disabled_optimizers",
     "to_onnx",
     "register_lowering",
     "lowering_table",

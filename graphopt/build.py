@@ -87,7 +87,9 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out / "tokenizer")
     report.write(out)
-    write_manifest(out, recipe=recipe, figures=build_result.rows, provider=recipe.runtime.provider, threads=threads, model=loaded.name)
+    session = report.sections.get("session", {})
+    write_manifest(out, recipe=recipe, figures=build_result.rows, provider=recipe.runtime.provider, threads=threads, model=loaded.name,
+                   disabled_optimizers=session.get("disabled_optimizers"))
     return build_result
 
 
@@ -137,8 +139,9 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
         baseline_program = capture(model, kwargs=loaded.example_kwargs or {})
         baseline = to_onnx(baseline_program, Path(options.out_dir) / "baseline" / "model.onnx")
         sessions["ORT fp32 (plain export)"] = (make_session(baseline.path, provider=runtime.provider, threads=threads), baseline.bytes)
+    disabled = session_tuning(result, inputs, threads)
     sessions["graphopt → ORT"] = (
-        make_session(result.exported.path, provider=runtime.provider, threads=threads, graph_optimization=runtime.graph_optimization),
+        make_session(result.exported.path, provider=runtime.provider, threads=threads, graph_optimization=runtime.graph_optimization, disabled_optimizers=disabled),
         result.exported.bytes,
     )
 
@@ -159,6 +162,28 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
             rows[name].update({"heldout_mean_cos": fidelity["mean_cosine"], "heldout_min_cos": fidelity["min_cosine"], "spearman": fidelity["spearman"]})
         rows["PyTorch eager fp32"].update({"heldout_mean_cos": 1.0, "heldout_min_cos": 1.0, "spearman": 1.0})
     return rows
+
+
+def session_tuning(result: OptimizeResult, inputs: dict, threads: int) -> list[str]:
+    """The ORT transformers the deployed session leaves out: measured on the built model
+    when the recipe says ``"auto"``, else as the recipe names them. Recorded in the report's
+    ``session`` section and in the manifest."""
+    import onnx
+
+    from graphopt.export import tune_disabled_optimizers
+    from graphopt.export.session import resolve_disabled_optimizers
+
+    runtime = result.recipe.runtime
+    section: dict[str, Any] = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization}
+    if runtime.disabled_optimizers == "auto":
+        declared = {i.name for i in onnx.load(result.exported.path, load_external_data=False).graph.input}
+        feed = {k: v for k, v in inputs.items() if k in declared}
+        tuned = tune_disabled_optimizers(result.exported.path, feed, provider=runtime.provider, threads=threads)
+        section.update(disabled_optimizers=tuned["disabled_optimizers"], tuning=tuned["trials"])
+    else:
+        section["disabled_optimizers"] = resolve_disabled_optimizers(runtime.disabled_optimizers, runtime.provider)
+    result.report.sections["session"] = section
+    return section["disabled_optimizers"]
 
 
 def _session_encoder(session):

@@ -41,7 +41,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(out_dir: str | os.PathLike, *, recipe: Any, figures: dict, provider: str, threads: int, model: str) -> Path:
+def write_manifest(
+    out_dir: str | os.PathLike, *, recipe: Any, figures: dict, provider: str, threads: int, model: str, disabled_optimizers: list[str] | None = None
+) -> Path:
     """Hash every file of the bundle (all files under ``out_dir`` except the manifest and
     scratch folders) and write ``manifest.json`` atomically."""
     import torch
@@ -60,6 +62,7 @@ def write_manifest(out_dir: str | os.PathLike, *, recipe: Any, figures: dict, pr
         "versions": versions(),
         "recipe": recipe.model_dump(mode="json") if hasattr(recipe, "model_dump") else recipe,
         "tuned_for": {"provider": provider, "threads": threads, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()},
+        "session": {"provider": provider, "threads": threads, "disabled_optimizers": list(disabled_optimizers or [])},
         "figures": figures,
     }
     path = out / MANIFEST
@@ -79,3 +82,24 @@ def verify_manifest(out_dir: str | os.PathLike) -> list[str]:
         elif path.stat().st_size != expected["bytes"] or file_digest(path) != expected["sha256"]:
             problems.append(f"{relative}: changed")
     return problems
+
+
+def open_session(out_dir: str | os.PathLike, *, threads: int | None = None, verify: bool = True):
+    """An ORT session on a bundle's ``model.onnx`` with the settings it was tuned with (provider,
+    threads, ORT transformers left out), after checking the files against the manifest."""
+    from graphopt.errors import ExportError
+    from graphopt.export import make_session
+
+    out = Path(out_dir)
+    if verify:
+        problems = verify_manifest(out)
+        if problems:
+            raise ExportError(f"bundle {out} does not match its manifest: {problems}")
+    manifest = json.loads((out / MANIFEST).read_text())
+    session = manifest.get("session", {})
+    return make_session(
+        out / "model.onnx",
+        provider=session.get("provider", "cpu"),
+        threads=threads if threads is not None else session.get("threads"),
+        disabled_optimizers=session.get("disabled_optimizers") or None,
+    )

@@ -14,6 +14,7 @@ opset = 18
 [runtime]
 provider = "cpu"
 threads = 2
+disabled_optimizers = "auto"         # or ["SkipLayerNormFusion"], or [] for ORT's defaults
 
 [gates]                              # a build step fails (exit code 1) when one is missed
 min_heldout_cosine = 0.999
@@ -52,6 +53,12 @@ class RuntimeSettings(_Strict):
     threads: int | None = Field(None, ge=1)
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     save_optimized: bool = False
+    disabled_optimizers: Literal["auto"] | tuple[str, ...] | None = Field(
+        "auto",
+        description="ORT graph transformers to leave out of the deployed session: 'auto' measures, on the built "
+        "model, each fusion known to be slow on the provider and leaves out those that are; a list names them; "
+        "None keeps ORT's defaults",
+    )
 
 
 class Gates(_Strict):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import graphopt.errors
+
 from graphopt.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
 FAST = ["--bench-repeat", "3", "--heldout", "0", "--no-baseline", "--quiet"]
@@ -24,8 +26,18 @@ def test_optimize_tiny_model_writes_model_and_reports(tmp_path, capsys):
     assert manifest["versions"]["torch"].startswith("2.13") and manifest["tuned_for"]["provider"] == "cpu"
     assert manifest["recipe"]["pipeline"] == "dce,dedup,sdpa,dce"
     assert verify_manifest(tmp_path) == []
+    report = json.loads((tmp_path / "report.json").read_text())
+    tuning = report["sections"]["session"]  # recipe default "auto": measured on the built model
+    assert set(tuning["tuning"]) == {"SkipLayerNormFusion"}
+    assert manifest["session"]["disabled_optimizers"] == tuning["disabled_optimizers"]
+    from graphopt.bundle import open_session
+
+    session = open_session(tmp_path)
+    assert {i.name for i in session.get_inputs()} >= {"input_ids"}
     (tmp_path / "model.onnx").write_bytes(b"tampered")
     assert verify_manifest(tmp_path) == ["model.onnx: changed"]
+    with pytest.raises(graphopt.errors.ExportError, match="does not match its manifest"):
+        open_session(tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["dce", "dedup", "sdpa", "dce"]
     assert report["ok"] is True and report["sections"]["parity"]["passed"] is True

@@ -368,3 +368,40 @@ def test_session_from_bytes_and_latency_helper(bert_export):
     timing = measure_latency(lambda: run(session, feed), warmup=1, repeat=5)
     assert set(timing) == {"p50_ms", "p90_ms", "mean_ms", "runs"} and timing["runs"] == 5
     assert 0 < timing["p50_ms"] <= timing["p90_ms"]
+
+
+def _op_types(path) -> set[str]:
+    return {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
+
+
+def test_disabled_optimizers_keep_add_and_layernorm_unfused(bert_program, bert_export, tmp_path):
+    # ORT fuses the residual Add + LayerNormalization into SkipLayerNormalization by
+    # default; "auto" leaves that fusion out on CPU (measured slower, see KNOWN_SLOW_FUSIONS).
+    fused, plain = tmp_path / "fused.onnx", tmp_path / "plain.onnx"
+    make_session(bert_export.path, graph_optimization="extended", optimized_model_path=fused)
+    session = make_session(bert_export.path, graph_optimization="extended", optimized_model_path=plain, disabled_optimizers="auto")
+    assert "SkipLayerNormalization" in _op_types(fused)
+    assert "SkipLayerNormalization" not in _op_types(plain) and "LayerNormalization" in _op_types(plain)
+    outputs = run(session, bert_program.kwargs)
+    assert all(np.allclose(o, e.numpy(), atol=1e-4) for o, e in zip(outputs, bert_program.run()))
+
+
+def test_disabled_optimizer_names_are_checked():
+    from graphopt.export.session import resolve_disabled_optimizers
+
+    assert resolve_disabled_optimizers(None) == []
+    assert resolve_disabled_optimizers("auto", "cpu") == ["SkipLayerNormFusion"]
+    assert resolve_disabled_optimizers(["GeluFusion"]) == ["GeluFusion"]
+    with pytest.raises(ConfigError, match="not ORT graph transformer names"):
+        resolve_disabled_optimizers(["skip layer norm"])
+    with pytest.raises(ConfigError, match="'auto', None or a list"):
+        resolve_disabled_optimizers("fast")
+
+
+def test_tuning_measures_each_candidate_on_the_model(bert_program, bert_export):
+    from graphopt.export import tune_disabled_optimizers
+
+    tuned = tune_disabled_optimizers(bert_export.path, bert_program.kwargs, threads=1, rounds=2, runs_per_round=2)
+    trial = tuned["trials"]["SkipLayerNormFusion"]
+    assert trial["with_ms"] > 0 and trial["without_ms"] > 0
+    assert tuned["disabled_optimizers"] == (["SkipLayerNormFusion"] if trial["gain"] >= 0.02 else [])
