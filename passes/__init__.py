@@ -5,10 +5,11 @@ from graphopt.passes.dedup import Deduplicate
 from graphopt.passes.distill import Distill
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.fused_attention import FusedAttention
+from graphopt.passes.bias_gelu import BiasGelu
 from graphopt.passes.approx_attention import ApproxAttention
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
 from graphopt.passes.cluster import Cluster
 from graphopt.passes.share_layers import ShareLayers
 
-__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "ApproxAttention", "Prune", "Quantize", "Cluster", "ShareLayers"]
+__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "BiasGelu", "ApproxAttention", "Prune", "Quantize", "Cluster", "ShareLayers"]

@@ -25,12 +25,15 @@ from typing import ClassVar
 
 import torch
 import torch.fx as fx
+from pydantic import Field
 
 import graphopt.attention  # noqa: F401  (registers the custom ops and their lowerings)
 from graphopt.attention.analysis import SDPASite, sdpa_nodes
+from graphopt.attention.packed import packed_attention_rule
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
+from graphopt.passes.dce import remove_unused_tensors
 from graphopt.program import Program
-from graphopt.rewrite import emit, fake
+from graphopt.rewrite import apply_rules, emit, fake
 
 # provider -> lowering, from the table above; "exporter" keeps torch.onnx's own form.
 LOWERING_BY_PROVIDER: dict[str, str] = {"cpu": "multi_head_attention"}
@@ -38,6 +41,7 @@ LOWERING_BY_PROVIDER: dict[str, str] = {"cpu": "multi_head_attention"}
 
 class FusedAttentionConfig(PassConfig):
     provider: str = "cpu"
+    pack_qkv: bool = Field(True, description="self-attention whose Q, K, V are fp32 linears of one tensor: one packed matmul")
 
 
 @register_pass
@@ -52,7 +56,11 @@ class FusedAttention(Pass):
         sites = sdpa_nodes(program)
         if lowering == "exporter":
             return PassResult(program, False, {"replaced": 0, "lowering": lowering, "skipped_nodes": [], "reason": f"no measured fused lowering for provider '{self.config.provider}'"})
-        replaced, skipped = 0, []
+        packed = 0
+        if self.config.pack_qkv and sites:
+            packed = apply_rules(program.module, [packed_attention_rule(program.module)], provenance=self.name).total
+            sites = sdpa_nodes(program) if packed else sites
+        replaced, skipped = packed, []
         for site in sites:
             why = unfusable(site)
             if why:
@@ -62,9 +70,10 @@ class FusedAttention(Pass):
             replaced += 1
         if replaced:
             program.graph.eliminate_dead_code()
+            remove_unused_tensors(program.module)  # the separate Q/K/V weights, now packed
             program.graph.lint()
             program.module.recompile()
-        return PassResult(program, replaced > 0, {"replaced": replaced, "lowering": lowering, "skipped_nodes": skipped})
+        return PassResult(program, replaced > 0, {"replaced": replaced, "packed_qkv": packed, "lowering": lowering, "skipped_nodes": skipped})
 
 
 def unfusable(site: SDPASite) -> str:

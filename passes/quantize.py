@@ -38,10 +38,11 @@ from graphopt.quant.cpu import cpu_int8_support, weight_qmax
 from graphopt.quant.packing import quantize_nbits
 from graphopt.quant.schemes import QuantizedLinear, Scheme, quantize_embedding, quantize_linear
 from graphopt.quant.sensitivity import Simulator, layer_sensitivity, plan_mixed_precision
+from graphopt.passes.bias_gelu import bias_gelu_rule
 from graphopt.quant.attention import fused_attention_rule
 from graphopt.quant.constants import constant_node as _constant_node
 from graphopt.quant.sites import LINEAR_ANCHORS, LinearSite, find_linear_sites, get_tensor
-from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, only_user
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit
 
 aten = torch.ops.aten
 _KIND_OF_MODE = {"dynamic": "int8_dynamic", "static": "int8_static", "weight_only": "nbits"}
@@ -266,37 +267,6 @@ def quantized_linear_rule(plan: dict[str, tuple[LinearSite, QuantizedLinear]], g
         return out
 
     return RewriteRule("quantized_linear", LINEAR_ANCHORS, match, replace)
-
-
-def bias_gelu_rule(gm: fx.GraphModule) -> RewriteRule:
-    """gelu(qlinear(x, bias)) -> bias_gelu(qlinear(x, 0), bias): ORT's BiasGelu kernel does the
-    add and the GELU in one pass; the exporter would spell GELU as Div, Erf, Add, Mul, Mul."""
-    graphopt = torch.ops.graphopt
-    producers = frozenset({graphopt.linear_dynamic_int8.default, graphopt.linear_static_int8.default, graphopt.linear_nbits.default})
-    registered: dict[int, str] = {}
-
-    def match(node: fx.Node) -> Match | NoMatch:
-        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        if approximate != "none":
-            return NoMatch("approximate", f"'{node.name}' is the {approximate} GELU; BiasGelu computes the erf form")
-        source = node.args[0]
-        if not isinstance(source, fx.Node) or source.target not in producers:
-            return NoMatch("producer", f"'{node.name}' does not follow a quantized linear op")
-        user = only_user(source)
-        if isinstance(user, NoMatch):
-            return user
-        index = [a.name for a in source.target._schema.arguments].index("bias")
-        return Match(root=node, nodes=(node,), bindings={"linear": source, "index": index})
-
-    def replace(graph: fx.Graph, m: Match) -> fx.Node:
-        linear, index = m.bindings["linear"], m.bindings["index"]
-        bias = linear.args[index]
-        with graph.inserting_before(linear):
-            zeros = _constant_node(graph, gm, linear.name, "zero_bias", torch.zeros_like(get_tensor(gm, bias.target)), registered)
-        linear.update_arg(index, zeros)
-        return emit(graph, graphopt.bias_gelu.default, (linear, bias))
-
-    return RewriteRule("bias_gelu", frozenset({aten.gelu.default}), match, replace)
 
 
 # ---- embeddings ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from graphopt import zoo
 from graphopt.export import check_parity, to_onnx
 from graphopt.manager import PassManager
 from graphopt.passes.approx_attention import ApproxAttention
+from graphopt.passes.dce import DeadCodeElimination
 from graphopt.passes.fused_attention import FusedAttention
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.pipeline import parse_pipeline
@@ -46,12 +47,55 @@ def test_fused_attention_is_exact_and_lowers_to_multi_head_attention(arch, tmp_p
     result = FusedAttention()(program)
     assert result.modified and result.info["replaced"] == 2 and result.info["skipped_nodes"] == []
     ops = _ops(program)
-    assert SDPA not in ops and sum(v for k, v in ops.items() if k.startswith("graphopt::fused_attention")) == 2
+    assert SDPA not in ops and sum(v for k, v in ops.items() if k.startswith(("graphopt::fused_attention", "graphopt::attention_qkv"))) == 2
     assert _rel(program) < 1e-5
     exported = to_onnx(program, tmp_path / "model.onnx")
     assert "MultiHeadAttention" in _onnx_ops(exported.path) and "Softmax" not in _onnx_ops(exported.path)
     report = check_parity(program, exported.path)
     assert all(r.passed for r in report.results), report
+
+
+@pytest.mark.parametrize("arch,packed", [("bert", 2), ("roberta", 2), ("distilbert", 2), ("vit", 2), ("gpt2", 0), ("llama", 0)])
+def test_fused_attention_packs_qkv_projections_into_one_matmul(arch, packed, tmp_path):
+    # GPT-2 (Conv1D addmm) and Llama (RoPE between projection and attention) keep separate
+    # projections and get the per-site MultiHeadAttention lowering instead.
+    program = _sdpa_program(arch)
+    DeadCodeElimination()(program)  # unused buffers (RoBERTa's position_ids) out of the count
+    params = program.parameter_stats()["parameters"]
+    result = FusedAttention()(program)
+    assert result.info["replaced"] == 2 and result.info["packed_qkv"] == packed
+    ops = _ops(program)
+    assert sum(v for k, v in ops.items() if k.startswith("graphopt::attention_qkv")) == packed
+    assert program.parameter_stats()["parameters"] == params  # Q/K/V weights moved, not copied
+    assert _rel(program) < 1e-5
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    graph = onnx.load(str(exported.path)).graph
+    assert sum(n.op_type == "MultiHeadAttention" for n in graph.node) == 2
+    if packed:
+        split_inputs = {n.input[0] for n in graph.node if n.op_type == "Split"}
+        assert sum(n.op_type == "MatMul" and n.output[0] in split_inputs for n in graph.node) == 2
+    report = check_parity(program, exported.path)
+    assert all(r.passed for r in report.results), report
+
+
+def test_fused_attention_without_packing_keeps_projections():
+    program = _sdpa_program("bert", layers=1)
+    result = FusedAttention(pack_qkv=False)(program)
+    assert result.info["packed_qkv"] == 0 and _ops(program)["graphopt::fused_attention_biased"] == 1
+
+
+@pytest.mark.parametrize("arch,fused", [("bert", 2), ("vit", 2), ("gpt2", 0)])
+def test_bias_gelu_is_exact_and_lowers_to_one_kernel(arch, fused, tmp_path):
+    from graphopt.passes.bias_gelu import BiasGelu
+
+    program = graphopt.capture(zoo.tiny_model(arch, layers=2), kwargs=zoo.example_inputs(arch))
+    result = BiasGelu()(program)
+    assert result.info["fused"] == fused and result.modified == bool(fused)  # GPT-2's GELU is the tanh form
+    assert _rel(program) < 1e-6
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    ops = [n.op_type for n in onnx.load(str(exported.path)).graph.node]
+    assert ops.count("BiasGelu") == fused and ("Erf" not in ops if fused else True)
+    assert all(r.passed for r in check_parity(program, exported.path).results)
 
 
 def test_fused_attention_leaves_unmeasured_providers_and_plain_graphs_alone():
@@ -149,7 +193,7 @@ def test_minilm_pipeline_approximates_one_layer_and_fuses_the_rest(tmp_path):
     result = manager(program)
     assert [r.status for r in manager.report.passes] == ["applied"] * 3, manager.report.failures
     ops = _ops(result.program)
-    assert ops["graphopt::nystrom_attention"] == 1 and ops["graphopt::fused_attention_biased"] == 5 and SDPA not in ops
+    assert ops["graphopt::nystrom_attention"] == 1 and ops["graphopt::attention_qkv_biased"] == 5 and SDPA not in ops
     (layer,) = manager.report.passes[1].info["layers"]
     assert layer["module_path"] == "encoder.layer.5.attention.self" and 0 < layer["rel_error"] < 1
     session = make_session(to_onnx(result.program, tmp_path / "minilm.onnx").path)

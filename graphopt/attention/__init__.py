@@ -4,7 +4,7 @@ Importing the package registers the ``graphopt::`` ops with ``torch.library`` (e
 reference + fake) and their ONNX lowerings with :mod:`graphopt.export.lowerings`.
 """
 
-from graphopt.attention import fused, lsh, nystrom  # noqa: F401  (registers the ops)
+from graphopt.attention import fused, lsh, nystrom, packed  # noqa: F401  (registers the ops)
 from graphopt.attention.reference import (
     exact_attention,
     lsh_attention,

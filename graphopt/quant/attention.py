@@ -45,7 +45,7 @@ def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
         heads, head_dim = int(q_val.shape[1]), int(q_val.shape[3])
         chain, projections = [], []
         for operand in sdpa.args[:3]:
-            found = _projection_of(operand, projection)
+            found = projection_of(operand, projection)
             if isinstance(found, NoMatch):
                 return found
             chain += found[1]
@@ -56,7 +56,7 @@ def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
         widths = {get_tensor(gm, p.args[1].target).shape[1] for p in projections}
         if widths != {heads * head_dim}:
             return NoMatch("widths", f"projection widths {sorted(widths)} != heads * head_dim = {heads * head_dim}")
-        tail = _output_of(sdpa)
+        tail = heads_merged_output(sdpa)
         if isinstance(tail, NoMatch):
             return tail
         root, tail_nodes = tail
@@ -78,8 +78,9 @@ def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
     return RewriteRule("attention_int8", frozenset({aten.scaled_dot_product_attention.default}), match, replace)
 
 
-def _projection_of(operand, projection) -> tuple[fx.Node, list[fx.Node]] | NoMatch:
-    """transpose(view(p, [B, S, heads, d]), 1, 2) with p a dynamic-int8 projection, single users."""
+def projection_of(operand, projection, stored: tuple[int, ...] = (1, 2, 3), what: str = "a dynamic-int8 projection (fp32 layer, or another mode)") -> tuple[fx.Node, list[fx.Node]] | NoMatch:
+    """transpose(view(p, [B, S, heads, d]), 1, 2) with p a ``projection`` node whose arguments at
+    ``stored`` are stored tensors (get_attr; a missing optional one is fine), single users."""
     if not (isinstance(operand, fx.Node) and operand.target is aten.transpose.int and sorted(d % 4 for d in operand.args[1:3]) == [1, 2]):
         return NoMatch("head_split", f"{_name(operand)} is not transpose(·, 1, 2) of the heads view")
     view = operand.args[0]
@@ -87,12 +88,14 @@ def _projection_of(operand, projection) -> tuple[fx.Node, list[fx.Node]] | NoMat
         return NoMatch("head_split", f"{_name(view)} is not a view into heads")
     source = view.args[0]
     if not (isinstance(source, fx.Node) and source.target is projection):
-        return NoMatch("projection", f"{_name(source)} is not a dynamic-int8 projection (fp32 layer, or another mode)")
+        return NoMatch("projection", f"{_name(source)} is not {what}")
     for node, expected in ((source, view), (view, operand)):
         user = only_user(node)
         if isinstance(user, NoMatch):
             return user
-    for i in (1, 2, 3):
+    for i in stored:
+        if i >= len(source.args) or source.args[i] is None:
+            continue
         if not (isinstance(source.args[i], fx.Node) and source.args[i].op == "get_attr"):
             return NoMatch("projection", f"{_name(source)} reads a computed weight")
     if isinstance(only_user(operand), NoMatch):
@@ -100,7 +103,7 @@ def _projection_of(operand, projection) -> tuple[fx.Node, list[fx.Node]] | NoMat
     return source, [view, operand]
 
 
-def _output_of(sdpa: fx.Node) -> tuple[fx.Node, list[fx.Node]] | NoMatch:
+def heads_merged_output(sdpa: fx.Node) -> tuple[fx.Node, list[fx.Node]] | NoMatch:
     """reshape([contiguous](transpose(o, 1, 2)), [B, S, -1]) -> (the reshape, the chain)."""
     chain, node = [], sdpa
     user = only_user(node)

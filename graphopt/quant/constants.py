@@ -8,10 +8,12 @@ import torch
 import torch.fx as fx
 
 
-def constant_node(graph: fx.Graph, gm: fx.GraphModule, owner: str, key: str, tensor: torch.Tensor, registered: dict[int, str]) -> fx.Node:
+def constant_node(
+    graph: fx.Graph, gm: fx.GraphModule, owner: str, key: str, tensor: torch.Tensor, registered: dict[int, str], prefix: str = "quant"
+) -> fx.Node:
     name = registered.get(id(tensor))
     if name is None:
-        name = free_attr_name(gm, f"quant_{re.sub(r'[^0-9A-Za-z_]', '_', owner)}_{key}")
+        name = free_attr_name(gm, f"{prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', owner)}_{key}")
         gm.register_buffer(name, tensor)
         registered[id(tensor)] = name
     node = graph.get_attr(name)

@@ -1,0 +1,152 @@
+"""Self-attention with its Q, K, V projections packed into one matmul (fp32, exact).
+
+After the ``sdpa`` pass a BERT-style attention block reads
+
+    p = linear(x, W_p, b_p)                      for p in (q, k, v), the same x
+    t = transpose(view(p, [B, S, heads, d]), 1, 2)
+    o = scaled_dot_product_attention(tq, tk, tv, mask, scale=c)
+    y = reshape([contiguous](transpose(o, 1, 2)), [B, S, heads * d])
+
+:func:`packed_attention_rule` turns it into one ``graphopt::attention_qkv`` node::
+
+    graphopt::attention_qkv(x, w_qkv, bias, scale, causal, heads) -> y           (no mask)
+    graphopt::attention_qkv_biased(x, w_qkv, bias, mask, scale, causal, heads) -> y
+
+with ``w_qkv = [W_q; W_k; W_v]ᵀ`` (``[hidden, 3 · heads · d]``) and ``bias = [b_q, b_k, b_v]``.
+In ONNX that is one MatMul, a Split, and ``com.microsoft.MultiHeadAttention`` taking the
+packed bias, on ``[B, S, heads · d]`` tensors: no transposes, no per-projection bias Add,
+no reshapes, 4 nodes instead of about 16. ORT 1.32 CPU, MiniLM-shaped (6 layers, 128
+tokens, 384 wide) this measured against the three-MatMul form and against
+``com.microsoft.Attention`` (which holds the weights itself): see
+:data:`graphopt.passes.fused_attention.PACKED_LOWERING_BY_PROVIDER`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from onnxscript import FLOAT, script
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+from graphopt.attention.reference import exact_attention
+from graphopt.export.lowerings import register_lowering
+from graphopt.quant.attention import heads_merged_output, projection_of
+from graphopt.quant.constants import constant_node
+from graphopt.quant.sites import get_tensor
+from graphopt.rewrite import Match, NoMatch, RewriteRule, emit, fake
+
+aten = torch.ops.aten
+msft = Opset("com.microsoft", 1)
+
+
+def _reference(x, w_qkv, bias, mask, scale: float, causal: bool, heads: int) -> torch.Tensor:
+    qkv = torch.matmul(x, w_qkv) + bias
+    batch, seq, _ = qkv.shape
+    q, k, v = (t.reshape(batch, seq, heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    out = exact_attention(q, k, v, mask, scale, causal)
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+@torch.library.custom_op("graphopt::attention_qkv", mutates_args=())
+def attention_qkv(x: torch.Tensor, w_qkv: torch.Tensor, bias: torch.Tensor, scale: float, causal: bool, heads: int) -> torch.Tensor:
+    return _reference(x, w_qkv, bias, None, scale, causal, heads)
+
+
+@torch.library.custom_op("graphopt::attention_qkv_biased", mutates_args=())
+def attention_qkv_biased(
+    x: torch.Tensor, w_qkv: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, scale: float, causal: bool, heads: int
+) -> torch.Tensor:
+    return _reference(x, w_qkv, bias, mask, scale, causal, heads)
+
+
+@attention_qkv.register_fake
+def _(x, w_qkv, bias, scale, causal, heads):
+    return x.new_empty((*x.shape[:-1], w_qkv.shape[1] // 3))
+
+
+@attention_qkv_biased.register_fake
+def _(x, w_qkv, bias, mask, scale, causal, heads):
+    return x.new_empty((*x.shape[:-1], w_qkv.shape[1] // 3))
+
+
+# ---- ONNX ---------------------------------------------------------------------------------
+@script()
+def attention_qkv_onnx(x: FLOAT, w_qkv: FLOAT, bias: FLOAT, scale: float, causal: bool, heads: int) -> FLOAT:
+    q, k, v = op.Split(op.MatMul(x, w_qkv), axis=-1, num_outputs=3)
+    return msft.MultiHeadAttention(q, k, v, bias, num_heads=heads, scale=scale, unidirectional=causal)
+
+
+@script()
+def attention_qkv_biased_onnx(x: FLOAT, w_qkv: FLOAT, bias: FLOAT, mask: FLOAT, scale: float, causal: bool, heads: int) -> FLOAT:
+    # MultiHeadAttention's attention_bias is (batch or 1, heads or 1, q_seq, k_seq): broadcast
+    # the query axis, which SDPA masks often leave at 1.
+    seq = op.Shape(x, start=1, end=2)
+    full = op.Expand(mask, op.Concat(op.Constant(value_ints=[1, 1]), seq, seq, axis=0))
+    q, k, v = op.Split(op.MatMul(x, w_qkv), axis=-1, num_outputs=3)
+    return msft.MultiHeadAttention(q, k, v, bias, None, full, num_heads=heads, scale=scale, unidirectional=causal)
+
+
+register_lowering(torch.ops.graphopt.attention_qkv.default, attention_qkv_onnx)
+register_lowering(torch.ops.graphopt.attention_qkv_biased.default, attention_qkv_biased_onnx)
+
+
+# ---- the rewrite --------------------------------------------------------------------------
+def packed_attention_rule(gm: fx.GraphModule, provenance: str = "fused-attention") -> RewriteRule:
+    """SDPA fed by three fp32 ``aten.linear`` projections of one tensor -> ``attention_qkv``."""
+    registered: dict[int, str] = {}
+    linear = aten.linear.default
+
+    def match(sdpa: fx.Node) -> Match | NoMatch:
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        extra = {k: v for k, v in sdpa.kwargs.items() if k not in ("scale", "attn_mask", "is_causal")}
+        if any(extra.get(k) for k in ("dropout_p", "enable_gqa")) or (len(sdpa.args) > 4 and sdpa.args[4]):
+            return NoMatch("sdpa_options", f"'{sdpa.name}' uses dropout or GQA")
+        causal = bool(sdpa.args[5] if len(sdpa.args) > 5 else sdpa.kwargs.get("is_causal", False))
+        q_val = fake(sdpa.args[0])
+        if q_val is None or q_val.dim() != 4 or q_val.dtype != torch.float32 or not isinstance(q_val.shape[1], int):
+            return NoMatch("query", f"'{sdpa.name}' query is not a float32 (batch, heads, seq, d) tensor with a static head count")
+        if mask is not None:
+            m_val = fake(mask)
+            if m_val is None or m_val.dim() != 4 or m_val.dtype != torch.float32 or causal:
+                return NoMatch("mask", f"'{sdpa.name}' mask is not a 4-D float32 additive bias (or comes with is_causal)")
+            if str(m_val.shape[1]) not in ("1", str(q_val.shape[1])):
+                return NoMatch("mask", f"mask {tuple(m_val.shape)} has neither 1 nor one head count on axis 1")
+        heads, head_dim = int(q_val.shape[1]), int(q_val.shape[3])
+        chain, projections = [], []
+        for operand in sdpa.args[:3]:
+            found = projection_of(operand, linear, stored=(1, 2), what="an fp32 aten.linear projection by a stored weight")
+            if isinstance(found, NoMatch):
+                return found
+            chain += found[1]
+            projections.append(found[0])
+        if len({p.args[0] for p in projections}) != 1:
+            return NoMatch("same_input", "Q, K and V are projections of different tensors (cross-attention)")
+        weights = [get_tensor(gm, p.args[1].target) for p in projections]
+        if {tuple(w.shape) for w in weights} != {(heads * head_dim, weights[0].shape[1])} or any(w.dtype != torch.float32 for w in weights):
+            return NoMatch("widths", f"projection weights {[tuple(w.shape) for w in weights]} are not three float32 [heads * d = {heads * head_dim}, hidden]")
+        tail = heads_merged_output(sdpa)
+        if isinstance(tail, NoMatch):
+            return tail
+        root, tail_nodes = tail
+        scale = sdpa.kwargs.get("scale")
+        scale = float(scale) if scale is not None else head_dim**-0.5
+        nodes = (*projections, *chain, sdpa, *tail_nodes)
+        return Match(root=root, nodes=nodes, bindings={"projections": projections, "mask": mask, "heads": heads, "scale": scale, "causal": causal})
+
+    def replace(graph: fx.Graph, m: Match) -> fx.Node:
+        projections = m.bindings["projections"]
+        weights = [get_tensor(gm, p.args[1].target) for p in projections]
+        biases = [get_tensor(gm, p.args[2].target) if len(p.args) > 2 and p.args[2] is not None else torch.zeros(w.shape[0]) for p, w in zip(projections, weights)]
+        w_qkv = torch.cat([w.detach().t() for w in weights], dim=1).contiguous()
+        bias = torch.cat([b.detach() for b in biases]).contiguous()
+        owner = projections[0].name
+        with graph.inserting_before(projections[0]):
+            w_node = constant_node(graph, gm, owner, "w_qkv", w_qkv, registered, prefix="packed")
+            b_node = constant_node(graph, gm, owner, "qkv_bias", bias, registered, prefix="packed")
+        x, b = projections[0].args[0], m.bindings
+        if b["mask"] is None:
+            return emit(graph, torch.ops.graphopt.attention_qkv.default, (x, w_node, b_node, b["scale"], b["causal"], b["heads"]))
+        return emit(graph, torch.ops.graphopt.attention_qkv_biased.default, (x, w_node, b_node, b["mask"], b["scale"], b["causal"], b["heads"]))
+
+    return RewriteRule("attention_qkv", frozenset({aten.scaled_dot_product_attention.default}), match, replace)
