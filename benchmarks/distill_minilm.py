@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--heldout", type=int, default=256)
+    parser.add_argument("--calibration", type=int, default=128, help="training sentences for the prune stage's importance")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="out/distill_minilm")
     args = parser.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import graphopt
-    from graphopt.data import heldout_sentences
+    from graphopt.data import batches, heldout_sentences, train_sentences
     from graphopt.models import load_model
 
     out = Path(args.out)
@@ -52,6 +53,8 @@ def main() -> None:
     program = graphopt.capture(loaded.model, kwargs=loaded.example_kwargs)
     program.meta["tokenizer"] = loaded.tokenizer
     program.meta["report_dir"] = str(out)
+    # Importance (taylor / activation) is computed on training sentences, never held-out ones.
+    program.meta["calibration"] = [((), batch) for batch in batches(loaded.tokenizer, train_sentences(args.calibration), batch_size=16)]
 
     stages = ["dce", "sdpa", f"prune{{{args.prune}}}" if args.prune else "", args.extra]
     compress = ",".join(s for s in stages if s)

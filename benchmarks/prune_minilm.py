@@ -4,8 +4,9 @@
 
 Every plan is captured once (eager attention → SDPA, exact), pruned with importance
 computed on training sentences only, exported to ONNX, checked against the PyTorch
-program in ONNX Runtime, and timed in the same process as the unpruned model, rounds
-interleaved so that load from other processes hits every model alike. Fidelity is the
+program in ONNX Runtime, and timed in the same process as the unpruned model, in
+alternating rounds with one ORT session alive at a time (per-round ratios, so load from
+other processes hits both sides of a ratio alike). Fidelity is the
 mean cosine between mean-pooled sentence embeddings of the original model and the pruned
 program on held-out sentences, before any recovery training.
 """
@@ -24,7 +25,7 @@ import torch
 
 import graphopt
 from graphopt.data import batches, heldout_sentences, train_sentences
-from graphopt.export import check_parity, make_session, to_onnx
+from graphopt.export import KNOWN_SLOW_FUSIONS, alternating_latency, check_parity, make_session, to_onnx
 from graphopt.fidelity import compare_encoders
 from graphopt.models import example_inputs, load_model
 from graphopt.passes.prune import Prune
@@ -42,7 +43,7 @@ def calibration(tokenizer, n: int = 128, batch_size: int = 16) -> list[tuple[tup
     return [((), batch) for batch in batches(tokenizer, train_sentences(n), batch_size=batch_size)]
 
 
-def build(loaded, plan: dict, importance: str, calib, fused: bool = False) -> tuple[graphopt.Program, dict]:
+def build(loaded, plan: dict, importance: str, calib, fused: bool = False, fuse_gelu: bool = False) -> tuple[graphopt.Program, dict]:
     program = graphopt.capture(loaded.model, kwargs=example_inputs(loaded.tokenizer))
     AttentionToSDPA()(program)
     info: dict = {}
@@ -55,6 +56,10 @@ def build(loaded, plan: dict, importance: str, calib, fused: bool = False) -> tu
         from graphopt.passes.fused_attention import FusedAttention
 
         assert FusedAttention()(program).modified
+    if fuse_gelu:
+        from graphopt.passes.bias_gelu import BiasGelu
+
+        assert BiasGelu()(program).modified
     return program, info
 
 
@@ -70,8 +75,12 @@ def main() -> None:
     parser.add_argument("--criteria", action="store_true", help="also compare the fidelity of every importance criterion")
     parser.add_argument("--no-latency-aware", action="store_true", help="leave out the latency-aware variants")
     parser.add_argument("--fused-attention", action="store_true", help="lower SDPA to ORT MultiHeadAttention (after pruning) in every model")
+    parser.add_argument("--fuse", action="store_true", help="--fused-attention (Q/K/V packed) plus the bias-gelu pass, in every model")
+    parser.add_argument("--ort-default-fusions", action="store_true", help="keep every ORT fusion (default: leave out those measured slow, KNOWN_SLOW_FUSIONS)")
     parser.add_argument("--per-layer", action="store_true", help="print every group's kept width, parameters and block latency")
     args = parser.parse_args()
+    args.fused_attention = args.fused_attention or args.fuse
+    disabled = None if args.ort_default_fusions else "auto"
     torch.manual_seed(0)
     print(f"load before: {os.getloadavg()}  cpu: {torch.backends.cpu.get_cpu_capability()}  threads: {args.threads}")
 
@@ -84,18 +93,19 @@ def main() -> None:
         plans = dict(PLANS) if args.no_latency_aware else {**PLANS, **LATENCY_AWARE}
         for name, plan in plans.items():
             plan = dict(plan, latency_tokens=args.batch * args.seq, latency_threads=args.threads) if plan.get("latency_aware") else plan
-            program, info = build(loaded, plan, args.importance, calib, args.fused_attention)
+            program, info = build(loaded, plan, args.importance, calib, args.fused_attention, args.fuse)
             exported = to_onnx(program, Path(folder) / f"{len(sessions)}.onnx")
             check_parity(program, exported.path, atol=1e-4, rtol=1e-3)
-            sessions[name] = make_session(exported.path, threads=args.threads)
+            sessions[name] = exported.path
             fidelity = compare_encoders(loaded.model, program, loaded.tokenizer, heldout)
             rows.append({"plan": name, "params": program.parameter_stats()["parameters"], "onnx_mb": exported.bytes / 2**20,
                          "cosine": fidelity["mean_cosine"], "spearman": fidelity["spearman"], "info": info})
-        latency, speedup = _interleaved(sessions, feed, args.rounds, args.runs)
+        latency, speedup = _alternating(sessions, feed, args.rounds, args.runs, args.threads, disabled)
     latency_all = latency
     print(f"load after: {os.getloadavg()}")
     print(f"\nMiniLM-L6 (all-MiniLM-L6-v2), ORT CPU fp32, batch {args.batch} x seq {args.seq}, {args.threads} thread(s), "
           f"importance={args.importance}, attention={'fused (MultiHeadAttention)' if args.fused_attention else 'exporter decomposition'}, "
+          f"bias-gelu={'on' if args.fuse else 'off'}, ORT fusions left out: {disabled and ','.join(KNOWN_SLOW_FUSIONS['CPUExecutionProvider']) or 'none'}, "
           f"held-out n={len(heldout)}\n")
     print("| plan | parameters | ONNX MB | ORT p50 ms | speed-up (median of rounds) | held-out cosine | spearman |")
     print("|---|---|---|---|---|---|---|")
@@ -140,26 +150,20 @@ def _timing_inputs(tokenizer, batch: int, seq: int) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in encoded.items()}
 
 
-def _interleaved(sessions: dict, feed: dict, rounds: int, runs: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median latency per model, and the median over rounds of each round's speed-up
-    against the first model: a round times every model back to back, so a burst of load
-    from another process moves numerator and denominator alike."""
-    per_round: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, session in sessions.items():  # warm-up
-        for _ in range(3):
-            session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            inputs = {i.name: feed[i.name] for i in session.get_inputs()}
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                session.run(None, inputs)
-                times.append((time.perf_counter() - start) * 1e3)
-            per_round[name].append(statistics.median(times))
-    base = next(iter(per_round))
-    latency = {name: statistics.median(values) for name, values in per_round.items()}
-    speedup = {name: statistics.median(b / v for b, v in zip(per_round[base], values)) for name, values in per_round.items()}
+def _alternating(paths: dict, feed: dict, rounds: int, runs: int, threads: int, disabled) -> tuple[dict[str, float], dict[str, float]]:
+    """Median latency per model, and the median over rounds of each round's speed-up against
+    the first model. One ORT session is alive at a time (alternating_latency): idle sessions'
+    spinning thread pools would otherwise slow whichever model is being timed."""
+
+    def maker(path):
+        session = make_session(path, threads=threads, disabled_optimizers=disabled)
+        inputs = {i.name: feed[i.name] for i in session.get_inputs()}
+        return lambda: session.run(None, inputs)
+
+    stats = alternating_latency({name: (lambda p=path: maker(p)) for name, path in paths.items()}, rounds, runs)
+    base = next(iter(stats))
+    latency = {name: s["p50_ms"] for name, s in stats.items()}
+    speedup = {name: statistics.median(b / v for b, v in zip(stats[base]["round_p50_ms"], s["round_p50_ms"])) for name, s in stats.items()}
     return latency, speedup
 
 

@@ -39,6 +39,7 @@ import graphopt
 from graphopt.build import benchmark_inputs
 from graphopt.data import heldout_sentences, train_sentences
 from graphopt.export import interleaved_latency, make_session, run as ort_run, to_onnx
+from graphopt.export.session import resolve_disabled_optimizers
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
 from graphopt.passes.quantize import Quantize
@@ -51,6 +52,7 @@ TORCH_VARIANTS = ["PyTorch eager fp32", "torch quantize_dynamic"]
 GRAPHOPT_MODES = {
     # name: quantize options (the program went through the exact `sdpa` pass first)
     "graphopt int8 dynamic, all layers": dict(embeddings=True),
+    "graphopt int8 dynamic, most sensitive fp32": dict(embeddings=True, sensitivity=True, keep=1),
     "graphopt int8 dynamic, 3 most sensitive fp32": dict(embeddings=True, sensitivity=True, keep=3),
     "graphopt int8 static, all layers": dict(mode="static", embeddings=True),
     "graphopt int4 weight-only g32, int4 embeddings": dict(mode="weight_only", bits=4, group_size=32, embeddings=True, embedding_bits=4),
@@ -69,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=32, help="training sentences for calibration / sensitivity")
     parser.add_argument("--modes", nargs="*", default=list(GRAPHOPT_MODES), help="graphopt modes to include")
     parser.add_argument("--out", type=Path, default=None, help="folder for the models and results.json")
+    parser.add_argument("--ort-default-fusions", action="store_true",
+                        help="graphopt sessions keep every ORT fusion (default: leave out those measured slow, as a graphopt deployment does)")
     args = parser.parse_args(argv)
+    disabled = None if args.ort_default_fusions else "auto"
 
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="quantize_minilm_"))
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = [k["module_path"] for k in plan["kept_at_fallback"]] if plan else []
         note = (f"{result.info['replaced']} layers {result.info['scheme']} ({result.info['attention_fused']} attention blocks fused), "
                 f"{len(kept)} kept fp32, pass {seconds:.0f} s")
-        variants[mode] = _ort_variant(exported.path, args.threads, note=note, kept=kept)
+        variants[mode] = _ort_variant(exported.path, args.threads, note=note, kept=kept, disabled_optimizers=disabled)
 
     say("fidelity on held-out sentences ...")
     for name, variant in variants.items():
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, args.batches))
     print()
     print(f"load average (1/5/15 min) before timing {tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)}; "
-          f"{args.threads} threads; fp32 file {variants['ORT fp32']['bytes'] / 1e6:.1f} MB")
+          f"{args.threads} threads; fp32 file {variants['ORT fp32']['bytes'] / 1e6:.1f} MB; graphopt sessions leave out ORT fusions: "
+          f"{resolve_disabled_optimizers(disabled) or 'none'}")
     for name, variant in variants.items():
         if variant.get("note"):
             print(f"- {name}: {variant['note']}" + (f"; fp32: {', '.join(variant['kept'])}" if variant.get("kept") else ""))
@@ -160,8 +166,8 @@ def _torch_variant(model: torch.nn.Module, nbytes: int) -> dict:
     return {"fn_for": fn_for, "encoder": model, "bytes": nbytes}
 
 
-def _ort_variant(path: Path, threads: int, note: str = "", kept: list[str] | None = None) -> dict:
-    session = make_session(path, threads=threads)
+def _ort_variant(path: Path, threads: int, note: str = "", kept: list[str] | None = None, disabled_optimizers=None) -> dict:
+    session = make_session(path, threads=threads, disabled_optimizers=disabled_optimizers)
     declared = {i.name for i in session.get_inputs()}
 
     def fn_for(inputs):

