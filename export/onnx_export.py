@@ -72,6 +72,7 @@ def to_onnx(
     check: bool = True,
     optimize: bool = True,
     custom_translation_table: Mapping[Any, Any] | None = None,
+    strip_metadata: bool = False,
 ) -> ExportResult:
     """Export ``program`` to ``path`` and return what was written.
 
@@ -79,6 +80,9 @@ def to_onnx(
     ``True`` or ``False``. The data file is ``<model file name>.data`` in the model's folder
     unless ``external_data_name`` names another place inside that folder.
     ``custom_translation_table`` is passed to ``torch.onnx.export`` (custom-op lowerings).
+    ``strip_metadata``: drop the exporter's per-node and per-value ``metadata_props`` (stack
+    traces, module paths: about 0.85 MB on MiniLM, which matters for a 12 MB clustered or
+    int4 file; ORT never reads them). Kept by default, since they map nodes to source.
     """
     _require_safe_onnx()
     if external_data not in ("auto", True, False):
@@ -97,6 +101,8 @@ def to_onnx(
     if optimize:
         _optimize(model)
     deduplicated = deduplicate_initializers(model)
+    if strip_metadata:
+        strip_metadata_props(model)
     input_names = _rename_inputs(model.graph, program_input_names(program))
     output_names = _rename_outputs(model.graph, program.output_names)
     dynamic_axes = dynamic_axis_names(program)
@@ -170,6 +176,24 @@ def _optimize(model: ir.Model) -> None:
     except ImportError:  # older onnxscript: no fusions, the graph is still valid
         return
     onnx_fusions.fuse(model)
+
+
+def strip_metadata_props(model: ir.Model) -> int:
+    """Remove ``metadata_props`` from every node and value of the model and its functions;
+    return how many entries went. The model's own metadata (producer, opsets) stays."""
+    removed = 0
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph) if isinstance(graph, ir.Graph) else graph:
+            removed += len(node.metadata_props)
+            node.metadata_props.clear()
+            for value in node.outputs:
+                removed += len(value.metadata_props)
+                value.metadata_props.clear()
+        for value in (*graph.inputs, *graph.outputs, *getattr(graph, "initializers", {}).values()):
+            removed += len(value.metadata_props)
+            value.metadata_props.clear()
+    return removed
 
 
 def _fold_unless_shared(node: ir.Node) -> bool | None:

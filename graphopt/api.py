@@ -40,6 +40,7 @@ class OptimizeResult:
             path,
             opset=opset or settings.opset,
             external_data=settings.external_data if external_data is None else external_data,
+            strip_metadata=settings.strip_metadata,
         )
         self.exported = exported
         self.report.sections["export"] = {

@@ -46,6 +46,7 @@ class ExportSettings(_Strict):
     parity: bool = True
     parity_atol: float = Field(1e-4, gt=0)
     parity_rtol: float = Field(1e-4, ge=0)
+    strip_metadata: bool = Field(False, description="drop the exporter's per-node metadata (stack traces) from the file")
 
 
 class RuntimeSettings(_Strict):

@@ -405,3 +405,14 @@ def test_tuning_measures_each_candidate_on_the_model(bert_program, bert_export):
     trial = tuned["trials"]["SkipLayerNormFusion"]
     assert trial["with_ms"] > 0 and trial["without_ms"] > 0
     assert tuned["disabled_optimizers"] == (["SkipLayerNormFusion"] if trial["gain"] >= 0.02 else [])
+
+
+def test_strip_metadata_drops_node_metadata_only(bert_program, tmp_path):
+    kept = to_onnx(bert_program, tmp_path / "kept.onnx")
+    stripped = to_onnx(bert_program, tmp_path / "stripped.onnx", strip_metadata=True)
+    with_meta = onnx.load(str(kept.path))
+    assert any(n.metadata_props for n in with_meta.graph.node)
+    model = onnx.load(str(stripped.path))
+    assert not any(n.metadata_props for n in model.graph.node)
+    assert stripped.bytes < kept.bytes and model.opset_import == with_meta.opset_import
+    assert all(r.passed for r in check_parity(bert_program, stripped.path).results)
