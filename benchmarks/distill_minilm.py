@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--heldout", type=int, default=256)
+    parser.add_argument("--distill-options", default="", help="more distill{...} options, e.g. 'pooled_cosine=1.0'")
     parser.add_argument("--calibration", type=int, default=128, help="training sentences for the prune stage's importance")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="out/distill_minilm")
@@ -65,7 +66,7 @@ def main() -> None:
 
     distill = (
         f"distill{{steps={args.steps},lr={args.lr},batch_size={args.batch_size},eval_every={args.eval_every},"
-        f"time_limit_s={args.minutes * 60},patience=6}}"
+        f"time_limit_s={args.minutes * 60},patience=6{',' + args.distill_options if args.distill_options else ''}}}"
     )
     compressed.program.teacher = program
     start = time.perf_counter()

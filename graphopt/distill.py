@@ -53,6 +53,7 @@ class DistillConfig(PassConfig):
     hidden_mse: float = Field(1.0, ge=0)
     hidden_cosine: float = Field(1.0, ge=0)
     layers: float = Field(1.0, ge=0, description="weight of block-output losses")
+    pooled_cosine: float = Field(0.0, ge=0, description="1 - cosine of the mask-mean-pooled final hidden states (sentence embeddings)")
     logits_kl: float = Field(1.0, ge=0)
     temperature: float = Field(2.0, gt=0)
     eval_every: int = Field(50, ge=1)
@@ -151,6 +152,12 @@ def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
+def pooled_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between mask-mean-pooled [B, S, H] states: the sentence-embedding objective."""
+    weights = mask[..., None] / mask.sum(1, keepdim=True)[..., None].clamp(min=1)
+    return (1 - F.cosine_similarity((student * weights).sum(1), (teacher * weights).sum(1), dim=-1)).mean()
+
+
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, mse_weight: float, cosine_weight: float) -> torch.Tensor:
     loss = student.new_zeros(())
     if student.dim() == 2:  # [B, H] outputs (pooled): one "token" per sample
@@ -241,7 +248,11 @@ def distill(
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # float16 / bfloat16 parameters (e.g. half-precision cluster codebooks) are trained through
+    # float32 master copies: Adam's squared-gradient state underflows in half precision.
+    masters = {p: p.detach().float().clone().requires_grad_(True) for p in trainable if p.dtype in (torch.float16, torch.bfloat16)}
+    optimized = [masters.get(p, p) for p in trainable]
+    optimizer = torch.optim.AdamW(optimized, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = int(config.warmup * config.steps)
 
     def schedule(step: int) -> float:
@@ -269,6 +280,9 @@ def distill(
     start_step, history = 0, []
     if checkpoint is not None and (checkpoint / "state.json").exists():
         start_step, history = _load_checkpoint(checkpoint, student, projections, optimizer, scheduler)
+        with torch.no_grad():  # master copies follow the restored half-precision values
+            for low, master in masters.items():
+                master.copy_(low.float())
 
     def evaluate() -> float | None:
         if validation is None:
@@ -299,13 +313,20 @@ def distill(
                 loss = loss + config.logits_kl * logits_loss(s_value, t_value, mask, config.temperature)
             elif s_value.shape == t_value.shape:
                 loss = loss + hidden_loss(s_value, t_value, mask, config.hidden_mse, config.hidden_cosine)
+                if index == 0 and config.pooled_cosine and s_value.dim() == 3:
+                    loss = loss + config.pooled_cosine * pooled_cosine_loss(s_value, t_value, mask)
         for s_tap, t_tap in zip(s_taps, t_taps):
             loss = loss + config.layers / max(1, len(s_taps)) * hidden_loss(s_tap, t_tap, mask, config.hidden_mse, config.hidden_cosine)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        for low, master in masters.items():
+            master.grad = None if low.grad is None else low.grad.float()
+        torch.nn.utils.clip_grad_norm_(optimized, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        with torch.no_grad():
+            for low, master in masters.items():
+                low.copy_(master)
         samples += config.batch_size
         record: dict[str, Any] = {"step": step + 1, "loss": float(loss.detach())}
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:

@@ -183,3 +183,32 @@ def test_gradients_pass_through_quantized_ops_straight_through():
     q = quantize_nbits(weight, 4, 16)
     ops.linear_nbits(x, q.packed, q.scales, q.zero_points, bias.detach(), 16, 6, 4, 16, 0).backward(grad)
     assert torch.allclose(x.grad, grad @ dequantize_nbits(q), atol=1e-5)
+
+
+def test_pooled_cosine_loss_sees_only_valid_tokens_and_sentence_direction():
+    from graphopt.distill import pooled_cosine_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    student = teacher.clone()
+    student[0, 3:] = 100.0  # padding: ignored
+    assert pooled_cosine_loss(student, teacher, mask).item() < 1e-6
+    assert abs(pooled_cosine_loss(3.0 * teacher, teacher, mask).item()) < 1e-6  # scale-free
+    assert pooled_cosine_loss(-teacher, teacher, mask).item() > 1.99
+    assert "pooled_cosine" in DistillConfig.model_fields and DistillConfig().pooled_cosine == 0.0
+
+
+def test_half_precision_codebooks_train_through_float32_masters():
+    # float16 cluster codebooks are trained (Adam state on float32 master copies) and stay
+    # float16 and finite.
+    from graphopt.passes.cluster import Cluster
+
+    teacher, student = perturbed_pair()
+    assert Cluster(bits=3, codebook_dtype="float16")(student).modified
+    books = {n: p.detach().clone() for n, p in student.module.named_parameters() if p.dtype == torch.float16}
+    assert books
+    distill(student, teacher, tensor_data(teacher), DistillConfig(steps=5, lr=1e-2, progress=False))
+    after = dict(student.module.named_parameters())
+    assert all(after[n].dtype == torch.float16 and torch.isfinite(after[n]).all() for n in books)
+    assert any(not torch.equal(after[n].detach(), b) for n, b in books.items())
