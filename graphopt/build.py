@@ -30,6 +30,7 @@ class BuildOptions:
     bench_seq: int = 128
     bench_repeat: int = 30
     heldout: int = 64  # held-out sentences for fidelity (text models with a tokenizer)
+    calibration: int = 64  # training sentences for calibrated passes (quantize, prune importance)
     baseline_onnx: bool = True  # also export the unoptimized model, to compare in ORT
     progress: bool = True
 
@@ -62,6 +63,8 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
         program = capture(loaded.model, kwargs=example)
     program.meta["tokenizer"] = loaded.tokenizer
     program.meta["report_dir"] = str(out)
+    if loaded.tokenizer is not None and "calibration" not in program.meta:
+        program.meta["calibration"] = calibration_batches(loaded, options.calibration)
     with _step(say, f"optimize ({recipe.pipeline_text() or 'empty pipeline'})", timings):
         result = optimize(program, recipe, reproducer_dir=out, progress=options.progress and rank == 0)
     report = result.report
@@ -101,6 +104,15 @@ def _step(say, name: str, timings: dict[str, float]):
     elapsed = time.perf_counter() - start
     timings[name.split(" (")[0]] = elapsed
     say(f"[graphopt] {name}: {elapsed:.1f} s")
+
+
+def calibration_batches(loaded, sentences: int, batch_size: int = 16) -> list[tuple[tuple, dict]]:
+    """Training sentences (never the held-out ones), tokenized, as ``(args, kwargs)`` batches
+    for ``program.meta["calibration"]``: what quantize calibrates and prune ranks on."""
+    from graphopt.data import batches, train_sentences
+
+    names = set(loaded.example_kwargs or {})
+    return [((), {k: v for k, v in batch.items() if not names or k in names}) for batch in batches(loaded.tokenizer, train_sentences(sentences), batch_size=batch_size)]
 
 
 def benchmark_inputs(loaded, batch: int, seq: int) -> dict[str, torch.Tensor]:

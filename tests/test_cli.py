@@ -24,7 +24,7 @@ def test_optimize_tiny_model_writes_model_and_reports(tmp_path, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {"model.onnx", "report.json", "report.md"} <= set(manifest["files"])
     assert manifest["versions"]["torch"].startswith("2.13") and manifest["tuned_for"]["provider"] == "cpu"
-    assert manifest["recipe"]["pipeline"] == "dce,dedup,sdpa,dce"
+    assert manifest["recipe"]["pipeline"] == "dce,dedup,sdpa,fused-attention,bias-gelu,dce"
     assert verify_manifest(tmp_path) == []
     report = json.loads((tmp_path / "report.json").read_text())
     tuning = report["sections"]["session"]  # recipe default "auto": measured on the built model
@@ -39,7 +39,7 @@ def test_optimize_tiny_model_writes_model_and_reports(tmp_path, capsys):
     with pytest.raises(graphopt.errors.ExportError, match="does not match its manifest"):
         open_session(tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["dce", "dedup", "sdpa", "dce"]
+    assert [p["name"] for p in report["passes"]] == ["dce", "dedup", "sdpa", "fused-attention", "bias-gelu", "dce"]
     assert report["ok"] is True and report["sections"]["parity"]["passed"] is True
     sdpa = report["passes"][2]
     assert sdpa["status"] == "applied" and sdpa["info"]["replaced"] == 2

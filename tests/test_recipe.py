@@ -11,7 +11,7 @@ def test_presets_load_and_are_exact_pipelines():
     assert {"default", "lossless"} <= set(presets())
     recipe = Recipe.load("default")
     manager = recipe.manager()
-    assert str(manager) == "dce,dedup,sdpa,dce"
+    assert str(manager) == "dce,dedup,sdpa,fused-attention,bias-gelu,dce"
     assert manager.exact
     assert recipe.gates.require_parity
 
@@ -81,3 +81,23 @@ def test_optimize_accepts_recipe_objects_paths_and_presets(tmp_path):
     for spec in ("lossless", Recipe.load("default"), "dce,dedup"):
         result = graphopt.optimize(program, spec)
         assert result.report.ok and result.report.passes[0].name == "dce"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "balanced", "fastest"])
+def test_quantized_presets_run_on_a_tiny_bert(name, tmp_path):
+    import torch
+
+    from graphopt import zoo
+
+    assert {"lossless", "int8", "int4", "balanced", "fastest"} <= set(presets())
+    recipe = Recipe.load(name)
+    assert recipe.description and not recipe.manager().exact
+    torch.manual_seed(0)
+    program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
+    result = graphopt.optimize(program, recipe)
+    statuses = {r.name: r.status for r in result.report.passes}
+    assert statuses["quantize"] == "applied" and statuses["fused-attention"] in ("applied", "unchanged"), result.report.failures
+    ops = {n.target.name() for n in result.program.graph.nodes if n.op == "call_function" and hasattr(n.target, "name")}
+    assert any(op.startswith(("graphopt::linear_dynamic_int8", "graphopt::linear_nbits", "graphopt::attention_int8")) for op in ops)
+    result.export(tmp_path / "model.onnx")
+    assert result.report.sections["parity"]["passed"] is True

@@ -80,7 +80,13 @@ class CalibrationSet:
 
     @classmethod
     def from_program(cls, program: Program) -> CalibrationSet:
-        """The program's own example inputs: one batch (a fallback; real data calibrates better)."""
+        """``program.meta["calibration"]`` (a list of (args, kwargs) batches: the build step puts
+        training sentences there for text models), else the program's own example inputs as one
+        batch (a fallback; real data calibrates better)."""
+        batches = program.meta.get("calibration")
+        if batches:
+            found = cls.from_tensors(list(batches), source="program.meta['calibration']")
+            return cls(found.batches, f"{len(found)} batches from program.meta['calibration']")
         return cls(((tuple(program.args), dict(program.kwargs)),), "example inputs")
 
 
