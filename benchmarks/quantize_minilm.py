@@ -56,7 +56,9 @@ GRAPHOPT_MODES = {
     # name: quantize options (the program went through the exact `sdpa` pass first)
     "graphopt int8 dynamic, all layers": dict(embeddings=True),
     "graphopt int8 dynamic, most sensitive fp32": dict(embeddings=True, sensitivity=True, keep=1),
+    "graphopt int8 dynamic, 2 most sensitive fp32": dict(embeddings=True, sensitivity=True, keep=2),
     "graphopt int8 dynamic, 3 most sensitive fp32": dict(embeddings=True, sensitivity=True, keep=3),
+    "graphopt int8 dynamic, 3 most sensitive int8 weight-only": dict(embeddings=True, sensitivity=True, keep=3, fallback="int8_weight_only"),
     "graphopt int8 static, all layers": dict(mode="static", embeddings=True),
     "graphopt int4 weight-only g32, int4 embeddings": dict(mode="weight_only", bits=4, group_size=32, embeddings=True, embedding_bits=4),
     "graphopt int4 weight-only g32 GPTQ, int4 embeddings": dict(mode="weight_only", bits=4, group_size=32, gptq=True, embeddings=True, embedding_bits=4),
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = result.info.get("plan")
         kept = [k["module_path"] for k in plan["kept_at_fallback"]] if plan else []
         note = (f"{result.info['replaced']} layers {result.info['scheme']} ({result.info['attention_fused']} attention blocks fused), "
-                f"{len(kept)} kept fp32, pass {seconds:.0f} s")
+                f"{len(kept)} kept at {options.get('fallback', 'fp32')}, pass {seconds:.0f} s")
         variants[mode] = _ort_variant(exported.path, args.threads, note=note, kept=kept, disabled_optimizers=disabled)
 
     say("fidelity on held-out sentences ...")
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{resolve_disabled_optimizers(disabled) or 'none'}")
     for name, variant in variants.items():
         if variant.get("note"):
-            print(f"- {name}: {variant['note']}" + (f"; fp32: {', '.join(variant['kept'])}" if variant.get("kept") else ""))
+            print(f"- {name}: {variant['note']}" + (f"; kept: {', '.join(variant['kept'])}" if variant.get("kept") else ""))
     (out / "results.json").write_text(json.dumps({"rows": rows, "load": [load_before, load_after], "argv": sys.argv}, indent=2))
     print(f"models and results.json in {out}")
     return 0
