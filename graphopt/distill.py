@@ -321,6 +321,7 @@ def distill(
         loss.backward()
         for low, master in masters.items():
             master.grad = None if low.grad is None else low.grad.float()
+            low.grad = None  # the optimizer only zeroes the masters' gradients
         torch.nn.utils.clip_grad_norm_(optimized, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
