@@ -44,14 +44,17 @@ def test_sdpa_replaces_all_six_attention_blocks_exactly(optimized):
     assert sdpa.status == "applied" and sdpa.info["replaced"] == 6
     assert sdpa.drift_step["max_rel"] <= 1e-5
     ops = [n.target for n in result.program.graph.nodes if n.op == "call_function"]
-    assert ops.count(aten.scaled_dot_product_attention.default) == 6
-    assert not any(t in (aten.softmax.int, aten._softmax.default) for t in ops)
+    # then fused-attention packs each block's Q/K/V into one ORT Attention kernel (exact)
+    fused = next(r for r in result.report.passes if r.name == "fused-attention")
+    assert fused.info["packed_qkv"] == 6 and fused.drift_step["max_rel"] <= 1e-5
+    assert ops.count(torch.ops.graphopt.attention_qkv_biased.default) == 6
+    assert not any(t in (aten.softmax.int, aten._softmax.default, aten.scaled_dot_product_attention.default) for t in ops)
     assert sum(1 for n in program.graph.nodes if n.target is aten.softmax.int) == 6  # the input program is untouched
 
 
 def test_report_has_an_entry_per_pass(optimized):
     _, result, _, _ = optimized
-    assert [r.text for r in result.report.passes] == ["dce", "dedup", "sdpa", "dce"]
+    assert [r.text for r in result.report.passes] == ["dce", "dedup", "sdpa", "fused-attention", "bias-gelu", "dce"]
     assert result.report.ok
     assert result.report.final_drift["max_rel"] <= 1e-5
     assert result.report.sections["parity"]["passed"]
