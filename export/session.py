@@ -245,17 +245,23 @@ def _as_numpy(value: Any, onnx_type: str) -> np.ndarray:
     return np.ascontiguousarray(array.astype(dtype, copy=False) if dtype is not None else array)
 
 
+def _timed_runs(fn: Callable[[], Any], runs: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``fn``."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def measure_latency(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 20) -> dict[str, float]:
     """Wall-clock latency of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones."""
     if warmup < 0 or repeat < 1:
         raise ConfigError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = _timed_runs(fn, repeat)
     return {
         "p50_ms": float(np.percentile(times, 50)),
         "p90_ms": float(np.percentile(times, 90)),
@@ -275,10 +281,7 @@ def interleaved_latency(fns: dict[str, Callable[[], Any]], rounds: int, runs_per
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            for _ in range(runs_per_round):
-                start = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name] += _timed_runs(fn, runs_per_round)
     return {name: {"p50_ms": float(np.percentile(t, 50)), "p90_ms": float(np.percentile(t, 90))} for name, t in samples.items()}
 
 
@@ -307,11 +310,7 @@ def alternating_latency(
             fn = make()
             for _ in range(warmup):
                 fn()
-            times = []
-            for _ in range(runs_per_round):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
+            times = _timed_runs(fn, runs_per_round)
             samples[name] += times
             per_round[name].append(statistics.median(times))
             del fn
