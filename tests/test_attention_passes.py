@@ -202,3 +202,28 @@ def test_minilm_pipeline_approximates_one_layer_and_fuses_the_rest(tmp_path):
     with torch.no_grad():
         exact = loaded.model(**short)[0]
     assert ((torch.from_numpy(run(session, short)[0]) - exact).abs().max() / exact.abs().max()).item() < 1e-4
+
+
+class _CausalBlock(nn.Module):
+    """Q/K/V linears of one tensor into causal SDPA, without a mask: the unmasked, causal form."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.q, self.k, self.v, self.o, self.heads = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), heads
+
+    def forward(self, x):
+        b, n, d = x.shape
+        split = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        y = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, n, d))
+
+
+def test_packed_causal_attention_without_mask_matches_in_ort(tmp_path):
+    torch.manual_seed(0)
+    program = graphopt.capture(_CausalBlock().eval(), (torch.randn(2, 7, 32),))
+    result = FusedAttention()(program)
+    assert result.info["packed_qkv"] == 1 and _ops(program)["graphopt::attention_qkv"] == 1
+    assert _rel(program) < 1e-5
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    assert "Attention" in _onnx_ops(exported.path)
+    assert all(r.passed for r in check_parity(program, exported.path).results)
