@@ -43,7 +43,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import graphopt
-    from graphopt.data import batches, heldout_sentences, train_sentences
+    from graphopt.build import calibration_batches
+    from graphopt.data import heldout_sentences
     from graphopt.models import load_model
 
     out = Path(args.out)
@@ -55,7 +56,7 @@ def main() -> None:
     program.meta["tokenizer"] = loaded.tokenizer
     program.meta["report_dir"] = str(out)
     # Importance (taylor / activation) is computed on training sentences, never held-out ones.
-    program.meta["calibration"] = [((), batch) for batch in batches(loaded.tokenizer, train_sentences(args.calibration), batch_size=16)]
+    program.meta["calibration"] = calibration_batches(loaded, args.calibration)
 
     stages = ["dce", "sdpa", f"prune{{{args.prune}}}" if args.prune else "", args.extra]
     compress = ",".join(s for s in stages if s)

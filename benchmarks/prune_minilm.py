@@ -25,7 +25,9 @@ import torch
 
 import graphopt
 from graphopt.data import batches, heldout_sentences, train_sentences
-from graphopt.export import KNOWN_SLOW_FUSIONS, alternating_latency, check_parity, make_session, to_onnx
+from graphopt.build import calibration_batches
+from graphopt.export import alternating_latency, check_parity, make_session, to_onnx
+from graphopt.export.session import resolve_disabled_optimizers
 from graphopt.fidelity import compare_encoders
 from graphopt.models import example_inputs, load_model
 from graphopt.passes.prune import Prune
@@ -37,10 +39,6 @@ PLANS = {
     "heads-50% + FFN-75%": {"heads": 0.5, "ffn": 0.75},
 }
 LATENCY_AWARE = {f"{name}, latency-aware": {**plan, "latency_aware": True} for name, plan in list(PLANS.items())[1:]}
-
-
-def calibration(tokenizer, n: int = 128, batch_size: int = 16) -> list[tuple[tuple, dict]]:
-    return [((), batch) for batch in batches(tokenizer, train_sentences(n), batch_size=batch_size)]
 
 
 def build(loaded, plan: dict, importance: str, calib, fused: bool = False, fuse_gelu: bool = False) -> tuple[graphopt.Program, dict]:
@@ -85,7 +83,7 @@ def main() -> None:
     print(f"load before: {os.getloadavg()}  cpu: {torch.backends.cpu.get_cpu_capability()}  threads: {args.threads}")
 
     loaded = load_model("minilm")
-    calib = calibration(loaded.tokenizer)
+    calib = calibration_batches(loaded, 128)  # training sentences, never the held-out ones
     heldout = heldout_sentences(args.heldout)
     feed = _timing_inputs(loaded.tokenizer, args.batch, args.seq)
     rows, sessions = [], {}
@@ -104,8 +102,8 @@ def main() -> None:
     latency_all = latency
     print(f"load after: {os.getloadavg()}")
     print(f"\nMiniLM-L6 (all-MiniLM-L6-v2), ORT CPU fp32, batch {args.batch} x seq {args.seq}, {args.threads} thread(s), "
-          f"importance={args.importance}, attention={'fused (MultiHeadAttention)' if args.fused_attention else 'exporter decomposition'}, "
-          f"bias-gelu={'on' if args.fuse else 'off'}, ORT fusions left out: {disabled and ','.join(KNOWN_SLOW_FUSIONS['CPUExecutionProvider']) or 'none'}, "
+          f"importance={args.importance}, attention={'fused (Attention / MultiHeadAttention)' if args.fused_attention else 'exporter decomposition'}, "
+          f"bias-gelu={'on' if args.fuse else 'off'}, ORT fusions left out: {','.join(resolve_disabled_optimizers(disabled)) or 'none'}, "
           f"held-out n={len(heldout)}\n")
     print("| plan | parameters | ONNX MB | ORT p50 ms | speed-up (median of rounds) | held-out cosine | spearman |")
     print("|---|---|---|---|---|---|---|")
