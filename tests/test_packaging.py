@@ -9,11 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = """
-import importlib.util, sys, graphopt, graphopt.passes.dce, graphopt.export, graphopt.passes
+import importlib, importlib.util, sys, graphopt, graphopt.passes.dce, graphopt.export, graphopt.passes
 assert graphopt.__file__.startswith(sys.argv[1]), graphopt.__file__
 assert graphopt.passes.dce.__file__.startswith(sys.argv[1])
 assert importlib.util.find_spec("passes") is None and importlib.util.find_spec("export") is None
 assert {"dce", "dedup", "sdpa"} <= set(graphopt.registered_passes())
+# every module of the package imports from where it was installed: a subpackage left
+# out of pyproject's list would only fail here (the editable install maps the folder)
+import pkgutil
+for info in pkgutil.walk_packages(graphopt.__path__, "graphopt."):
+    module = importlib.import_module(info.name)
+    assert module.__file__.startswith(sys.argv[1]), module.__file__
 print("ok")
 """
 
@@ -44,6 +50,9 @@ def test_wheel_installs_and_imports(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "graphopt/passes/dce.py" in names and "graphopt/export/onnx_export.py" in names
     assert "graphopt/recipes/default.toml" in names
+    packaged = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    on_disk = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "graphopt").rglob("__init__.py")}
+    assert on_disk <= packaged, f"subpackages missing from the wheel: {sorted(on_disk - packaged)}"
     assert not any(n.startswith(("passes/", "export/", "tests/")) for n in names)
 
     install = subprocess.run(
