@@ -7,7 +7,7 @@ The manager is itself a pass (so pipelines nest). For each pass it
 3. enforces the contract: ``modified=False`` must leave the fingerprint unchanged,
 4. re-runs the program and measures drift against the program before the pass (exact
    passes: within ``budget.exact_rtol``) and against the original model (lossy passes:
-   within the budget),
+   within the budget, on the positions the example's attention mask marks as real),
 5. records wall time, node / parameter / byte / FLOP counts and drift in the report,
 6. on any failure restores the snapshot and, by ``on_failure``, continues, stops the
    pipeline, or raises :class:`PassFailedError`.
@@ -108,7 +108,7 @@ class PassManager(Pass):
         initial_fingerprint = program.fingerprint()
         program = self._run_passes(program, state, self)
         final_outputs = state.outputs
-        report.final_drift = drift(program.reference_outputs, final_outputs).to_dict() if program.reference_outputs else None
+        report.final_drift = drift(program.reference_outputs, final_outputs, program.valid_positions()).to_dict() if program.reference_outputs else None
         if self.instrument:
             report.final = ProgramStats.of(program)
         self.report = report
@@ -167,8 +167,10 @@ class PassManager(Pass):
         except Exception as exc:  # noqa: BLE001
             record.reproducer = str(_write_reproducer_safely(snapshot, p, exc, settings.reproducer_dir))
             return self._fail(record, snapshot, f"the program no longer runs after the pass: {type(exc).__name__}: {exc}", state, settings, exc), False
+        # Exact passes must hold on every position, padding included; the budget of lossy
+        # ones is measured on the positions the attention mask marks as real.
         step = drift(state.outputs, outputs)
-        total = drift(new.reference_outputs, outputs) if new.reference_outputs else step
+        total = drift(new.reference_outputs, outputs, new.valid_positions()) if new.reference_outputs else drift(state.outputs, outputs, new.valid_positions())
         record.drift_step, record.drift_total = step.to_dict(), total.to_dict()
         reason = settings.budget.check_exact(step) if p.exact else settings.budget.check(total)
         if reason:

@@ -57,6 +57,14 @@ class Program:
         kwargs = self.kwargs if kwargs is None else kwargs
         return flatten_outputs(self(*args, **kwargs))
 
+    def valid_positions(self) -> torch.Tensor | None:
+        """The example inputs' real (non-padding) positions, ``[batch, seq]`` bool, from a 2-D
+        ``attention_mask`` keyword input; ``None`` when there is none (every position counts)."""
+        mask = self.kwargs.get("attention_mask") if self.kwargs else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point():
+            return mask.bool()
+        return None
+
     def clone(self) -> Program:
         """A deep copy: graph and tensors (shared tensors stay shared within the copy)."""
         with warnings.catch_warnings():

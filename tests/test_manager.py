@@ -238,3 +238,59 @@ def test_analyses_are_cached_and_invalidated(program):
     assert len(calls) == 1
     result = graphopt.optimize(program, "dce")
     assert "count" not in result.program.analyses
+
+
+class PadNet(torch.nn.Module):
+    """Its ``pad`` parameter only reaches the positions the attention mask marks as padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.pad = torch.nn.Parameter(torch.zeros(8))
+
+    def forward(self, x, attention_mask):
+        return self.fc(x) + (1 - attention_mask).unsqueeze(-1).to(x.dtype) * self.pad
+
+
+class DisturbPadding(Pass):
+    name: ClassVar[str] = "test-disturb-padding"
+    exact: ClassVar[bool] = False
+
+    def run(self, program):
+        with torch.no_grad():
+            program.module.get_parameter("pad").fill_(100.0)
+        return PassResult(program, True, {})
+
+
+class DisturbPaddingExact(DisturbPadding):
+    name: ClassVar[str] = "test-disturb-padding-exact"
+    exact: ClassVar[bool] = True
+
+
+@pytest.fixture
+def padded():
+    for cls in (DisturbPadding, DisturbPaddingExact):
+        register_pass(cls)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    yield graphopt.capture(PadNet(), kwargs={"x": torch.randn(2, 4, 8), "attention_mask": mask})
+    for cls in (DisturbPadding, DisturbPaddingExact):
+        unregister_pass(cls.name)
+
+
+def test_budget_counts_only_the_real_positions(padded):
+    # Outputs at padded positions are used by nothing: a lossy pass that only moves them
+    # is within any budget; over every position its cosine would be far below it.
+    assert graphopt.drift(padded.run(), padded.run()).cosine == pytest.approx(1.0)
+    result = graphopt.optimize(padded, "test-disturb-padding", budget=Budget(min_cosine=0.999))
+    record = result.report.passes[0]
+    assert record.status == "applied"
+    assert record.drift_total["cosine"] == pytest.approx(1.0)
+    everywhere = graphopt.drift(padded.run(), result.program.run())
+    assert everywhere.cosine < 0.9
+    assert result.report.final_drift["cosine"] == pytest.approx(1.0)
+
+
+def test_exact_passes_are_held_to_every_position(padded):
+    result = graphopt.optimize(padded, "test-disturb-padding-exact")
+    assert result.report.passes[0].status == "rolled-back"
+    assert "exact pass moved the outputs" in result.report.passes[0].reason

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.build import calibration_batches
 from graphopt.data import heldout_sentences
 from graphopt.export import make_session, run as ort_run, to_onnx
 from graphopt.fidelity import compare_encoders
@@ -63,3 +64,24 @@ def test_minilm_int8_heldout_fidelity(quantized):
     fidelity = compare_encoders(loaded.model, encoder, loaded.tokenizer, heldout_sentences(64, source="topics"), input_names=names)
     assert fidelity["mean_cosine"] >= 0.995 and fidelity["min_cosine"] >= 0.98, fidelity
     assert fidelity["spearman"] >= 0.99, fidelity
+
+
+@pytest.fixture(scope="module")
+def captured(quantized):
+    loaded = quantized[0]
+    program = graphopt.capture(loaded.model, kwargs=loaded.example_kwargs)
+    program.meta["calibration"] = calibration_batches(loaded, 16)
+    return program
+
+
+@pytest.mark.parametrize("preset", ["int8", "balanced", "int4"])
+def test_lossy_presets_are_kept_by_their_own_budget(captured, preset):
+    # The example batch is padded; a padded position's output may drift far (int8: cosine
+    # 0.91 over every position) while the real tokens stay at 0.99. The budget counts the
+    # real tokens only, so the preset's quantize stage must survive it.
+    result = graphopt.optimize(captured, preset)
+    statuses = {record.name: record.status for record in result.report.passes}
+    assert statuses["quantize"] == "applied", result.report.failures
+    assert not result.report.failures
+    assert result.report.final_drift["cosine"] >= result.recipe.budget.min_cosine
+    assert result.program.parameter_stats() != captured.parameter_stats()
