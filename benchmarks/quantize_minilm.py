@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +37,7 @@ import torch
 import graphopt
 from graphopt.build import benchmark_inputs
 from graphopt.data import heldout_sentences, train_sentences
-from graphopt.export import alternating_latency, interleaved_latency, make_session, run as ort_run, to_onnx
+from graphopt.export import alternating_latency, interleaved_latency, to_onnx
 from graphopt.export.session import resolve_disabled_optimizers
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
@@ -49,6 +47,8 @@ from graphopt.passes.quantize import Quantize
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.quant.calibration import CalibrationSet
 from graphopt.quant.cpu import cpu_int8_support
+
+from baselines import ort_int8_baseline, ort_variant, state_dict_bytes, torch_variant
 
 ORT_INT8 = "ORT optimizer + int8 per-channel"
 TORCH_VARIANTS = ["PyTorch eager fp32", "torch quantize_dynamic"]
@@ -97,19 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     heldout = heldout_sentences(args.heldout, source="topics")
 
     variants: dict[str, dict] = {}  # name -> {"fn_for": batch -> callable, "encoder": callable, "bytes": int, "info": str}
-    variants["PyTorch eager fp32"] = _torch_variant(model, _state_dict_bytes(model))
+    variants["PyTorch eager fp32"] = torch_variant(model, state_dict_bytes(model))
     qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-    variants["torch quantize_dynamic"] = _torch_variant(qmodel, _state_dict_bytes(qmodel))
+    variants["torch quantize_dynamic"] = torch_variant(qmodel, state_dict_bytes(qmodel))
 
     fp32 = to_onnx(fp32_program, out / "fp32" / "model.onnx")
-    variants["ORT fp32"] = _ort_variant(fp32.path, args.threads)
+    variants["ORT fp32"] = ort_variant(fp32.path, args.threads)
     lossless = program.clone()
     FusedAttention()(lossless)
     BiasGelu()(lossless)
     fused = to_onnx(lossless, out / "fp32_fused" / "model.onnx")
-    variants["graphopt fp32 (fused attention, bias-gelu)"] = _ort_variant(fused.path, args.threads, disabled_optimizers=disabled)
-    ort_int8 = ort_int8_baseline(model, loaded.example_kwargs, out / "ort_int8", fp32.path)
-    variants[ORT_INT8] = _ort_variant(ort_int8, args.threads)
+    variants["graphopt fp32 (fused attention, bias-gelu)"] = ort_variant(fused.path, args.threads, disabled_optimizers=disabled)
+    ort_int8 = ort_int8_baseline(model, loaded.example_kwargs, out / "ort_int8", fp32.path, say=say)
+    variants[ORT_INT8] = ort_variant(ort_int8, args.threads)
 
     for mode in args.modes:
         options = GRAPHOPT_MODES[mode]
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = [k["module_path"] for k in plan["kept_at_fallback"]] if plan else []
         note = (f"{result.info['replaced']} layers {result.info['scheme']} ({result.info['attention_fused']} attention blocks fused), "
                 f"{len(kept)} kept at {options.get('fallback', 'fp32')}, pass {seconds:.0f} s")
-        variants[mode] = _ort_variant(exported.path, args.threads, note=note, kept=kept, disabled_optimizers=disabled)
+        variants[mode] = ort_variant(exported.path, args.threads, note=note, kept=kept, disabled_optimizers=disabled)
 
     say("fidelity on held-out sentences ...")
     for name, variant in variants.items():
@@ -167,96 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"rows": rows, "load": [load_before, load_after], "argv": sys.argv}, indent=2))
     print(f"models and results.json in {out}")
     return 0
-
-
-# ---- variants --------------------------------------------------------------------------------
-def _torch_variant(model: torch.nn.Module, nbytes: int) -> dict:
-    def fn_for(inputs):
-        def run():
-            with torch.inference_mode():
-                return model(**inputs)
-
-        return run
-
-    return {"fn_for": fn_for, "encoder": model, "bytes": nbytes}
-
-
-def _ort_variant(path: Path, threads: int, note: str = "", kept: list[str] | None = None, disabled_optimizers=None) -> dict:
-    """An ORT model: ``fn_for(inputs)`` builds a fresh session and returns its runner (timing
-    keeps one session alive at a time); the encoder used for fidelity has its own session."""
-    sessions: dict[str, object] = {}
-
-    def new_session():
-        return make_session(path, threads=threads, disabled_optimizers=disabled_optimizers)
-
-    def fn_for(inputs):
-        session = new_session()
-        declared = {i.name for i in session.get_inputs()}
-        feed = {k: v for k, v in inputs.items() if k in declared}
-        return lambda: ort_run(session, feed)
-
-    def encoder(**inputs):
-        if "fidelity" not in sessions:
-            sessions["fidelity"] = new_session()
-        session = sessions["fidelity"]
-        declared = {i.name for i in session.get_inputs()}
-        return torch.from_numpy(ort_run(session, {k: v for k, v in inputs.items() if k in declared})[0])
-
-    size = Path(path).stat().st_size + sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + ".data"))
-    return {"fn_for": fn_for, "encoder": encoder, "bytes": size, "note": note, "kept": kept or [], "ort": True, "release": sessions.clear}
-
-
-def ort_int8_baseline(model, example_kwargs: dict, folder: Path, fallback_onnx: Path) -> Path:
-    """TorchScript export -> ORT transformer optimizer -> ORT quantize_dynamic (per-channel int8).
-
-    The TorchScript export is what ORT's optimizer fuses best (Attention, EmbedLayerNorm); the
-    graphopt (dynamo) export is used when it is unavailable. reduce_range follows the CPU.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers import optimizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(example_kwargs)
-    source = folder / "torchscript.onnx"
-    try:
-        # eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, and a
-        # fresh module is in training mode, which would switch on the model's dropout.
-        wrapper = _LastHidden(model, names).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, tuple(example_kwargs[n] for n in names), str(source), dynamo=False, opset_version=17,
-                              input_names=names, output_names=["last_hidden_state"],
-                              dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
-    except Exception as exc:  # noqa: BLE001 - fall back to the dynamo export, and say so
-        say(f"TorchScript export failed ({type(exc).__name__}: {exc}); ORT baseline uses the dynamo export")
-        source = fallback_onnx
-    finally:
-        model.eval()
-    hidden = model.config.hidden_size
-    heads = model.config.num_attention_heads
-    optimized = optimizer.optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden)
-    say(f"ORT optimizer fusions: { {k: v for k, v in optimized.get_fused_operator_statistics().items() if v} }")
-    optimized.save_model_to_file(str(folder / "optimized.onnx"))
-    quantized = folder / "model.onnx"
-    quantize_dynamic(str(folder / "optimized.onnx"), str(quantized), per_channel=True, weight_type=QuantType.QInt8,
-                     reduce_range=cpu_int8_support().saturates_u8s8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return quantized
-
-
-class _LastHidden(torch.nn.Module):
-    def __init__(self, model, names):
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *tensors):
-        return self.model(**dict(zip(self.names, tensors))).last_hidden_state
-
-
-def _state_dict_bytes(model: torch.nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
 
 
 # ---- timing and output -----------------------------------------------------------------------
