@@ -12,11 +12,15 @@ Pieces, each usable alone:
 2. :func:`graphopt.analysis.importance.importance` scores their units;
 3. :func:`plan` chooses the units to keep (ratios per kind, per-layer or global ranking,
    widths rounded to a multiple, a minimum per group);
-4. :func:`apply_plan` rewrites the program.
+4. :func:`reconstruct` (``reconstruct=true``) re-fits, by least squares on calibration
+   inputs of the unpruned program, every matmul whose input channels are cut, so that its
+   output from the kept channels matches the unpruned one (the bias absorbs the mean of
+   the removed channels): the layer-wise reconstruction of Kwon et al. 2022;
+5. :func:`apply_plan` rewrites the program.
 
-Calibration data for the data-driven criteria (``taylor``, ``activation``) is
-``program.meta["calibration"]`` (a list of ``(args, kwargs)`` batches, training text
-only) or else the program's example inputs.
+Calibration data for the data-driven criteria (``taylor``, ``activation``) and for the
+reconstruction is ``program.meta["calibration"]`` (a list of ``(args, kwargs)`` batches,
+training text only) or else the program's example inputs.
 
 Hidden width is the residual stream, which is also the output of an encoder: it is only
 cut with ``allow_output_change=true``, since it changes the output's shape (the pass
@@ -33,7 +37,7 @@ from pydantic import Field
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt.analysis.groups import DependencyAnalysis, Group, dependency_groups
-from graphopt.analysis.importance import importance
+from graphopt.analysis.importance import importance, input_moments, matmul_readers
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
 from graphopt.program import Program
 
@@ -62,6 +66,10 @@ class PruneConfig(PassConfig):
     latency_tokens: int = Field(128, ge=1)  # rows of the timed matmuls (batch x sequence)
     latency_threads: int = Field(1, ge=1)
     latency_provider: str = "cpu"
+    # Re-fit the matmuls that read cut channels on the calibration inputs (least squares);
+    # the ridge term, a fraction of the mean input energy, pulls the kept weights to their old values.
+    reconstruct: bool = False
+    reconstruct_damp: float = Field(0.01, gt=0.0)
 
     def ratios(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("heads", "kv_heads", "ffn", "hidden") if getattr(self, k) > 0}
@@ -101,6 +109,13 @@ class Prune(Pass):
                 entry["latency_ms"] = latency[gid]
         if not cut:
             return PassResult(program, False, {**info, "reason": "nothing to cut after rounding"})
+        if cfg.reconstruct:
+            data = calibration or [(program.args, program.kwargs)]
+            fitted = reconstruct(program, analysis, cut, data, cfg.reconstruct_damp)
+            info["reconstruction"] = {"data": "calibration" if calibration else "example inputs", "batches": len(data),
+                                      "damp": cfg.reconstruct_damp}
+            for entry, gid in zip(info["groups"], sorted(keep)):
+                entry.update(fitted.get(gid, {"reconstructed": False}))
         apply_plan(program, analysis, cut)
         sizes_after = {name: t.numel() for name, t in program.tensors().items()}
         for entry, gid in zip(info["groups"], sorted(keep)):
@@ -239,6 +254,98 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
 def _describe(group: Group, kept: torch.Tensor) -> dict:
     return {"kind": group.kind, "module_path": group.module_path, "size": group.size, "kept": int(kept.numel()),
             "kept_indices": kept.tolist()}
+
+
+# ---- reconstruction ----------------------------------------------------------------------
+_BIAS_ARG = {aten.linear.default: 2, aten.addmm.default: 0}
+
+
+def reconstruct(program: Program, analysis: DependencyAnalysis, keep: dict[int, torch.Tensor], calibration,
+                damp: float) -> dict[int, dict]:
+    """Re-fit every matmul whose input channels ``keep`` cuts, before :func:`apply_plan`.
+
+    For ``y = x Wᵀ + b`` with kept input channels ``S`` and ``Σ = E[[x,1][x,1]ᵀ]`` over all
+    calibration tokens (padding included) of the unpruned program, the columns ``S' = [S,1]``
+    of ``[W,b]`` become ``([W,b] Σ[:,S'] + λ[W,b][:,S']) (Σ[S',S'] + λI)⁻¹``, with
+    ``λ = damp · mean(diag Σ[S',S'])``: least squares, pulled towards the old weights (without
+    a bias, ``S`` alone). Weights are written at full shape; :func:`apply_plan` slices the cut
+    columns away. A weight or bias that is read elsewhere too (a tied embedding) is left
+    alone. Returns, for each group with re-fitted consumers, the relative output error
+    ``‖y'-y‖/‖y‖`` of those on the calibration inputs, with the re-fit and with plain pruning.
+    """
+    gm = program.module
+    readers = matmul_readers(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fits: dict[tuple[str, int], torch.Tensor] = {}
+    for (attr, dim), uses in readers.items():
+        sid = analysis.graph.slot_space.get((f"attr:{attr}", 0, dim))
+        weight = _get(gm, attr)
+        if sid not in analysis.coords or not set(analysis.coords[sid]) & set(keep) or weight.dim() != 2:
+            continue
+        kept = analysis.kept_indices(sid, keep)
+        if kept.numel() < weight.shape[dim] and _exclusive(program, attr, {name for name, _ in uses}):
+            fits[(attr, dim)] = kept
+    moments = input_moments(gm, {name for key in fits for name, _ in readers[key]}, calibration)
+    errors: dict[tuple[str, int], torch.Tensor] = {}
+    for (attr, dim), kept in fits.items():
+        uses = [name for name, _ in readers[(attr, dim)]]
+        sigma = sum(moments[n][0] for n in uses) / sum(moments[n][1] for n in uses)
+        weight = _get(gm, attr).detach()
+        w = weight.double() if dim == 1 else weight.double().T  # (out, in)
+        bias = _shared_bias(program, [nodes[n] for n in uses], w.shape[0])
+        if bias is None:
+            full, cols, sigma = w, kept, sigma[:-1, :-1]
+        else:
+            full = torch.cat([w, _get(gm, bias).detach().double()[:, None]], 1)
+            cols = torch.cat([kept, kept.new_tensor([w.shape[1]])])
+        fitted, errors[(attr, dim)] = _refit(full, sigma, cols, damp)
+        w_new = w.clone()
+        w_new[:, kept] = fitted[:, : kept.numel()]
+        _set(gm, attr, (w_new if dim == 1 else w_new.T).to(weight.dtype).contiguous(), _get(gm, attr))
+        if bias is not None:
+            _set(gm, bias, fitted[:, -1].to(_get(gm, bias).dtype).contiguous(), _get(gm, bias))
+    out = {}
+    for gid in keep:
+        mine = [errors[(m.attr, m.dim)] for m in analysis.group(gid).members if (m.attr, m.dim) in errors]
+        if mine:
+            fit, plain, total = torch.stack(mine).sum(0)
+            out[gid] = {"reconstructed": True, "reconstruction_error": float((fit / total).sqrt()),
+                        "pruning_error": float((plain / total).sqrt())}
+    return out
+
+
+def _refit(full: torch.Tensor, sigma: torch.Tensor, cols: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """New columns ``cols`` of ``full`` (out x in), and ``‖Δy‖²`` re-fitted, ``‖Δy‖²`` plainly
+    cut and ``‖y‖²`` under the input moments ``sigma``."""
+    inner = sigma[cols][:, cols]
+    lam = damp * inner.diagonal().mean()
+    rhs = full @ sigma[:, cols] + lam * full[:, cols]
+    fitted = torch.linalg.solve(inner + lam * torch.eye(len(cols), dtype=inner.dtype), rhs.T).T
+    refit, cut = torch.zeros_like(full), torch.zeros_like(full)
+    refit[:, cols], cut[:, cols] = fitted, full[:, cols]
+    energy = [((d @ sigma) * d).sum() for d in (refit - full, cut - full, full)]
+    return fitted, torch.stack(energy)
+
+
+def _exclusive(program: Program, attr: str, names: set[str]) -> bool:
+    """``attr`` is read only by the nodes ``names`` and shares its storage with no other tensor."""
+    users = {u.name for n in program.graph.nodes if n.op == "get_attr" and n.target == attr for u in n.users}
+    storage = _get(program.module, attr).untyped_storage().data_ptr()
+    aliases = sum(t.untyped_storage().data_ptr() == storage for t in program.tensors().values())
+    return users <= names and aliases <= 1
+
+
+def _shared_bias(program: Program, uses: list[fx.Node], size: int) -> str | None:
+    """The bias attribute (``size`` long) that every use adds with unit scale and nothing else reads."""
+    targets = set()
+    for node in uses:
+        index = _BIAS_ARG.get(node.target)
+        arg = node.args[index] if index is not None and len(node.args) > index and not node.kwargs else None
+        targets.add(arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None)
+    bias = targets.pop() if len(targets) == 1 else None
+    if bias is None or _get(program.module, bias).shape != (size,):
+        return None
+    return bias if _exclusive(program, bias, {n.name for n in uses}) else None
 
 
 # ---- rewriting ----------------------------------------------------------------------------

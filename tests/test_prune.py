@@ -289,3 +289,78 @@ def test_a_parameter_target_scales_the_ratios_to_meet_it():
     assert target["reachable"] and target["predicted_params"] == after
     assert 0.75 * before < after <= 0.8 * before
     assert target["ratios"]["ffn"] > target["ratios"]["heads"]
+
+
+# ---- reconstruction ----------------------------------------------------------------------------
+def _calibration(arch: str, seeds) -> list:
+    return [((), zoo.example_inputs(arch, batch=8, seq=32, seed=s)) for s in seeds]
+
+
+def _relative_error(program, references, batches) -> float:
+    errors = [(program(**kw)["last_hidden_state"] - want).norm() / want.norm() for want, (_, kw) in zip(references, batches)]
+    return float(sum(errors) / len(errors))
+
+
+@pytest.mark.parametrize("arch, options", [
+    ("bert", {"heads": 0.5, "ffn": 0.5}),
+    ("llama", {"kv_heads": 0.5, "ffn": 0.5}),
+    ("llama", {"heads": 0.5}),
+], ids=["bert", "llama-kv-heads", "llama-heads"])
+def test_reconstruction_brings_the_output_closer_on_calibration_and_heldout_inputs(arch, options):
+    model = zoo.tiny_model(arch, "sdpa", layers=LAYERS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration, heldout = _calibration(arch, range(4)), _calibration(arch, range(100, 102))
+    errors, shapes = {}, {}
+    for reconstruct in (False, True):
+        program = graphopt.capture(model, kwargs=zoo.example_inputs(arch))
+        program.meta["calibration"] = calibration
+        references = {name: [program(**kw)["last_hidden_state"] for _, kw in batches]
+                      for name, batches in (("calibration", calibration), ("heldout", heldout))}
+        before = {name: (t, t.clone()) for name, t in program.tensors().items()}
+        info = Prune(**options, importance="activation", reconstruct=reconstruct)(program).info
+        for name, (t, values) in before.items():  # new tensors replace the old ones, never written in place
+            assert torch.equal(t, values), name
+        errors[reconstruct] = {name: _relative_error(program, references[name], batches)
+                               for name, batches in (("calibration", calibration), ("heldout", heldout))}
+        shapes[reconstruct] = {name: t.shape for name, t in program.tensors().items()}
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert shapes[True] == shapes[False]
+    for name in ("calibration", "heldout"):
+        assert errors[True][name] < 0.9 * errors[False][name], errors
+    assert info["reconstruction"]["data"] == "calibration"
+    for group in info["groups"]:
+        if group["kept"] < group["size"]:
+            assert group["reconstructed"] and group["reconstruction_error"] < group["pruning_error"]
+
+
+def test_reconstruction_is_exact_when_the_cut_channels_duplicate_kept_ones():
+    model = zoo.tiny_model("bert", "sdpa", layers=LAYERS)
+    half = zoo.FFN // 2
+    with torch.no_grad():
+        for layer in model.encoder.layer:  # channel j < half copies channel half + j, and is read less (l2 cuts it)
+            layer.intermediate.dense.weight[:half] = layer.intermediate.dense.weight[half:]
+            layer.intermediate.dense.bias[:half] = layer.intermediate.dense.bias[half:]
+            layer.output.dense.weight[:, :half] *= 0.3
+            layer.output.dense.weight[:, half:] *= 3
+    calibration, heldout = _calibration("bert", range(4)), _calibration("bert", range(100, 102))
+    for reconstruct in (False, True):
+        program = graphopt.capture(model, kwargs=zoo.example_inputs("bert"))
+        program.meta["calibration"] = calibration
+        batches = calibration + heldout
+        references = [program(**kw)["last_hidden_state"] for _, kw in batches]
+        info = Prune(ffn=0.5, importance="l2", reconstruct=reconstruct, reconstruct_damp=1e-9)(program).info
+        for i in range(LAYERS):
+            assert _kept(info, "ffn", f"encoder.layer.{i}") == list(range(half, zoo.FFN))
+        error = max((program(**kw)["last_hidden_state"] - want).abs().max() for want, (_, kw) in zip(references, batches))
+        if reconstruct:
+            assert error < 1e-5
+            assert all(g["reconstruction_error"] < 1e-6 < g["pruning_error"] for g in info["groups"])
+        else:
+            assert error > 1e-3
+
+
+def test_reconstruction_without_calibration_fits_on_the_example_inputs():
+    _, program = _capture("bert", batch=4, seq=32)
+    info = Prune(ffn=0.5, reconstruct=True)(program).info
+    assert info["reconstruction"] == {"data": "example inputs", "batches": 1, "damp": 0.01}
+    assert all(g["reconstructed"] for g in info["groups"])

@@ -111,7 +111,7 @@ def taylor(program: Program, groups: Sequence[Group], calibration) -> Scores:
 
 
 def activation(program: Program, groups: Sequence[Group], calibration) -> Scores:
-    readers = _matmul_readers(program.module)
+    readers = matmul_readers(program.module)
     means = _mean_abs_inputs(program.module, readers, calibration)
     tensors = _tensors(program)
     out = {}
@@ -136,7 +136,7 @@ _READ_DIM = {  # matmul-like op → (input arg, weight arg, weight dim that meet
 }
 
 
-def _matmul_readers(gm: fx.GraphModule) -> dict[tuple[str, int], list[tuple[str, int]]]:
+def matmul_readers(gm: fx.GraphModule) -> dict[tuple[str, int], list[tuple[str, int]]]:
     """(weight attribute, dim) → [(matmul node, input channel dim)] for matmuls reading a weight."""
     readers: dict[tuple[str, int], list[tuple[str, int]]] = {}
     for node in gm.graph.nodes:
@@ -151,17 +151,38 @@ def _matmul_readers(gm: fx.GraphModule) -> dict[tuple[str, int], list[tuple[str,
 
 def _mean_abs_inputs(gm: fx.GraphModule, readers, calibration) -> dict[str, torch.Tensor]:
     """Mean |x| per input channel of each reader matmul, on an instrumented copy of ``gm``."""
-    import copy
-
-    names = {name for uses in readers.values() for name, _ in uses}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def record(name: str, x: torch.Tensor) -> torch.Tensor:
+    def record(name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).abs().double()
         sums[name] = sums.get(name, 0) + flat.sum(0)
         counts[name] = counts.get(name, 0) + flat.shape[0]
-        return x
+
+    _record_inputs(gm, {name for uses in readers.values() for name, _ in uses}, record, calibration)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def input_moments(gm: fx.GraphModule, names: set[str], calibration) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per named matmul: ``Σ [x,1]ᵀ[x,1]`` over every input row (token) of every batch, in
+    float64 (``(C+1) x (C+1)``, the constant last), with the number of rows."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        augmented = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1)
+        sums[name] = sums.get(name, 0) + augmented.T @ augmented
+        counts[name] = counts.get(name, 0) + flat.shape[0]
+
+    _record_inputs(gm, names, record, calibration)
+    return {name: (sums[name], counts[name]) for name in sums}
+
+
+def _record_inputs(gm: fx.GraphModule, names: set[str], record: Callable[[str, torch.Tensor], None], calibration) -> None:
+    """Run an instrumented copy of ``gm`` on every batch; ``record(name, x)`` sees the input
+    of each named matmul."""
+    import copy
 
     probe = copy.deepcopy(gm)
     for node in list(probe.graph.nodes):
@@ -173,7 +194,6 @@ def _mean_abs_inputs(gm: fx.GraphModule, readers, calibration) -> dict[str, torc
     with torch.no_grad():
         for args, kwargs in calibration:
             probe(*args, **kwargs)
-    return {name: sums[name] / counts[name] for name in sums}
 
 
 _CRITERIA: dict[str, Callable] = {"l1": magnitude(1), "l2": magnitude(2), "taylor": taylor, "activation": activation}
