@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--distill-options", default="", help="more distill{...} options, e.g. 'pooled_cosine=1.0'")
     parser.add_argument("--calibration", type=int, default=128, help="training sentences for the prune stage's importance")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--export", type=Path, default=None,
+                        help="also write the recovered model as ONNX (after --after), e.g. for benchmarks/compare.py --bundle")
+    parser.add_argument("--after", default="fused-attention,bias-gelu,dce", help="exact stages run before --export")
     parser.add_argument("--out", default="out/distill_minilm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,6 +97,10 @@ def main() -> None:
         f"held-out mean cosine {after['mean_cosine']:.4f}, min {after['min_cosine']:.4f}, spearman {after['spearman']:.4f}"
     )
     print(f"curve: {info.get('curve_png')}   summary: {out / 'summary.json'}")
+    if args.export:
+        deployed = graphopt.optimize(recovered.program, args.after) if args.after else recovered
+        exported = deployed.export(args.export / "model.onnx")
+        print(f"exported {exported.path} ({exported.bytes / 1e6:.1f} MB, ORT parity checked)")
 
 
 if __name__ == "__main__":
