@@ -4,6 +4,19 @@ The reference is ``program.run`` (the optimized program, not the original model)
 must not move the numbers, whatever the passes did. Random inputs are derived from the
 example inputs and change only the axes the program declares dynamic, so the check covers
 the shapes a user will send and not only the one the graph was traced with.
+
+A program that quantizes activations at run time (dynamic int8, MatMulNBits with int8
+compute) cannot match another runtime element by element: fp32 kernels (a MatMul kept in
+fp32, LayerNorm) differ between ORT and PyTorch by an ulp or two, a value on the other side
+of a rounding boundary becomes a whole quantization step, and later layers spread it. For
+such a program each input set also measures the program's *rounding floor*: the largest
+``1 - cosine`` (over the positions the attention mask marks as real) between the program
+and copies of it whose fp32 tensors moved by ``FLOOR_PERTURBATION`` (relative). An output
+that misses atol/rtol passes when its own ``1 - cosine`` to ORT is within ``FLOOR_FACTOR``
+floors; both figures are in the report. Measured on MiniLM: floors of 2e-3 to 8e-3 for int8
+plans (2e-4 for int4 weight-only), ORT at 0.2–1.1 floors. What this level cannot see: one
+weight scale 5 % off in one of 37 layers lands at 1.4–1.6 floors; such errors are for the
+per-op lowering tests (tests/test_quantize.py), which hold every op to 1e-5.
 """
 
 from __future__ import annotations
@@ -23,6 +36,13 @@ from .onnx_export import dynamic_axis_names, positional_names
 from .session import make_session, run
 
 DEFAULT_RANDOM_SHAPES = ((1, 7), (3, 19))
+# graphopt ops that round activations while the model runs (see the module doc).
+RUNTIME_QUANTIZED_OPS = ("linear_dynamic_int8", "attention_int8", "linear_nbits")
+FLOOR_PERTURBATION = 2.0**-20  # relative move of every fp32 tensor: a few ulp
+FLOOR_SAMPLES = 4
+# ORT's deviation is one more draw of the same rounding noise, so it lands above the largest
+# of a few perturbed copies now and then: allow twice the floor.
+FLOOR_FACTOR = 2.0
 
 
 @dataclass
@@ -35,9 +55,12 @@ class OutputParity:
     max_abs: float
     max_rel: float  # |ort - torch| / max(|torch|, atol): near-zero references count against atol
     cosine: float
-    tolerance_ratio: float  # max |ort - torch| / (atol + rtol |torch|); passes when <= 1
+    tolerance_ratio: float  # max |ort - torch| / (atol + rtol |torch|); passes when <= 1 (or within the rounding floor)
     passed: bool
     note: str = ""
+    # Programs that quantize activations at run time: the largest 1 - cosine (real positions)
+    # of the program against its ulp-perturbed copies; None otherwise.
+    rounding_floor: float | None = None
 
     def describe(self) -> str:
         shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in self.input_shapes.items())
@@ -70,11 +93,12 @@ class ParityReport:
         return {"atol": self.atol, "rtol": self.rtol, "passed": self.passed, "results": [asdict(r) for r in self.results]}
 
     def table(self) -> str:
-        rows = ["| input set | output | max abs | max rel | cosine | x tolerance | ok |", "|---|---|---|---|---|---|---|"]
+        rows = ["| input set | output | max abs | max rel | cosine | x tolerance | rounding floor | ok |", "|---|---|---|---|---|---|---|---|"]
         for r in self.results:
+            floor = "–" if r.rounding_floor is None else f"{r.rounding_floor:.2e}"
             rows.append(
                 f"| {r.input_set} | {r.output} | {r.max_abs:.3e} | {r.max_rel:.3e} | {r.cosine:.6f} | "
-                f"{r.tolerance_ratio:.3g} | {'yes' if r.passed else 'NO'} |"
+                f"{r.tolerance_ratio:.3g} | {floor} | {'yes' if r.passed else 'NO'} |"
             )
         return "\n".join(rows)
 
@@ -116,14 +140,48 @@ def check_parity(
         input_sets.append((f"extra[{index}]", *_split_inputs(program, extra)))
 
     report = ParityReport(atol=atol, rtol=rtol)
+    perturbed = [_perturbed(program, seed + i) for i in range(FLOOR_SAMPLES)] if quantizes_at_run_time(program) else []
     for label, args, kwargs in input_sets:
-        report.results.extend(_compare_one(program, session, label, args, kwargs, atol, rtol))
+        report.results.extend(_compare_one(program, session, label, args, kwargs, atol, rtol, perturbed))
     if raise_on_failure and not report.passed:
         raise ParityError(report.failure_message())
     return report
 
 
-def _compare_one(program, session, label, args, kwargs, atol, rtol) -> list[OutputParity]:
+def quantizes_at_run_time(program: Program) -> bool:
+    """Whether the program holds an op that rounds activations while it runs."""
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and getattr(target, "namespace", None) == "graphopt":
+            if target.name().split("::")[-1].split(".")[0] in RUNTIME_QUANTIZED_OPS:
+                return True
+    return False
+
+
+def _perturbed(program: Program, seed: int) -> Program:
+    """A copy whose floating-point tensors each moved by +-FLOOR_PERTURBATION (relative)."""
+    copy = program.clone()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in copy.tensors().values():
+            if tensor.is_floating_point():
+                signs = torch.randint(0, 2, tensor.shape, generator=generator).to(tensor.dtype) * 2 - 1
+                tensor.mul_(1 + FLOOR_PERTURBATION * signs)
+    return copy
+
+
+def _real_positions(kwargs: dict) -> np.ndarray | None:
+    mask = kwargs.get("attention_mask")
+    return mask.bool().numpy() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _one_minus_cosine(a: np.ndarray, b: np.ndarray, real: np.ndarray | None) -> float:
+    if real is not None and a.ndim >= 3 and a.shape[:2] == real.shape:
+        a, b = a[real], b[real]
+    return 1.0 - _cosine(a.astype(np.float64), b.astype(np.float64))
+
+
+def _compare_one(program, session, label, args, kwargs, atol, rtol, perturbed: Sequence[Program] = ()) -> list[OutputParity]:
     named = _named(program, args, kwargs)
     shapes = {name: tuple(v.shape) for name, v in named.items() if isinstance(v, torch.Tensor)}
     declared = [i.name for i in session.get_inputs()]
@@ -135,7 +193,23 @@ def _compare_one(program, session, label, args, kwargs, atol, rtol) -> list[Outp
     names = [o.name for o in session.get_outputs()]
     if len(got) != len(expected):
         raise ParityError(f"on {label}: ONNX Runtime returned {len(got)} outputs {names}, the program {len(expected)}")
-    return [_compare_arrays(label, shapes, name, ref, out, atol, rtol) for name, ref, out in zip(names, expected, got)]
+    results = [_compare_arrays(label, shapes, name, ref, out, atol, rtol) for name, ref, out in zip(names, expected, got)]
+    if perturbed:
+        real = _real_positions(kwargs)
+        moved = [[t.detach().cpu().numpy() for t in copy.run(args, kwargs)] for copy in perturbed]
+        for index, (result, ref, out) in enumerate(zip(results, expected, got)):
+            if not np.issubdtype(ref.dtype, np.floating) or ref.shape != out.shape:
+                continue
+            floor = max(_one_minus_cosine(run_[index], ref, real) for run_ in moved)
+            result.rounding_floor = floor
+            if not result.passed:
+                drift = _one_minus_cosine(out, ref, real)
+                if drift <= FLOOR_FACTOR * floor:
+                    result.passed = True
+                    result.note = f"within the rounding floor of run-time activation quantization: 1 - cosine {drift:.2e} <= {FLOOR_FACTOR:g} x {floor:.2e}"
+                else:
+                    result.note = f"beyond the rounding floor of run-time activation quantization: 1 - cosine {drift:.2e} > {FLOOR_FACTOR:g} x {floor:.2e}"
+    return results
 
 
 def _compare_arrays(label, shapes, name, ref: np.ndarray, out: np.ndarray, atol, rtol) -> OutputParity:

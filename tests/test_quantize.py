@@ -379,3 +379,35 @@ def test_gptq_lowers_the_layer_output_error_on_calibration_inputs():
     assert errors[True] < 0.8 * errors[False], errors
     with pytest.raises(ConfigError, match="gptq applies to mode=weight_only"):
         Quantize(gptq=True)
+
+
+# ---- parity of programs that quantize activations at run time ------------------------------
+def _scaled_weight_scales(path, factor: float, out):
+    model = onnx.load(path)
+    for init in model.graph.initializer:
+        if init.name.endswith("w_scale") or "scale" in init.name:
+            array = onnx.numpy_helper.to_array(init) * np.float32(factor)
+            init.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), init.name))
+            break
+    onnx.save(model, out)
+    return out
+
+
+def test_parity_of_a_mixed_int8_program_reports_its_rounding_floor_and_catches_a_wrong_scale(tmp_path):
+    from graphopt.export import check_parity
+    from graphopt.export.parity import quantizes_at_run_time
+
+    program = _capture("bert")
+    fp32 = program.clone()
+    Quantize(exclude=["encoder.layer.0.output.dense"])(program)  # one fp32 linear between int8 ones
+    assert quantizes_at_run_time(program) and not quantizes_at_run_time(fp32)
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    report = check_parity(program, exported.path)
+    assert report.passed
+    assert all(r.rounding_floor is not None and r.rounding_floor >= 0 for r in report.results)
+    assert all(r.rounding_floor is None for r in check_parity(fp32, to_onnx(fp32, tmp_path / "fp32.onnx").path).results)
+
+    # a lowering that is really wrong (a weight scale doubled) is far beyond the floor
+    wrong = check_parity(program, _scaled_weight_scales(exported.path, 2.0, tmp_path / "wrong.onnx"), raise_on_failure=False)
+    assert not wrong.passed
+    assert any("beyond the rounding floor" in r.note for r in wrong.failures)
