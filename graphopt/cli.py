@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--bench-seq", type=int, default=128)
     opt.add_argument("--bench-repeat", type=int, default=30)
     opt.add_argument("--heldout", type=int, default=64, help="held-out sentences for fidelity (0: skip)")
+    opt.add_argument("--calibration", type=int, default=64,
+                     help="training sentences for calibrated passes (quantize, prune importance and reconstruction)")
     opt.add_argument("--no-baseline", action="store_true", help="skip exporting the unoptimized model for comparison")
     opt.add_argument("--min-fidelity", type=float, help="search the candidate recipes for the fastest with held-out mean cosine >= this")
     opt.add_argument("--max-latency-ms", type=float, help="search the candidate recipes for the most faithful with ORT p50 <= this")
@@ -157,6 +159,7 @@ def _build_options(args):
         bench_seq=args.bench_seq,
         bench_repeat=args.bench_repeat,
         heldout=args.heldout,
+        calibration=args.calibration,
         baseline_onnx=not args.no_baseline,
         progress=not args.quiet,
     )

@@ -142,3 +142,12 @@ def test_fidelity_search_needs_a_text_model(tmp_path, capsys):
     code = main(["optimize", "--model", "factories:tiny_bert", "--out", str(tmp_path), "--min-fidelity", "0.99", "--no-baseline", "--quiet"])
     assert code == EXIT_USAGE
     assert "held-out sentences" in capsys.readouterr().err
+
+
+def test_calibration_sentences_reach_the_build_options(tmp_path):
+    from graphopt.cli import _build_options, _parser
+
+    args = _parser().parse_args(["optimize", "--model", "minilm", "--out", str(tmp_path), "--calibration", "512"])
+    assert _build_options(args).calibration == 512
+    default = _parser().parse_args(["optimize", "--model", "minilm", "--out", str(tmp_path)])
+    assert _build_options(default).calibration == 64
