@@ -61,6 +61,9 @@ class DistillConfig(PassConfig):
     patience: int = Field(4, ge=1, description="evaluations without improvement before stopping")
     target_cosine: float | None = Field(None, description="stop once validation mean cosine reaches this")
     time_limit_s: float | None = Field(None, gt=0)
+    teacher_cache_mb: int = Field(
+        4096, ge=0, description="keep the teacher's outputs per training sentence (up to this size) so later epochs skip its forward pass; 0: off"
+    )
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(100, ge=1)
     progress: bool = True
@@ -81,7 +84,7 @@ class DistillResult:
 
 
 # ---- data ---------------------------------------------------------------------------------
-def _text_batches(tokenizer, config: DistillConfig, input_names: Sequence[str]) -> tuple[Iterable[dict], list[str]]:
+def _text_batches(tokenizer, config: DistillConfig, input_names: Sequence[str]) -> tuple[Iterable[tuple[dict, list[str]]], list[str]]:
     from graphopt.data import tokenize, train_sentences
 
     sentences = train_sentences(source=config.data)
@@ -96,7 +99,7 @@ def _text_batches(tokenizer, config: DistillConfig, input_names: Sequence[str]) 
         for chunk in _length_bucketed(train, config, tokenizer):
             mine = chunk[rank::world]
             inputs = tokenize(tokenizer, mine, max_length=config.max_length)
-            yield {k: v for k, v in inputs.items() if k in input_names}
+            yield {k: v for k, v in inputs.items() if k in input_names}, mine
 
     return batches(), validation
 
@@ -122,15 +125,83 @@ def _length_bucketed(sentences: list[str], config: DistillConfig, tokenizer, poo
         epoch += 1
 
 
-def _tensor_batches(data: Sequence[dict]) -> Iterable[dict]:
+def _tensor_batches(data: Sequence[dict]) -> Iterable[tuple[dict, None]]:
     if not data:
         raise DistillError("no training data: the list of input dicts is empty")
     rank, world = _rank_world()
     index = 0
     while True:
         batch = data[index % len(data)]
-        yield {k: (v[rank::world] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+        yield {k: (v[rank::world] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}, None
         index += 1
+
+
+class _TeacherCache:
+    """The teacher's outputs (and tapped block outputs) per training sentence.
+
+    The teacher is frozen and a sentence's real-token outputs do not depend on the rest of
+    its padded batch, so after the first epoch the teacher's forward pass (about 30 % of a
+    step's compute when teacher and student are alike) is replaced by reassembling stored
+    rows. Per-token outputs (``[batch, seq, width...]``) are stored at the positions the
+    attention mask marks as real and are zero at padded positions when reassembled (every
+    loss masks those); per-sample outputs (a pooler) row by row. Stores nothing past
+    ``limit_bytes``, and nothing for tensor data (no sentence keys), inputs without a 2-D
+    attention mask, or left-padded batches.
+    """
+
+    def __init__(self, view: TappedModule, limit_bytes: int):
+        self.view, self.limit, self.used = view, limit_bytes, 0
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.layout: tuple[int, list[bool]] | None = None  # (number of outputs, per-token flag of each tensor)
+
+    def __call__(self, inputs: dict, keys: list[str] | None) -> tuple[tuple, list]:
+        mask = inputs.get("attention_mask")
+        usable = (
+            keys is not None and self.limit > 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and len(keys) == mask.shape[0]
+            # right padding only: a left-padded sentence's positions (and outputs) move with the batch
+            and bool((mask[:, 1:] <= mask[:, :-1]).all())
+        )
+        if usable and self.layout is not None and all(k in self.rows for k in keys):
+            return self._assemble(keys, mask.bool())
+        with torch.no_grad():
+            t_out, t_taps = self.view(*self.view.flatten((), inputs))
+        if usable and self.used < self.limit:
+            self._store(keys, mask.bool(), t_out, t_taps)
+        return t_out, t_taps
+
+    def _store(self, keys: list[str], mask: torch.Tensor, t_out, t_taps) -> None:
+        batch, seq = mask.shape
+        tensors = [*t_out, *t_taps]
+        if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch for t in tensors):
+            self.limit = 0  # outputs that are not per sample cannot be reassembled
+            return
+        if any(t.dim() == 2 and t.shape[1] == seq for t in tensors):
+            return  # [batch, seq] or [batch, width] with width == seq: ambiguous, keep nothing from this batch
+        per_token = [t.dim() >= 3 and t.shape[1] == seq for t in tensors]
+        if self.layout is None:
+            self.layout = (len(t_out), per_token)
+        elif self.layout != (len(t_out), per_token):
+            self.limit = 0  # the outputs' structure changed with the batch: stop caching
+            return
+        for i, key in enumerate(keys):
+            if key not in self.rows:
+                rows = [t[i][mask[i]].clone() if token else t[i].clone() for t, token in zip(tensors, per_token)]
+                self.rows[key] = rows
+                self.used += sum(r.numel() * r.element_size() for r in rows)
+
+    def _assemble(self, keys: list[str], mask: torch.Tensor) -> tuple[tuple, list]:
+        count, per_token = self.layout
+        tensors = []
+        for j, token in enumerate(per_token):
+            parts = [self.rows[k][j] for k in keys]
+            if token:
+                out = parts[0].new_zeros((*mask.shape, *parts[0].shape[1:]))
+                for i, part in enumerate(parts):
+                    out[i][mask[i]] = part
+                tensors.append(out)
+            else:
+                tensors.append(torch.stack(parts))
+        return tuple(tensors[:count]), tensors[count:]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -298,11 +369,11 @@ def distill(
     start = time.perf_counter()
     best, since_best, stopped, samples = -math.inf, 0, "", 0
     step = start_step
+    teacher_outputs_of = _TeacherCache(teacher_view, config.teacher_cache_mb * 2**20)
     for step in range(start_step, config.steps):
-        inputs = next(batches)
+        inputs, keys = next(batches)
         flat = student_view.flatten((), inputs)
-        with torch.no_grad():
-            t_out, t_taps = teacher_view(*teacher_view.flatten((), inputs))
+        t_out, t_taps = teacher_outputs_of(inputs, keys)
         s_out, s_taps = objective(*flat)
         mask = _token_mask(inputs, s_out[0])
         loss = s_out[0].new_zeros(())
@@ -363,7 +434,7 @@ def distill(
     return result
 
 
-def _text_batches_from(sentences: list[str], tokenizer, config: DistillConfig, input_names) -> tuple[Iterable[dict], list[str]]:
+def _text_batches_from(sentences: list[str], tokenizer, config: DistillConfig, input_names) -> tuple[Iterable[tuple[dict, list[str]]], list[str]]:
     from graphopt.data import tokenize
 
     rng = random.Random(config.seed)
@@ -381,8 +452,9 @@ def _text_batches_from(sentences: list[str], tokenizer, config: DistillConfig, i
             random.Random(config.seed + epoch).shuffle(train)
             for start in range(0, max(1, len(train) - config.batch_size + 1), config.batch_size):
                 chunk = (train * (1 + config.batch_size // len(train)))[start : start + config.batch_size]
-                inputs = tokenize(tokenizer, chunk[rank::world], max_length=config.max_length)
-                yield {k: v for k, v in inputs.items() if k in input_names}
+                mine = chunk[rank::world]
+                inputs = tokenize(tokenizer, mine, max_length=config.max_length)
+                yield {k: v for k, v in inputs.items() if k in input_names}, mine
             epoch += 1
 
     return batches(), (validation or None)

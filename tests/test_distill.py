@@ -222,3 +222,43 @@ def test_half_precision_codebooks_train_through_float32_masters():
     moved = sum((after32[n].detach().float() - b).norm() for n, b in books.items())
     apart = sum((after[n].detach().float() - after32[n].detach().float()).norm() for n in books)
     assert apart < 0.1 * moved, (apart, moved)
+
+
+def test_cached_teacher_outputs_train_like_a_teacher_run_every_step(monkeypatch):
+    # After the first epoch the teacher's outputs come from the per-sentence cache; the
+    # student must train as it would with the teacher run on every batch.
+    import transformers
+
+    import graphopt.distill as distill_module
+    from graphopt.data import train_sentences
+    from graphopt.models import load_model
+
+    tokenizer = load_model("minilm").tokenizer
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    inputs = dict(tokenizer(["a short example", "another example sentence here"], padding=True, return_tensors="pt"))
+    teacher = graphopt.capture(model, kwargs=inputs)
+    damaged = teacher.clone()
+    with torch.no_grad():
+        for p in damaged.module.parameters():
+            if p.dim() == 2:
+                p.mul_(0.9)
+    assembled = []
+    original = distill_module._TeacherCache._assemble
+    monkeypatch.setattr(distill_module._TeacherCache, "_assemble", lambda self, *a: assembled.append(1) or original(self, *a))
+
+    def train(cache_mb: int):
+        student = damaged.clone()
+        # max_length 24 < hidden 32: a [batch, hidden] pooler output is never mistaken for a per-token one
+        cfg = DistillConfig(steps=30, eval_every=100, batch_size=8, max_length=24, progress=False, teacher_cache_mb=cache_mb)
+        distill(student, teacher, train_sentences(120), cfg, tokenizer=tokenizer)  # 96 training sentences: 12 steps an epoch
+        return student.tensors()
+
+    cached = train(64)
+    assert len(assembled) >= 12  # the second and third epochs reassemble every batch
+    hits = len(assembled)
+    plain = train(0)
+    assert len(assembled) == hits  # a 0 MB cache is off
+    for name, tensor in plain.items():
+        torch.testing.assert_close(cached[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
