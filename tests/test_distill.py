@@ -76,14 +76,15 @@ def test_two_processes_match_one(tmp_path):
         assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
 
 
-def test_text_data_with_validation_and_curve(tmp_path):
-    from graphopt.data import train_sentences
+def text_teacher_and_damaged_student():
+    """A tiny random BERT with MiniLM's tokenizer (teacher) and a copy with its matrices
+    scaled by 0.9 (student), for training on text."""
+    import transformers
+
     from graphopt.models import load_model
 
     tokenizer = load_model("minilm").tokenizer
     torch.manual_seed(0)
-    import transformers
-
     config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     model = transformers.BertModel(config).eval()
     inputs = dict(tokenizer(["a short example", "another example sentence here"], padding=True, return_tensors="pt"))
@@ -93,6 +94,13 @@ def test_text_data_with_validation_and_curve(tmp_path):
         for p in student.module.parameters():
             if p.dim() == 2:
                 p.mul_(0.9)
+    return tokenizer, teacher, student
+
+
+def test_text_data_with_validation_and_curve(tmp_path):
+    from graphopt.data import train_sentences
+
+    tokenizer, teacher, student = text_teacher_and_damaged_student()
     result = distill(student, teacher, train_sentences(120), DistillConfig(steps=12, eval_every=6, batch_size=8, max_length=32, progress=False), tokenizer=tokenizer, report_dir=tmp_path)
     scores = [h["val_mean_cosine"] for h in result.history if "val_mean_cosine" in h]
     assert len(scores) == 2 and all(0 < s <= 1 for s in scores)
@@ -227,23 +235,10 @@ def test_half_precision_codebooks_train_through_float32_masters():
 def test_cached_teacher_outputs_train_like_a_teacher_run_every_step(monkeypatch):
     # After the first epoch the teacher's outputs come from the per-sentence cache; the
     # student must train as it would with the teacher run on every batch.
-    import transformers
-
     import graphopt.distill as distill_module
     from graphopt.data import train_sentences
-    from graphopt.models import load_model
 
-    tokenizer = load_model("minilm").tokenizer
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    model = transformers.BertModel(config).eval()
-    inputs = dict(tokenizer(["a short example", "another example sentence here"], padding=True, return_tensors="pt"))
-    teacher = graphopt.capture(model, kwargs=inputs)
-    damaged = teacher.clone()
-    with torch.no_grad():
-        for p in damaged.module.parameters():
-            if p.dim() == 2:
-                p.mul_(0.9)
+    tokenizer, teacher, damaged = text_teacher_and_damaged_student()
     assembled = []
     original = distill_module._TeacherCache._assemble
     monkeypatch.setattr(distill_module._TeacherCache, "_assemble", lambda self, *a: assembled.append(1) or original(self, *a))
