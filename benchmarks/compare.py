@@ -11,7 +11,8 @@ Variants, all in one process on one machine:
   built as the deployment build step builds them: calibration on 64 training sentences, the
   ORT session settings measured on the built model (``runtime.disabled_optimizers = "auto"``);
 * any bundle written by ``graphopt optimize`` (``--bundle NAME=DIR``), e.g. a pruned and
-  distilled model, opened with the session settings its manifest records.
+  distilled model, opened with the session settings its manifest records (a folder with
+  only ``model.onnx``, as ``distill_minilm.py --export`` writes, gets them measured).
 
 Shapes: batch 1 and 8 × sequence 128 and 512, ``--threads`` intra-op threads. PyTorch
 variants are timed in interleaved rounds before any ORT session exists; ORT variants in
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import subprocess
@@ -75,7 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process peak-RSS runs")
     parser.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 12, 16, 24], help="layers for the optimize() cost curve (none: skip)")
+    parser.add_argument("--cost-only", action="store_true", help="only the optimize() cost curve (optimize_cost.json / .png)")
     args = parser.parse_args(argv)
+    if args.cost_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        cost = optimize_cost(args.depths)
+        (args.out / "optimize_cost.json").write_text(json.dumps(cost, indent=2))
+        plot_cost(cost, args.out)
+        print(cost_markdown(cost))
+        return 0
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -123,12 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         }
     for spec in args.bundle:
         name, _, folder = spec.partition("=")
-        manifest = json.loads((Path(folder) / "manifest.json").read_text())
-        disabled = manifest.get("session", {}).get("disabled_optimizers") or []
         path = Path(folder) / "model.onnx"
+        if not name or not path.is_file():
+            parser.error(f"--bundle {spec!r}: expected NAME=DIR with DIR/model.onnx")
+        manifest_path = Path(folder) / "manifest.json"
+        if manifest_path.is_file():  # a graphopt bundle: the session settings it was built with
+            manifest = json.loads(manifest_path.read_text())
+            disabled = manifest.get("session", {}).get("disabled_optimizers") or []
+            pipeline = manifest.get("recipe", {}).get("pipeline")
+        else:  # a bare export (e.g. distill_minilm.py --export): measured as the build step would
+            disabled = _session_settings(Recipe(), path, tuning_inputs, args.threads)
+            pipeline = None
         variants[f"graphopt {name}"] = {
             **ort_variant(path, args.threads, disabled_optimizers=disabled),
-            "kind": "graphopt", "pipeline": manifest.get("recipe", {}).get("pipeline"), "disabled_optimizers": disabled,
+            "kind": "graphopt", "pipeline": pipeline, "disabled_optimizers": disabled,
             "rss": {"onnx": str(path), "disabled": disabled},
         }
 
@@ -274,21 +292,25 @@ def _peak_rss(spec: dict, inputs: dict, threads: int, out: Path) -> dict | None:
 
 
 # ---- optimize() cost against depth ------------------------------------------------------------
-def optimize_cost(depths: list[int]) -> list[dict]:
-    """Seconds to capture and to run the lossless and int8 presets on tiny BERTs of each depth."""
+def optimize_cost(depths: list[int], repeats: int = 3) -> list[dict]:
+    """Seconds to capture and to run the lossless and int8 presets on tiny BERTs of each depth
+    (the fastest of ``repeats`` runs: one-off pauses of a shared machine are not the cost)."""
     from graphopt.zoo import example_inputs, tiny_model
 
     rows = []
     for layers in depths:
         model = tiny_model("bert", layers=layers)
         inputs = example_inputs("bert")
-        start = time.perf_counter()
-        program = graphopt.capture(model, kwargs=inputs)
-        row = {"layers": layers, "capture_s": time.perf_counter() - start, "nodes": len(program.module.graph.nodes)}
-        for preset in ("lossless", "int8"):
+        row: dict = {"layers": layers}
+        for _ in range(repeats):
             start = time.perf_counter()
-            graphopt.optimize(program, preset)
-            row[f"{preset}_s"] = time.perf_counter() - start
+            program = graphopt.capture(model, kwargs=inputs)
+            row["capture_s"] = min(row.get("capture_s", math.inf), time.perf_counter() - start)
+            for preset in ("lossless", "int8"):
+                start = time.perf_counter()
+                graphopt.optimize(program, preset)
+                row[f"{preset}_s"] = min(row.get(f"{preset}_s", math.inf), time.perf_counter() - start)
+        row["nodes"] = len(program.module.graph.nodes)
         say(f"optimize cost: {row}")
         rows.append(row)
     return rows
@@ -377,17 +399,21 @@ def to_markdown(results: dict) -> str:
     if results["torch_compile_first_call_s"]:
         lines += ["", "torch.compile first call per shape (compilation, not timed): "
                   + ", ".join(f"{k} {s:.0f} s" for k, s in results["torch_compile_first_call_s"].items())]
-    cost = results["optimize_cost"]
-    if cost:
-        lines += ["", "## Cost of optimize() against depth (tiny BERT, hidden 32)", "",
-                  "| layers | graph nodes | capture s | lossless preset s | int8 preset s |", "|---:|---:|---:|---:|---:|"]
-        for r in cost:
-            lines.append(f"| {r['layers']} | {r['nodes']} | {r['capture_s']:.2f} | {r['lossless_s']:.2f} | {r['int8_s']:.2f} |")
-        lines.append("")
-        for key in ("capture_s", "lossless_s", "int8_s"):
-            fit = _linearity(cost, key)
-            lines.append(f"- {key[:-2]}: {fit['slope_s_per_layer']:.3f} s/layer + {fit['intercept_s']:.2f} s, R² {fit['r2']:.3f}, "
-                         f"slope over the deeper half / shallower half {fit['deep_vs_shallow_slope']:.2f}")
+    if results["optimize_cost"]:
+        lines += ["", cost_markdown(results["optimize_cost"]).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def cost_markdown(cost: list[dict]) -> str:
+    lines = ["## Cost of optimize() against depth (tiny BERT, hidden 32; fastest of 3 runs)", "",
+             "| layers | graph nodes | capture s | lossless preset s | int8 preset s |", "|---:|---:|---:|---:|---:|"]
+    for r in cost:
+        lines.append(f"| {r['layers']} | {r['nodes']} | {r['capture_s']:.2f} | {r['lossless_s']:.2f} | {r['int8_s']:.2f} |")
+    lines.append("")
+    for key in ("capture_s", "lossless_s", "int8_s"):
+        fit = _linearity(cost, key)
+        lines.append(f"- {key[:-2]}: {fit['slope_s_per_layer']:.3f} s/layer + {fit['intercept_s']:.2f} s, R² {fit['r2']:.3f}, "
+                     f"slope over the deeper half / shallower half {fit['deep_vs_shallow_slope']:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -439,7 +465,7 @@ def _scatter(ax, points: dict[str, tuple[float, float]], variants: dict) -> None
             best = y
     ax.plot(*zip(*front), color="tab:blue", alpha=0.4, drawstyle="steps-post", zorder=2, label="Pareto front")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
 
 
 def plot_cost(cost: list[dict], out: Path) -> None:
