@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 import graphopt
-from graphopt.build import benchmark_inputs, calibration_batches
+from graphopt.build import benchmark_inputs, calibration_batches, session_settings
 from graphopt.data import heldout_sentences
-from graphopt.export import alternating_latency, interleaved_latency, to_onnx, tune_disabled_optimizers
+from graphopt.export import alternating_latency, interleaved_latency, to_onnx
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
 from graphopt.quant.cpu import cpu_int8_support
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         result = graphopt.optimize(program, recipe)
         exported = result.export(out / "presets" / name / "model.onnx")
         build_s = time.perf_counter() - start
-        disabled = _session_settings(recipe, exported.path, tuning_inputs, args.threads)
+        disabled = session_settings(recipe.runtime, exported.path, tuning_inputs, args.threads)["disabled_optimizers"]
         variants[label] = {
             **ort_variant(exported.path, args.threads, disabled_optimizers=disabled),
             "kind": "graphopt", "build_s": build_s, "pipeline": recipe.pipeline_text(), "disabled_optimizers": disabled,
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             disabled = manifest.get("session", {}).get("disabled_optimizers") or []
             pipeline = manifest.get("recipe", {}).get("pipeline")
         else:  # a bare export (e.g. distill_minilm.py --export): measured as the build step would
-            disabled = _session_settings(Recipe(), path, tuning_inputs, args.threads)
+            disabled = session_settings(Recipe().runtime, path, tuning_inputs, args.threads)["disabled_optimizers"]
             pipeline = None
         variants[f"graphopt {name}"] = {
             **ort_variant(path, args.threads, disabled_optimizers=disabled),
@@ -225,19 +225,6 @@ def _distinct_presets(chosen: list[str] | None) -> list[tuple[str, Recipe, list[
         else:
             seen[key] = (name, recipe, [])
     return list(seen.values())
-
-
-def _session_settings(recipe: Recipe, path: Path, inputs: dict, threads: int) -> list[str]:
-    """The ORT transformers the deployed session leaves out, as the build step decides them."""
-    from graphopt.export.session import resolve_disabled_optimizers
-
-    setting = recipe.runtime.disabled_optimizers
-    if setting != "auto":
-        return resolve_disabled_optimizers(setting, recipe.runtime.provider)
-    import onnx
-
-    declared = {i.name for i in onnx.load(path, load_external_data=False).graph.input}
-    return tune_disabled_optimizers(path, {k: v for k, v in inputs.items() if k in declared}, threads=threads)["disabled_optimizers"]
 
 
 # ---- peak memory in a fresh process -----------------------------------------------------------

@@ -181,25 +181,31 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
 
 
 def session_tuning(result: OptimizeResult, inputs: dict, threads: int) -> list[str]:
-    """The ORT transformers the deployed session leaves out: measured on the built model
-    when the recipe says ``"auto"``, else as the recipe names them. Recorded in the report's
-    ``session`` section and in the manifest."""
+    """The ORT transformers the deployed session leaves out (:func:`session_settings` for the
+    built model), recorded in the report's ``session`` section and in the manifest."""
+    section = session_settings(result.recipe.runtime, result.exported.path, inputs, threads)
+    result.report.sections["session"] = section
+    return section["disabled_optimizers"]
+
+
+def session_settings(runtime, path: str | os.PathLike, inputs: dict, threads: int) -> dict[str, Any]:
+    """The ORT session a model at ``path`` is deployed with under the recipe's ``runtime``
+    settings: the transformers to leave out are measured on the model when the recipe says
+    ``"auto"`` (with the trials), else taken as the recipe names them."""
     import onnx
 
     from graphopt.export import tune_disabled_optimizers
     from graphopt.export.session import resolve_disabled_optimizers
 
-    runtime = result.recipe.runtime
     section: dict[str, Any] = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization}
     if runtime.disabled_optimizers == "auto":
-        declared = {i.name for i in onnx.load(result.exported.path, load_external_data=False).graph.input}
+        declared = {i.name for i in onnx.load(path, load_external_data=False).graph.input}
         feed = {k: v for k, v in inputs.items() if k in declared}
-        tuned = tune_disabled_optimizers(result.exported.path, feed, provider=runtime.provider, threads=threads)
+        tuned = tune_disabled_optimizers(path, feed, provider=runtime.provider, threads=threads)
         section.update(disabled_optimizers=tuned["disabled_optimizers"], tuning=tuned["trials"])
     else:
         section["disabled_optimizers"] = resolve_disabled_optimizers(runtime.disabled_optimizers, runtime.provider)
-    result.report.sections["session"] = section
-    return section["disabled_optimizers"]
+    return section
 
 
 def _session_encoder(session):
