@@ -31,6 +31,7 @@ import torch
 
 from graphopt.errors import ConfigError, ParityError
 from graphopt.program import Program
+from graphopt.verify import drift, real_positions
 
 from .onnx_export import dynamic_axis_names, positional_names
 from .session import make_session, run
@@ -170,15 +171,9 @@ def _perturbed(program: Program, seed: int) -> Program:
     return copy
 
 
-def _real_positions(kwargs: dict) -> np.ndarray | None:
-    mask = kwargs.get("attention_mask")
-    return mask.bool().numpy() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-
-def _one_minus_cosine(a: np.ndarray, b: np.ndarray, real: np.ndarray | None) -> float:
-    if real is not None and a.ndim >= 3 and a.shape[:2] == real.shape:
-        a, b = a[real], b[real]
-    return 1.0 - _cosine(a.astype(np.float64), b.astype(np.float64))
+def _one_minus_cosine(a: np.ndarray, b: np.ndarray, real: torch.Tensor | None) -> float:
+    """``1 - cosine`` of two outputs on the real positions, as the pass manager's budget sees it."""
+    return 1.0 - drift((torch.from_numpy(b),), (torch.from_numpy(a),), real).cosine
 
 
 def _compare_one(program, session, label, args, kwargs, atol, rtol, perturbed: Sequence[Program] = ()) -> list[OutputParity]:
@@ -195,7 +190,7 @@ def _compare_one(program, session, label, args, kwargs, atol, rtol, perturbed: S
         raise ParityError(f"on {label}: ONNX Runtime returned {len(got)} outputs {names}, the program {len(expected)}")
     results = [_compare_arrays(label, shapes, name, ref, out, atol, rtol) for name, ref, out in zip(names, expected, got)]
     if perturbed:
-        real = _real_positions(kwargs)
+        real = real_positions(kwargs)
         moved = [[t.detach().cpu().numpy() for t in copy.run(args, kwargs)] for copy in perturbed]
         for index, (result, ref, out) in enumerate(zip(results, expected, got)):
             if not np.issubdtype(ref.dtype, np.floating) or ref.shape != out.shape:

@@ -170,7 +170,7 @@ class PassManager(Pass):
         # Exact passes must hold on every position, padding included; the budget of lossy
         # ones is measured on the positions the attention mask marks as real.
         step = drift(state.outputs, outputs)
-        total = drift(new.reference_outputs, outputs, new.valid_positions()) if new.reference_outputs else drift(state.outputs, outputs, new.valid_positions())
+        total = drift(new.reference_outputs or state.outputs, outputs, new.valid_positions())
         record.drift_step, record.drift_total = step.to_dict(), total.to_dict()
         reason = settings.budget.check_exact(step) if p.exact else settings.budget.check(total)
         if reason:

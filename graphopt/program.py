@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from graphopt.verify import real_positions
+
 
 def flatten_outputs(outputs: Any) -> tuple[torch.Tensor, ...]:
     """Flatten a model output (tensor, tuple, dict, ModelOutput) into its tensor leaves."""
@@ -58,12 +60,8 @@ class Program:
         return flatten_outputs(self(*args, **kwargs))
 
     def valid_positions(self) -> torch.Tensor | None:
-        """The example inputs' real (non-padding) positions, ``[batch, seq]`` bool, from a 2-D
-        ``attention_mask`` keyword input; ``None`` when there is none (every position counts)."""
-        mask = self.kwargs.get("attention_mask") if self.kwargs else None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point():
-            return mask.bool()
-        return None
+        """The example inputs' real (non-padding) positions (:func:`graphopt.verify.real_positions`)."""
+        return real_positions(self.kwargs)
 
     def clone(self) -> Program:
         """A deep copy: graph and tensors (shared tensors stay shared within the copy)."""

@@ -31,6 +31,15 @@ class Drift:
         return f"max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g} cosine={self.cosine:.6f}"
 
 
+def real_positions(kwargs: dict | None) -> torch.Tensor | None:
+    """Real (non-padding) positions of a batch, ``[batch, seq]`` bool, from a 2-D integer
+    ``attention_mask`` keyword input; ``None`` when there is none (every position counts)."""
+    mask = kwargs.get("attention_mask") if kwargs else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point():
+        return mask.bool()
+    return None
+
+
 def drift(reference: tuple[torch.Tensor, ...], candidate: tuple[torch.Tensor, ...], valid: torch.Tensor | None = None) -> Drift:
     """Worst-output drift of ``candidate`` from ``reference``.
 
