@@ -2,11 +2,7 @@
 
 from graphopt.api import OptimizeResult, optimize
 from graphopt.capture import capture
-from graphopt.manager import PassManager
-from graphopt.pipeline import parse_pipeline
-from graphopt.recipe import Recipe
-from graphopt.report import Report
-from graphopt.verify import Budget, Drift, drift
+from graphopt.context import PassContext, Target
 from graphopt.errors import (
     CaptureError,
     ConfigError,
@@ -18,8 +14,14 @@ from graphopt.errors import (
     UnknownPassError,
     VerificationError,
 )
-from graphopt.passbase import Pass, PassConfig, PassResult, create_pass, get_pass_class, register_pass, registered_passes
+from graphopt.instrument import Instrumentation, PassRejected
+from graphopt.manager import PassManager
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, Status, register_pass
+from graphopt.pipeline import create_pass, get_pass_class, parse_pipeline, registered_passes
 from graphopt.program import Program
+from graphopt.recipe import Recipe
+from graphopt.report import Report
+from graphopt.verify import Budget, Drift, drift
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,10 @@ __all__ = [
     "optimize",
     "OptimizeResult",
     "PassManager",
+    "PassContext",
+    "Target",
+    "Instrumentation",
+    "PassRejected",
     "parse_pipeline",
     "Recipe",
     "Report",
@@ -37,7 +43,9 @@ __all__ = [
     "Program",
     "Pass",
     "PassConfig",
+    "PassInfo",
     "PassResult",
+    "Status",
     "register_pass",
     "registered_passes",
     "get_pass_class",

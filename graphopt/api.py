@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,17 @@ from typing import Any
 import torch
 
 from graphopt.capture import capture
+from graphopt.context import PassContext, Services
+from graphopt.datasets import program_context
 from graphopt.errors import ParityError
-from graphopt.manager import PassManager, as_manager
+from graphopt.instrument import Instrumentation, default_instrumentations
+from graphopt.manager import ManagerInfo, PassManager
+from graphopt.passbase import Pass
+from graphopt.pipeline import as_manager
 from graphopt.program import Program
 from graphopt.recipe import Recipe
 from graphopt.report import Report
+from graphopt.verify import Budget
 
 
 @dataclass
@@ -80,38 +87,54 @@ def optimize(
     dynamic_shapes: Any = "auto",
     budget: Any = None,
     on_failure: str | None = None,
+    context: PassContext | None = None,
+    instrumentations: Sequence[Instrumentation] | None = None,
     reproducer_dir: str | Path | None = None,
     progress: bool = False,
+    print_after_change: str | Path | None = None,
 ) -> OptimizeResult:
     """Run a pipeline over a captured program (or capture the model first).
 
     ``pipeline`` is a textual pipeline (``"dce,dedup,sdpa"``), a :class:`PassManager`,
     a list of passes, a :class:`Recipe`, or the path / preset name of a TOML recipe
-    (``None``: the default recipe). The input program is never modified: the pipeline
-    runs on a copy.
+    (``None``: the default recipe). ``context`` brings the passes' data (calibration,
+    verification, tokenizer, ...; :mod:`graphopt.datasets` builds one from text); without
+    one, a program is calibrated and verified on seeded random inputs over its dynamic
+    shapes. The original program is the context's teacher. ``instrumentations`` replaces the
+    standard set (:func:`graphopt.instrument.default_instrumentations`). The input program
+    is never modified: the pipeline runs on a copy.
     """
     recipe = _as_recipe(pipeline)
     if isinstance(budget, dict):
-        from graphopt.verify import Budget
-
         budget = Budget(**budget)
     program = model if isinstance(model, Program) else capture(model, args, kwargs, dynamic_shapes)
-    if isinstance(pipeline, (PassManager, list, tuple)) and not isinstance(pipeline, Recipe):
-        manager = as_manager(pipeline)
-        manager.budget = budget or recipe.budget
-        manager.on_failure = on_failure or recipe.on_failure
-    else:
-        manager = recipe.manager()
-        if budget is not None:
-            manager.budget = budget
-        if on_failure is not None:
-            manager.on_failure = on_failure
-    if reproducer_dir is not None:
-        manager.reproducer_dir = Path(reproducer_dir)
-    manager.progress = progress
-    result = manager(program.clone())
-    report = result.info["report"]
-    return OptimizeResult(program=result.program, report=report, recipe=recipe)
+    explicit = isinstance(pipeline, (PassManager, Pass, list, tuple))
+    settings = dict(reproducer_dir=reproducer_dir, progress=progress, print_after_change=print_after_change)
+    manager = as_manager(pipeline) if explicit else recipe.manager(**settings)
+    if budget is not None:
+        manager.budget = budget
+    if on_failure is not None:
+        manager.on_failure = on_failure  # type: ignore[assignment]
+    if instrumentations is not None:
+        manager.instrumentations = list(instrumentations)
+    elif manager.instrumentations is None:
+        manager.instrumentations = default_instrumentations(**settings)
+    ctx = context if context is not None else program_context(program)
+    ctx = ctx.replace(teacher=ctx.teacher or program, services=ctx.services if ctx.services.block_timer else default_services())
+    result = manager(program.clone(), ctx)
+    assert isinstance(result.info, ManagerInfo)
+    return OptimizeResult(program=result.program, report=result.info.report, recipe=recipe)
+
+
+def default_services() -> Services:
+    """The services the top layer lends to passes: ORT block timing (latency-aware pruning)."""
+
+    def block_timer(provider: str, threads: int, tokens: int) -> Any:
+        from graphopt.export.latency import BlockTimer
+
+        return BlockTimer(provider, threads, tokens)
+
+    return Services(block_timer=block_timer)
 
 
 def _as_recipe(pipeline: Any) -> Recipe:

@@ -1,32 +1,35 @@
-"""The pass manager: runs a pipeline, verifies every step, rolls back what breaks.
+"""The pass manager: runs a pipeline of passes and notifies its instrumentations.
 
-The manager is itself a pass (so pipelines nest). For each pass it
+The manager is itself a pass (pipelines nest; ``fixpoint(...)`` repeats its passes until
+none changes anything). For each pass it creates the report record, calls every
+instrumentation before the pass, runs the pass under its contract (:meth:`Pass.__call__`:
+IR check, result type, ``unchanged`` must not change anything, clean-up after a change),
+and calls the instrumentations after it. A pass that raises, or whose result an
+instrumentation rejects (:class:`graphopt.instrument.PassRejected`), is a failure: the
+instrumentations' ``after_failure`` hooks run, the rollback's snapshot becomes the program,
+and ``on_failure`` decides whether the pipeline continues, stops, or raises
+:class:`PassFailedError`. Verification, rollback, reproducers, statistics, timing and
+progress are instrumentations (:mod:`graphopt.instrument`); the manager knows none of them.
 
-1. snapshots the program and fingerprints it,
-2. runs the pass (an exception is caught, a reproducer folder is written),
-3. enforces the contract: ``modified=False`` must leave the fingerprint unchanged,
-4. re-runs the program and measures drift against the program before the pass (exact
-   passes: within ``budget.exact_rtol``) and against the original model (lossy passes:
-   within the budget, on the positions the example's attention mask marks as real),
-5. records wall time, node / parameter / byte / FLOP counts and drift in the report,
-6. on any failure restores the snapshot and, by ``on_failure``, continues, stops the
-   pipeline, or raises :class:`PassFailedError`.
+A pass the pipeline names that never changed the program (unchanged or skipped on every
+run) is a failure in the report, unless the pipeline marks it optional (``dce?``): a
+requested compression that did not happen must not look like a success.
 """
 
 from __future__ import annotations
 
-import time
-import traceback
-from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Literal
 
-import torch
+from pydantic import ConfigDict
 
-from graphopt.errors import PassContractError, PassFailedError
-from graphopt.passbase import Pass, PassConfig, PassResult
+from graphopt.context import PassContext
+from graphopt.errors import PassFailedError
+from graphopt.instrument import Instrumentation, PassRejected, RunState, default_instrumentations
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, Status, format_options
 from graphopt.program import Program
-from graphopt.report import PassRecord, ProgramStats, Report, environment
-from graphopt.verify import Budget, drift
+from graphopt.report import PassRecord, Report, environment
+from graphopt.verify import Budget
 
 OnFailure = Literal["continue", "stop", "raise"]
 
@@ -36,11 +39,17 @@ class ManagerConfig(PassConfig):
     max_iterations: int = 8
 
 
+class ManagerInfo(PassInfo):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    report: Report
+
+
 class PassManager(Pass):
-    """An ordered pipeline of passes, run with verification and instrumentation."""
+    """An ordered pipeline of passes, run with instrumentation (verification, rollback, ...)."""
 
     name: ClassVar[str] = "pipeline"
     Config: ClassVar[type[PassConfig]] = ManagerConfig
+    Info: ClassVar[type[PassInfo]] = ManagerInfo
 
     def __init__(
         self,
@@ -49,12 +58,11 @@ class PassManager(Pass):
         *,
         budget: Budget | None = None,
         on_failure: OnFailure = "continue",
-        reproducer_dir: str | Path | None = None,
-        instrument: bool = True,
-        progress: bool = False,
+        instrumentations: Sequence[Instrumentation] | None = None,
+        optional: bool = False,
         **options: Any,
     ):
-        super().__init__(config, **options)
+        super().__init__(config, optional=optional, **options)
         self.passes: list[Pass] = list(passes)
         for p in self.passes:
             if not isinstance(p, Pass):
@@ -62,180 +70,111 @@ class PassManager(Pass):
         self.budget = budget or Budget()
         if on_failure not in ("continue", "stop", "raise"):
             raise ValueError(f"on_failure must be 'continue', 'stop' or 'raise', got {on_failure!r}")
-        self.on_failure = on_failure
-        self.reproducer_dir = Path(reproducer_dir) if reproducer_dir else Path.cwd()
-        self.instrument = instrument
-        self.progress = progress
+        self.on_failure: OnFailure = on_failure
+        self.instrumentations = list(instrumentations) if instrumentations is not None else None
         self.report: Report | None = None
 
-    # A pipeline is exact when every pass in it is.
     @property
-    def exact(self) -> bool:  # type: ignore[override]
+    def exact(self) -> bool:
         return all(p.exact for p in self.passes)
 
     def text(self) -> str:
-        inner = ",".join(str(p) for p in self.passes)
+        inner = ",".join(p.text() for p in self.passes)
         options = {k: v for k, v in self.options().items() if k != "fixpoint"}
-        from graphopt.pipeline import format_options
-
+        mark = "?" if self.optional else ""
         if self.config.fixpoint:
-            return f"fixpoint({inner}){format_options(options)}"
-        if options:
-            return f"pipeline({inner}){format_options(options)}"
+            return f"fixpoint({inner}){format_options(options)}{mark}"
+        if options or self.optional:
+            return f"pipeline({inner}){format_options(options)}{mark}"
         return inner
 
+    def leaves(self) -> list[Pass]:
+        return [leaf for p in self.passes for leaf in (p.leaves() if isinstance(p, PassManager) else [p])]
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PassManager) and self.config == other.config and self.passes == other.passes
+        return isinstance(other, PassManager) and self.config == other.config and self.passes == other.passes and self.optional == other.optional
 
     def __hash__(self) -> int:
-        return hash((self.config, tuple(self.passes)))
+        return hash((self.config, tuple(self.passes), self.optional))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pass": self.name, "config": self.config.model_dump(mode="json"), "passes": [p.to_dict() for p in self.passes]}
-
-    def _needs_teacher(self) -> bool:
-        return any(p._needs_teacher() if isinstance(p, PassManager) else getattr(p, "needs_teacher", False) for p in self.passes)
+        return {"pass": self.name, "config": self.config.model_dump(mode="json"), "optional": self.optional, "passes": [p.to_dict() for p in self.passes]}
 
     # ---- running ------------------------------------------------------------------------
-    def run(self, program: Program) -> PassResult:
-        report = Report(pipeline=self.text(), model=program.meta.get("model_class", ""))
-        report.environment = environment()
-        if self.instrument:
-            report.initial = ProgramStats.of(program)
-        if program.teacher is None and self._needs_teacher():
-            program.teacher = program.clone()
-        state = _RunState(outputs=program.run(), report=report)
-        initial_fingerprint = program.fingerprint()
-        program = self._run_passes(program, state, self)
-        final_outputs = state.outputs
-        report.final_drift = drift(program.reference_outputs, final_outputs, program.valid_positions()).to_dict() if program.reference_outputs else None
-        if self.instrument:
-            report.final = ProgramStats.of(program)
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        report = Report(pipeline=self.text(), model=program.meta.get("model_class", ""), environment=environment())
+        hooks = self.instrumentations if self.instrumentations is not None else default_instrumentations()
+        run = RunState(ctx=ctx, report=report, budget=self.budget, instrumentations=hooks)
+        for hook in hooks:
+            hook.before_pipeline(program, run)
+        program = self._run_passes(program, run, self)
+        for hook in hooks:
+            hook.after_pipeline(program, run)
+        report.failures.extend(_unchanged_requests(run, self.leaves()))
         self.report = report
-        modified = any(r.status == "applied" for r in report.passes) or program.fingerprint() != initial_fingerprint
-        return PassResult(program, modified, {"report": report})
+        changed = any(r.status == Status.APPLIED.value for r in report.passes)
+        return PassResult(program, Status.APPLIED if changed else Status.UNCHANGED, ManagerInfo(report=report))
 
-    def _run_passes(self, program: Program, state: "_RunState", settings: "PassManager") -> Program:
-        iterations = self.config.max_iterations if self.config.fixpoint else 1
-        for _ in range(iterations):
+    def _run_passes(self, program: Program, run: RunState, settings: PassManager) -> Program:
+        for _ in range(self.config.max_iterations if self.config.fixpoint else 1):
             changed = False
-            for p in _progress(self.passes, settings.progress):
-                if state.stopped:
+            for p in self.passes:
+                if run.stopped:
                     return program
                 if isinstance(p, PassManager):
-                    before = len(state.report.passes)
-                    program = p._run_passes(program, state, settings)
-                    changed |= any(r.status == "applied" for r in state.report.passes[before:])
-                    continue
-                program, applied = self._run_one(p, program, state, settings)
-                changed |= applied
+                    before = len(run.report.passes)
+                    program = p._run_passes(program, run, settings)
+                    changed |= any(r.status == Status.APPLIED.value for r in run.report.passes[before:])
+                else:
+                    program, applied = settings._run_one(p, program, run)
+                    changed |= applied
             if not changed:
                 break
         return program
 
-    def _run_one(self, p: Pass, program: Program, state: "_RunState", settings: "PassManager") -> tuple[Program, bool]:
-        record = PassRecord(name=p.name, text=str(p), exact=p.exact, status="unchanged")
-        state.report.passes.append(record)
-        if settings.instrument:
-            record.before = state.stats or ProgramStats.of(program)
-        snapshot = program.clone()
-        fingerprint = program.fingerprint()
-        start = time.perf_counter()
+    def _run_one(self, p: Pass, program: Program, run: RunState) -> tuple[Program, bool]:
+        record = PassRecord(name=p.name, text=p.text(), exact=p.exact, status="running", optional=p.optional)
+        run.report.passes.append(record)
+        run.records.setdefault(id(p), []).append(record)
+        run.snapshot = None
         try:
-            result = p(program)
-        except Exception as exc:  # noqa: BLE001 - any crash of a pass is rolled back and reported
-            record.wall_s = time.perf_counter() - start
-            record.reproducer = str(_write_reproducer_safely(snapshot, p, exc, settings.reproducer_dir))
-            return self._fail(record, snapshot, f"{type(exc).__name__}: {exc}", state, settings, exc), False
-        record.wall_s = time.perf_counter() - start
-        record.info = _public_info(result.info)
-        new = result.program
-        if not result.modified:
-            if new.fingerprint() != fingerprint:
-                message = f"pass '{p.name}' returned modified=False but changed the program (graph or tensors)"
-                return self._fail(record, snapshot, message, state, settings, PassContractError(message)), False
-            if "skipped" in result.info:
-                record.status = "skipped"
-                record.reason = str(result.info["skipped"])
-            record.after = record.before
-            return new, False
+            for hook in run.instrumentations:
+                hook.before_pass(p, program, run, record)
+            result = p(program, run.ctx)
+            record.status, record.reason = result.status.value, result.reason
+            record.info = result.info.model_dump(mode="json")
+            for hook in reversed(run.instrumentations):
+                hook.after_pass(p, result, run, record)
+        except Exception as exc:  # noqa: BLE001 - any failure of a pass is reported and, with a rollback, undone
+            return self._failed(p, program, exc, run, record), False
+        return result.program, result.modified
 
-        new.invalidate()
-        try:
-            new.module.graph.lint()
-            outputs = new.run()
-        except Exception as exc:  # noqa: BLE001
-            record.reproducer = str(_write_reproducer_safely(snapshot, p, exc, settings.reproducer_dir))
-            return self._fail(record, snapshot, f"the program no longer runs after the pass: {type(exc).__name__}: {exc}", state, settings, exc), False
-        # Exact passes must hold on every position, padding included; the budget of lossy
-        # ones is measured on the positions the attention mask marks as real.
-        step = drift(state.outputs, outputs)
-        total = drift(new.reference_outputs or state.outputs, outputs, new.valid_positions())
-        record.drift_step, record.drift_total = step.to_dict(), total.to_dict()
-        reason = settings.budget.check_exact(step) if p.exact else settings.budget.check(total)
-        if reason:
-            kind = "exact pass" if p.exact else "lossy pass"
-            return self._fail(record, snapshot, f"{kind} '{p.name}' broke its tolerance: {reason}", state, settings, None), False
-        record.status = "applied"
-        state.outputs = outputs
-        if settings.instrument:
-            record.after = state.stats = ProgramStats.of(new)
-        return new, True
-
-    def _fail(self, record: PassRecord, snapshot: Program, reason: str, state: "_RunState", settings: "PassManager", exc: BaseException | None) -> Program:
-        record.status = "rolled-back"
-        record.reason = reason
-        record.after = record.before
-        state.report.failures.append(f"pass '{record.text}' rolled back: {reason}" + (f" (reproducer: {record.reproducer})" if record.reproducer else ""))
-        if settings.on_failure == "stop":
-            state.stopped = True
-        elif settings.on_failure == "raise":
-            raise PassFailedError(state.report.failures[-1]) from exc
-        return snapshot
+    def _failed(self, p: Pass, program: Program, error: Exception, run: RunState, record: PassRecord) -> Program:
+        restored = None
+        for hook in reversed(run.instrumentations):
+            restored = hook.after_failure(p, program, error, run, record) or restored
+        record.status, record.reason = "rolled-back", _describe(error)
+        message = f"pass '{record.text}' {'rolled back' if restored is not None else 'failed'}: {record.reason}"
+        run.report.failures.append(message + (f" (reproducer: {record.reproducer})" if record.reproducer else ""))
+        if self.on_failure == "raise" or restored is None:
+            raise PassFailedError(run.report.failures[-1]) from error
+        run.stopped = self.on_failure == "stop"
+        return restored
 
 
-class _RunState:
-    def __init__(self, outputs: tuple[torch.Tensor, ...], report: Report):
-        self.outputs = outputs
-        self.report = report
-        self.stopped = False
-        self.stats: ProgramStats | None = None
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, PassRejected) else f"{type(error).__name__}: {error}"
 
 
-def _progress(passes: list[Pass], enabled: bool):
-    if not enabled:
-        return passes
-    from tqdm import tqdm
-
-    return tqdm(passes, desc="passes", unit="pass", leave=False)
-
-
-def _public_info(info: dict) -> dict:
-    return {k: v for k, v in info.items() if not k.startswith("_")}
-
-
-def _write_reproducer_safely(program: Program, p: Pass, exc: BaseException, directory: Path) -> Path | str:
-    from graphopt.reproducer import write_reproducer
-
-    try:
-        return write_reproducer(program, p, exc, directory)
-    except Exception as repro_exc:  # noqa: BLE001 - the original failure matters more
-        return f"(could not write reproducer: {type(repro_exc).__name__}: {repro_exc}; {traceback.format_exception_only(exc)[-1].strip()})"
-
-
-def as_manager(pipeline: Any) -> PassManager:
-    """A PassManager from a pipeline string, a PassManager, a pass, or a list of passes."""
-    from graphopt.pipeline import parse_pipeline
-
-    if isinstance(pipeline, PassManager):
-        return pipeline
-    if isinstance(pipeline, Pass):
-        return PassManager([pipeline])
-    if isinstance(pipeline, str):
-        return parse_pipeline(pipeline)
-    if isinstance(pipeline, (list, tuple)):
-        items = []
-        for item in pipeline:
-            items.extend(as_manager(item).passes if isinstance(item, str) else [item])
-        return PassManager(items)
-    raise TypeError(f"a pipeline is a string, a Pass or a list of passes, not {type(pipeline).__name__}")
+def _unchanged_requests(run: RunState, leaves: list[Pass]) -> list[str]:
+    """A failure for each pass the pipeline requires that changed nothing on any run."""
+    failures = []
+    for p in leaves:
+        if p.optional:
+            continue
+        records = run.records.get(id(p), [])
+        if records and not any(r.status in (Status.APPLIED.value, "rolled-back") for r in records):
+            last = records[-1]
+            why = f": {last.reason}" if last.reason else ""
+            failures.append(f"pass '{p.text()}' was requested but {'was skipped' if last.status == Status.SKIPPED.value else 'left the program unchanged'}{why} (mark it optional with '{p.text()}?' if that is acceptable)")
+    return failures

@@ -3,14 +3,18 @@
 Grammar (whitespace is ignored)::
 
     pipeline := item ("," item)*
-    item     := NAME ["{" option ("," option)* "}"]        a registered pass
-              | GROUP "(" pipeline ")" ["{" options "}"]     a nested manager
+    item     := NAME ["{" option ("," option)* "}"] ["?"]        a registered pass
+              | GROUP "(" pipeline ")" ["{" options "}"] ["?"]     a nested manager
     GROUP    := "pipeline" | "fixpoint"
     option   := KEY "=" value
     value    := number | true | false | word | "quoted" | "[" [value ("," value)*] "]"
 
+A trailing ``?`` marks the item optional: that it changed nothing is not a failure.
 ``parse_pipeline(str(p)) == p`` holds for every pipeline built from registered passes:
 options print in declaration order, only where they differ from the defaults.
+
+This module is also where pass names are looked up: it imports the built-in passes
+(``graphopt.passes``), which the layers below it must not.
 """
 
 from __future__ import annotations
@@ -19,40 +23,30 @@ import json
 import re
 from typing import Any
 
-from graphopt.errors import PipelineSyntaxError
+import graphopt.passes  # noqa: F401  (registers the built-in passes)
+from graphopt.errors import PipelineSyntaxError, UnknownPassError
+from graphopt.manager import PassManager
+from graphopt.passbase import WORD as _WORD
+from graphopt.passbase import Pass, lookup_pass, registry_snapshot
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/*]*")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|nan)")
 GROUPS = ("pipeline", "fixpoint")
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if hasattr(value, "value") and not isinstance(value, str):  # enums
-        value = value.value
-    text = str(value)
-    if _WORD.fullmatch(text) and text not in ("true", "false", "inf", "nan"):
-        return text
-    return json.dumps(text)
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every registered pass class by name (built-ins and plugins loaded so far)."""
+    return registry_snapshot()
 
 
-def format_options(options: dict[str, Any]) -> str:
-    if not options:
-        return ""
-    return "{" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + "}"
+def get_pass_class(name: str) -> type[Pass]:
+    cls = lookup_pass(name)
+    if cls is None:
+        raise UnknownPassError(f"unknown pass '{name}'; available passes: {', '.join(registry_snapshot())}")
+    return cls
 
 
-def format_pass(p) -> str:
-    from graphopt.manager import PassManager
-
-    if isinstance(p, PassManager):
-        return p.text()
-    return p.name + format_options(p.options())
+def create_pass(name: str, *, optional: bool = False, **options: Any) -> Pass:
+    return get_pass_class(name)(optional=optional, **options)
 
 
 class _Parser:
@@ -96,18 +90,22 @@ class _Parser:
             raise self.error("expected ',' between passes" if closing == "" else f"expected ',' or '{closing}'")
         return items
 
-    def item(self):
-        from graphopt.manager import PassManager
-        from graphopt.passbase import create_pass
-
+    def item(self) -> Pass:
         name = self.word()
         if name in GROUPS and self.peek() == "(":
             self.pos += 1
             passes = self.pipeline(closing=")")
             self.expect(")")
             options = self.options()
-            return PassManager(passes, fixpoint=(name == "fixpoint"), **options)
-        return create_pass(name, **self.options())
+            return PassManager(passes, fixpoint=(name == "fixpoint"), optional=self.optional_mark(), **options)
+        options = self.options()
+        return create_pass(name, optional=self.optional_mark(), **options)
+
+    def optional_mark(self) -> bool:
+        if self.peek() == "?":
+            self.pos += 1
+            return True
+        return False
 
     def options(self) -> dict[str, Any]:
         if self.peek() != "{":
@@ -162,10 +160,8 @@ class _Parser:
         return {"true": True, "false": False, "inf": float("inf"), "nan": float("nan")}.get(word, word)
 
 
-def parse_pipeline(text: str):
+def parse_pipeline(text: str) -> PassManager:
     """Parse a textual pipeline into a PassManager (unknown passes and options fail here)."""
-    from graphopt.manager import PassManager
-
     if not text or not text.strip():
         return PassManager([])
     parser = _Parser(text)
@@ -173,3 +169,19 @@ def parse_pipeline(text: str):
     if parser.peek():
         raise parser.error("unexpected text")
     return PassManager(passes)
+
+
+def as_manager(pipeline: Any) -> PassManager:
+    """A PassManager from a pipeline string, a PassManager, a pass, or a list of passes."""
+    if isinstance(pipeline, PassManager):
+        return pipeline
+    if isinstance(pipeline, Pass):
+        return PassManager([pipeline])
+    if isinstance(pipeline, str):
+        return parse_pipeline(pipeline)
+    if isinstance(pipeline, (list, tuple)):
+        items: list[Pass] = []
+        for item in pipeline:
+            items.extend(as_manager(item).passes if isinstance(item, str) else [item])
+        return PassManager(items)
+    raise TypeError(f"a pipeline is a string, a Pass or a list of passes, not {type(pipeline).__name__}")

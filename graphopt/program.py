@@ -38,12 +38,12 @@ class Program:
     reference_outputs: tuple[torch.Tensor, ...] = ()
     output_names: list[str] = field(default_factory=list)
     ir: str = "aten"  # "aten" (torch.export) or "fx" (symbolic_trace fallback)
+    # Facts about the program itself (the model class, how it was captured). Side inputs of
+    # passes (data, tokenizer, teacher) live in the PassContext, never here.
     meta: dict = field(default_factory=dict)
-    # Analyses cached by name; cleared whenever a pass reports ``modified``.
+    # Analyses cached by name; dropped when a pass changes the program, except those the
+    # pass marks preserved.
     analyses: dict = field(default_factory=dict, repr=False, compare=False)
-    # The program as it was before the pipeline ran: the teacher of distillation. Shared,
-    # never modified, not copied by clone().
-    teacher: Program | None = field(default=None, repr=False, compare=False)
 
     @property
     def graph(self) -> fx.Graph:
@@ -77,12 +77,13 @@ class Program:
             reference_outputs=self.reference_outputs,
             output_names=list(self.output_names),
             ir=self.ir,
-            meta=dict(self.meta),  # values are treated as immutable (tokenizer, model name, ...)
-            teacher=self.teacher,
+            meta=dict(self.meta),
         )
 
-    def invalidate(self) -> None:
-        self.analyses.clear()
+    def invalidate(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Drop cached analyses (all but ``keep``): the program changed."""
+        for name in [n for n in self.analyses if n not in keep]:
+            del self.analyses[name]
 
     def analysis(self, name: str, compute) -> Any:
         """Cached analysis: computed once per program state, dropped when a pass modifies it."""

@@ -31,6 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from graphopt.errors import ConfigError
+from graphopt.instrument import Instrumentation, default_instrumentations
+from graphopt.manager import PassManager
+from graphopt.pipeline import create_pass, parse_pipeline
 from graphopt.verify import Budget
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -62,6 +65,14 @@ class RuntimeSettings(_Strict):
     )
 
 
+class InstrumentSettings(_Strict):
+    """Which instrumentations run around every pass (verification and rollback always do)."""
+
+    flops: bool = Field(True, description="count FLOPs before and after every pass (one run on the example)")
+    print_after_change: str | None = Field(None, description="folder to write the program's code to after every pass that changed it")
+    extra: tuple[str, ...] = Field((), description="'module:Class' of user instrumentations, constructed without arguments, run outermost")
+
+
 class Gates(_Strict):
     min_cosine: float | None = Field(None, description="final outputs vs original on the example inputs")
     min_heldout_cosine: float | None = Field(None, description="mean cosine of mean-pooled embeddings on held-out sentences")
@@ -81,6 +92,7 @@ class Recipe(_Strict):
     budget: Budget = Budget()
     export: ExportSettings = ExportSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    instrument: InstrumentSettings = InstrumentSettings()
     gates: Gates = Gates()
 
     @field_validator("passes")
@@ -91,18 +103,22 @@ class Recipe(_Strict):
                 raise ValueError(f"[[passes]] entry {i + 1} has no 'name'")
         return value
 
-    def manager(self, **settings: Any):
-        """The PassManager this recipe describes (unknown passes / options fail here)."""
-        from graphopt.manager import PassManager
-        from graphopt.passbase import create_pass
-        from graphopt.pipeline import parse_pipeline
-
+    def manager(self, *, reproducer_dir: str | Path | None = None, progress: bool = False, print_after_change: str | Path | None = None) -> PassManager:
+        """The PassManager this recipe describes, with its instrumentations (unknown passes,
+        options and instrumentations fail here)."""
         self.load_plugins()
         passes = list(parse_pipeline(self.pipeline).passes) if self.pipeline else []
         for table in self.passes:
-            options = {k: v for k, v in table.items() if k != "name"}
-            passes.append(create_pass(table["name"], **options))
-        return PassManager(passes, budget=self.budget, on_failure=self.on_failure, **settings)
+            options = {k: v for k, v in table.items() if k not in ("name", "optional")}
+            passes.append(create_pass(table["name"], optional=bool(table.get("optional", False)), **options))
+        return PassManager(passes, budget=self.budget, on_failure=self.on_failure, instrumentations=self.instrumentations(reproducer_dir=reproducer_dir, progress=progress, print_after_change=print_after_change))
+
+    def instrumentations(self, *, reproducer_dir: str | Path | None = None, progress: bool = False, print_after_change: str | Path | None = None) -> list[Instrumentation]:
+        """The recipe's instrumentations: its ``instrument.extra`` ones outermost, then the standard set."""
+        settings = self.instrument
+        hooks = [_user_instrumentation(spec) for spec in settings.extra]
+        folder = print_after_change if print_after_change is not None else settings.print_after_change
+        return hooks + default_instrumentations(reproducer_dir=reproducer_dir, progress=progress, print_after_change=folder, flops=settings.flops)
 
     def load_plugins(self) -> None:
         import importlib
@@ -139,6 +155,20 @@ class Recipe(_Strict):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _user_instrumentation(spec: str) -> Instrumentation:
+    import importlib
+
+    module_name, _, name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"instrument.extra: cannot load '{spec}' (give 'module:Class'): {exc}") from None
+    hook = cls()
+    if not isinstance(hook, Instrumentation):
+        raise ConfigError(f"instrument.extra: '{spec}' is a {type(hook).__name__}, not a graphopt.instrument.Instrumentation")
+    return hook
 
 
 def presets() -> list[str]:

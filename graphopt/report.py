@@ -48,6 +48,7 @@ class PassRecord:
     text: str
     exact: bool
     status: str  # applied | unchanged | skipped | rolled-back
+    optional: bool = False  # the recipe marked it optional: changing nothing is no failure
     reason: str = ""
     wall_s: float = 0.0
     before: ProgramStats | None = None
@@ -67,6 +68,7 @@ class Report:
     initial: ProgramStats | None = None
     final: ProgramStats | None = None
     final_drift: dict | None = None
+    verification: dict = field(default_factory=dict)  # what the budget was measured on
     sections: dict[str, Any] = field(default_factory=dict)  # export, parity, latency, fidelity, gates
     failures: list[str] = field(default_factory=list)
 
@@ -89,7 +91,10 @@ class Report:
         env = self.environment
         if env:
             lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ")
-        lines.append(f"Status: {'OK' if self.ok else 'FAILED'}")
+        lines.append(f"Status: {'OK' if self.ok else 'FAILED'}  ")
+        if self.verification:
+            v = self.verification
+            lines.append(f"Verified on: {v.get('source', '')} ({v.get('samples', '?')} samples in {v.get('batches', '?')} batches, besides the example)")
         lines += ["", "| pass | status | time (s) | nodes | parameters | bytes | GFLOPs | step max rel | total cosine | note |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         if self.initial:
@@ -116,13 +121,18 @@ class Report:
 
 
 def environment() -> dict:
-    import onnxruntime
+    from importlib import metadata
+
     import torch
 
+    try:
+        ort_version = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        ort_version = "not installed"
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort_version,
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
     }

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from graphopt.program import module_path
+from graphopt.surgery import fake_mode, stamp
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ aten = torch.ops.aten
 # Users that only assert metadata: they do not consume a value, so a node used by one
 # of them still counts as single-use, and they die with the node they check.
 METADATA_USERS = frozenset({aten._assert_tensor_metadata.default})
-_COPIED_META = ("nn_module_stack", "graphopt_module_path", "stack_trace", "source_fn_stack")
 
 
 @dataclass(frozen=True)
@@ -118,16 +118,11 @@ def emit(graph: fx.Graph, target: Any, args: tuple = (), kwargs: dict | None = N
         return node  # an input without a value: nothing to propagate from
     fake_args, fake_kwargs = pytree.tree_map_only(fx.Node, fake, (args, kwargs))
     # A node built from constants alone (scalar_tensor) still needs the graph's fake mode.
-    mode = torch._guards.detect_fake_mode(pytree.tree_leaves((fake_args, fake_kwargs))) or _graph_fake_mode(graph)
+    mode = torch._guards.detect_fake_mode(pytree.tree_leaves((fake_args, fake_kwargs))) or fake_mode(graph)
     if mode is not None:
         with mode:
             node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
-
-
-def _graph_fake_mode(graph: fx.Graph):
-    vals = (n.meta.get("val") for n in graph.nodes)
-    return next((v.fake_mode for v in vals if isinstance(v, torch._subclasses.FakeTensor)), None)
 
 
 # ---- the driver -----------------------------------------------------------------------
@@ -144,7 +139,7 @@ def apply_rules(
     New nodes get ``meta['graphopt_created_by'] = f"{provenance}:{rule.name}"`` and the
     module provenance of the node they replace. With ``debug`` every attempt is logged
     and the graph is linted after each rewrite, so a broken rule is caught by name.
-    The caller recompiles the module.
+    The pass manager (the pass contract) cleans up and recompiles after a changed pass.
     """
     rules = tuple(rules)
     graph = graph_module.graph
@@ -183,10 +178,7 @@ def _rewrite(graph: fx.Graph, rule: RewriteRule, match: Match, provenance: str) 
         new = rule.replace(graph, match)
     for created in graph.nodes:
         if created not in before:
-            created.meta["graphopt_created_by"] = f"{provenance}:{rule.name}"
-            for key in _COPIED_META:
-                if key in match.root.meta:
-                    created.meta.setdefault(key, match.root.meta[key])
+            stamp(created, f"{provenance}:{rule.name}", match.root)
     match.root.replace_all_uses_with(new)
     erased = set()
     for node in sorted(set(match.nodes), key=_position(graph), reverse=True):

@@ -1,8 +1,16 @@
-"""Numerical drift between two sets of outputs, and the budget lossy passes are held to."""
+"""Numerical drift between two sets of outputs, and the budget lossy passes are held to.
+
+Drift is measured over one or several input batches at once (the verification set), output
+by output, and reported for the worst output. It is NaN- and inf-aware: a value that is not
+finite in one set and finite (or a different non-finite value) in the other is a failure
+with its count, never a number that ``max``/``min`` silently skip; positions where both
+sides hold the same non-finite value (a ``-inf`` mask row in both) agree.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,23 +20,35 @@ from pydantic import BaseModel, ConfigDict, Field
 # (max |a - b| / max |b|): fp32 reassociation (e.g. fused attention) stays far below it.
 EXACT_RTOL = 1e-5
 
+Outputs = tuple[torch.Tensor, ...]
+
 
 @dataclass(frozen=True)
 class Drift:
     """How far ``candidate`` outputs are from ``reference`` ones (worst over all outputs)."""
 
     max_abs: float
-    max_rel: float  # max |a - b| / max |b|, per output, worst output
-    cosine: float  # cosine of the flattened outputs, worst output
-    shape_mismatch: str = ""
+    max_rel: float  # max |a - b| / max |b| over all compared values, worst output
+    cosine: float  # cosine of all compared values of an output flattened together, worst output
+    min_sample_cosine: float = 1.0  # worst cosine of one sample (a batch row's compared values)
+    samples: int = 0  # batch rows compared
+    problem: str = ""  # outputs that cannot be compared: count, shape or non-finite mismatch
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
 
     def to_dict(self) -> dict:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
 
     def __str__(self) -> str:
-        if self.shape_mismatch:
-            return self.shape_mismatch
-        return f"max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g} cosine={self.cosine:.6f}"
+        if self.problem:
+            return self.problem
+        return f"max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g} cosine={self.cosine:.6f} min_sample_cosine={self.min_sample_cosine:.6f}"
+
+
+def failed(problem: str) -> Drift:
+    return Drift(math.inf, math.inf, -1.0, -1.0, 0, problem)
 
 
 def real_positions(kwargs: dict | None) -> torch.Tensor | None:
@@ -40,8 +60,8 @@ def real_positions(kwargs: dict | None) -> torch.Tensor | None:
     return None
 
 
-def drift(reference: tuple[torch.Tensor, ...], candidate: tuple[torch.Tensor, ...], valid: torch.Tensor | None = None) -> Drift:
-    """Worst-output drift of ``candidate`` from ``reference``.
+def drift(reference: Outputs, candidate: Outputs, valid: torch.Tensor | None = None) -> Drift:
+    """Worst-output drift of ``candidate`` from ``reference`` on one batch.
 
     ``valid``: a ``[batch, seq]`` boolean mask of real (not padding) positions; outputs of
     shape ``[batch, seq, ...]`` are then compared on those positions only. A padded
@@ -49,53 +69,114 @@ def drift(reference: tuple[torch.Tensor, ...], candidate: tuple[torch.Tensor, ..
     drift far more than the real tokens (MiniLM int8: cosine 0.91 over all positions of
     its padded example batch, 0.991 over the real ones).
     """
-    if len(reference) != len(candidate):
-        return Drift(math.inf, math.inf, -1.0, f"{len(candidate)} outputs, expected {len(reference)}")
-    max_abs = max_rel = 0.0
-    cosine = 1.0
-    for i, (ref, got) in enumerate(zip(reference, candidate)):
+    return drift_many([reference], [candidate], [valid])
+
+
+def drift_many(references: Sequence[Outputs], candidates: Sequence[Outputs], valids: Sequence[torch.Tensor | None] | None = None) -> Drift:
+    """Drift over several batches: figures pooled over every batch (cosine over all values of
+    an output together, per-sample cosine per batch row), worst output reported."""
+    if len(references) != len(candidates):
+        return failed(f"{len(candidates)} batches of outputs, expected {len(references)}")
+    valids = list(valids) if valids is not None else [None] * len(references)
+    count = {len(r) for r in references} | {len(c) for c in candidates}
+    if len(count) > 1:
+        return failed(f"the outputs number {sorted(count)} across batches and programs, expected one count")
+    worst = Drift(0.0, 0.0, 1.0, 1.0, 0)
+    for index in range(next(iter(count), 0)):
+        pairs = [(ref[index], got[index], valid) for ref, got, valid in zip(references, candidates, valids)]
+        one = _output_drift(index, pairs)
+        if one.problem:
+            return one
+        worst = Drift(
+            max(worst.max_abs, one.max_abs),
+            max(worst.max_rel, one.max_rel),
+            min(worst.cosine, one.cosine),
+            min(worst.min_sample_cosine, one.min_sample_cosine),
+            max(worst.samples, one.samples),
+        )
+    return worst
+
+
+def _output_drift(index: int, pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> Drift:
+    max_abs = scale = dot = ref_sq = got_sq = 0.0
+    sample_cos = 1.0
+    samples = 0
+    for ref, got, valid in pairs:
         if ref.shape != got.shape:
-            return Drift(math.inf, math.inf, -1.0, f"output {i} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        if valid is not None and ref.dim() >= 3 and tuple(ref.shape[:2]) == tuple(valid.shape):
-            ref, got = ref[valid], got[valid]
-        ref64 = ref.detach().double().flatten()
-        got64 = got.detach().double().flatten()
-        if ref64.numel() == 0:
-            continue
-        if not torch.isfinite(got64).all() and torch.isfinite(ref64).all():
-            return Drift(math.inf, math.inf, -1.0, f"output {i} has non-finite values")
-        diff = (ref64 - got64).abs().max().item()
-        scale = ref64.abs().max().item()
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
-        denom = ref64.norm() * got64.norm()
-        cos = (ref64 @ got64 / denom).item() if denom > 0 else (1.0 if diff == 0 else 0.0)
-        cosine = min(cosine, cos)
-    return Drift(max_abs, max_rel, cosine)
+            return failed(f"output {index} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        rows_ref, rows_got = _samples(ref.detach(), got.detach(), valid)
+        for r, g in zip(rows_ref, rows_got):
+            r, g = r.double().flatten(), g.double().flatten()
+            bad = _nonfinite_mismatch(r, g)
+            if bad:
+                return failed(f"output {index}: {bad}")
+            both = torch.isfinite(r) & torch.isfinite(g)
+            r, g = r[both], g[both]
+            samples += 1
+            if r.numel() == 0:
+                continue
+            max_abs = max(max_abs, (r - g).abs().max().item())
+            scale = max(scale, r.abs().max().item())
+            d, rr, gg = (r @ g).item(), (r @ r).item(), (g @ g).item()
+            dot, ref_sq, got_sq = dot + d, ref_sq + rr, got_sq + gg
+            sample_cos = min(sample_cos, _cosine(d, rr, gg))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return Drift(max_abs, max_rel, _cosine(dot, ref_sq, got_sq), sample_cos, samples)
+
+
+def _samples(ref: torch.Tensor, got: torch.Tensor, valid: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The compared values of each batch row (its real positions when ``valid`` applies)."""
+    if ref.dim() == 0:
+        return [ref], [got]
+    if valid is not None and ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(valid.shape):
+        return [ref[b][valid[b]] for b in range(ref.shape[0])], [got[b][valid[b]] for b in range(ref.shape[0])]
+    return list(ref.unbind(0)), list(got.unbind(0))
+
+
+def _nonfinite_mismatch(ref: torch.Tensor, got: torch.Tensor) -> str:
+    ref_bad, got_bad = ~torch.isfinite(ref), ~torch.isfinite(got)
+    if not (ref_bad.any() or got_bad.any()):
+        return ""
+    same = (ref_bad & got_bad) & ((ref == got) | (torch.isnan(ref) & torch.isnan(got)))
+    mismatched = (ref_bad | got_bad) & ~same
+    if not mismatched.any():
+        return ""
+    return f"{int(mismatched.sum())} non-finite values that the reference does not have at those positions (NaN/inf: {int(got_bad.sum())} here, {int(ref_bad.sum())} in the reference)"
+
+
+def _cosine(dot: float, ref_sq: float, got_sq: float) -> float:
+    denominator = math.sqrt(ref_sq) * math.sqrt(got_sq)
+    if denominator == 0:
+        return 1.0 if ref_sq == got_sq else 0.0
+    return max(-1.0, min(1.0, dot / denominator))
 
 
 class Budget(BaseModel):
-    """How far lossy passes may move the outputs from the original model's, in total."""
+    """How far lossy passes may move the outputs from the original model's, in total,
+    measured on the verification data (real positions only)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    min_cosine: float = Field(0.99, ge=-1.0, le=1.0, description="worst-output cosine to the original outputs")
+    min_cosine: float = Field(0.99, ge=-1.0, le=1.0, description="worst-output cosine to the original outputs, over the whole verification set")
+    min_sample_cosine: float | None = Field(None, ge=-1.0, le=1.0, description="worst cosine of any one verification sample")
     max_rel: float = Field(math.inf, gt=0, description="max |a-b| / max |ref| over outputs")
     exact_rtol: float = Field(EXACT_RTOL, gt=0, description="tolerance of passes that declare themselves exact")
 
     def check(self, total: Drift) -> str:
         """Empty string when within budget, else why not."""
-        if total.shape_mismatch:
-            return total.shape_mismatch
+        if total.problem:
+            return total.problem
         if total.cosine < self.min_cosine:
             return f"cosine {total.cosine:.6f} < budget min_cosine {self.min_cosine}"
+        if self.min_sample_cosine is not None and total.min_sample_cosine < self.min_sample_cosine:
+            return f"a verification sample's cosine {total.min_sample_cosine:.6f} < budget min_sample_cosine {self.min_sample_cosine}"
         if total.max_rel > self.max_rel:
             return f"max_rel {total.max_rel:.3g} > budget max_rel {self.max_rel}"
         return ""
 
     def check_exact(self, step: Drift) -> str:
-        if step.shape_mismatch:
-            return step.shape_mismatch
+        if step.problem:
+            return step.problem
         if step.max_rel > self.exact_rtol:
             return f"exact pass moved the outputs: max_rel {step.max_rel:.3g} > {self.exact_rtol:g} ({step})"
         return ""

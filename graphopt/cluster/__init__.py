@@ -10,6 +10,8 @@ dense tensor.
 from graphopt.cluster.kmeans import Clustering, kmeans_1d
 from graphopt.cluster.packing import pack_codes, packed_bytes, planes, unpack_codes
 from graphopt.cluster import ops  # noqa: F401  (defines torch.ops.graphopt.clustered_weight)
-from graphopt.cluster import lowering  # noqa: F401  (registers its ONNX lowering)
+from graphopt.lowerings import declare_lowerings
+
+declare_lowerings("graphopt.cluster.lowering")  # its ONNX lowering, imported by graphopt.export
 
 __all__ = ["Clustering", "kmeans_1d", "pack_codes", "unpack_codes", "packed_bytes", "planes"]

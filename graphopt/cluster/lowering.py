@@ -17,7 +17,7 @@ from onnxscript import opset18 as op
 
 from graphopt.cluster import ops  # noqa: F401  (defines torch.ops.graphopt.clustered_weight)
 from graphopt.cluster.packing import padded_count, planes
-from graphopt.export import register_lowering
+from graphopt.lowerings import register_lowering
 
 
 def _const(values, dtype) -> object:

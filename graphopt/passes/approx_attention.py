@@ -58,6 +58,8 @@ class ApproxAttentionConfig(PassConfig):
 
 @register_pass
 class ApproxAttention(Pass):
+    """Replace attention above a length threshold by Nyström (low-rank) or LSH (hashing) attention."""
+
     name: ClassVar[str] = "approx-attention"
     exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = ApproxAttentionConfig

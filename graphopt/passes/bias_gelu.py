@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.passes.dce import remove_unused_tensors
+from graphopt.surgery import remove_unused_tensors
 from graphopt.program import Program
 from graphopt.quant import ops as _quant_ops  # noqa: F401  (graphopt::bias_gelu and its lowering)
 from graphopt.quant import lowering as _quant_lowering  # noqa: F401
@@ -71,6 +71,8 @@ class BiasGeluConfig(PassConfig):
 
 @register_pass
 class BiasGelu(Pass):
+    """Fuse bias + erf GELU after a linear layer into one BiasGelu kernel."""
+
     name: ClassVar[str] = "bias-gelu"
     exact: ClassVar[bool] = True
     Config: ClassVar[type[PassConfig]] = BiasGeluConfig

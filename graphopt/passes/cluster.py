@@ -25,7 +25,7 @@ from pydantic import Field
 from graphopt.cluster import Clustering, kmeans_1d, pack_codes
 from graphopt.cluster.kmeans import assign_with_error_feedback
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.passes.dce import remove_unused_tensors
+from graphopt.surgery import remove_unused_tensors
 from graphopt.program import Program
 from graphopt.quant.calibration import CalibrationSet, run_calibration
 from graphopt.quant.constants import free_attr_name

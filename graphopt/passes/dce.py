@@ -7,8 +7,10 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
+from graphopt.surgery import remove_unused_tensors
 
 aten = torch.ops.aten
 
@@ -18,7 +20,13 @@ class DCEConfig(PassConfig):
     remove_unused_tensors: bool = True  # parameters / buffers no get_attr reads any more
 
 
-def _is_identity(node: fx.Node) -> bool:
+class DCEInfo(PassInfo):
+    identities_removed: int = 0
+    dead_nodes_removed: int = 0
+    tensors_removed: int = 0
+
+
+def is_identity(node: fx.Node) -> bool:
     """Ops that return their input unchanged when the graph runs for inference."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
@@ -41,49 +49,30 @@ def _is_identity(node: fx.Node) -> bool:
     return False
 
 
-def remove_unused_tensors(gm: fx.GraphModule) -> list[str]:
-    """Delete parameters and buffers that no get_attr node refers to; return their names."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    removed = []
-    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers(remove_duplicate=False)]
-    for name in names:
-        if name in used:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        if hasattr(owner, attr):
-            delattr(owner, attr)
-            removed.append(name)
-    # get_attr may also point at plain tensor attributes (constants) that are now unused
-    return removed
-
-
 @register_pass
 class DeadCodeElimination(Pass):
-    """Remove nodes whose results nothing uses, ops that are identities in inference
-    (dropout with train=False, alias/detach, same-dtype casts), and parameters or buffers
-    no node reads. Exact."""
+    """Remove unused nodes, inference no-ops (eval dropout, alias/detach, same-dtype casts) and tensors no node reads."""
 
     name: ClassVar[str] = "dce"
-    exact: ClassVar[bool] = True
     Config: ClassVar[type[PassConfig]] = DCEConfig
+    Info: ClassVar[type[PassInfo]] = DCEInfo
 
-    def run(self, program: Program) -> PassResult:
-        gm = program.module
-        graph = gm.graph
+    @classmethod
+    def is_exact(cls, config: DCEConfig) -> bool:
+        return True
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        graph = program.module.graph
         identities = 0
         if self.config.remove_identities:
             for node in list(graph.nodes):
-                if _is_identity(node):
+                if is_identity(node):
                     node.replace_all_uses_with(node.args[0])
                     graph.erase_node(node)
                     identities += 1
         nodes_before = len(graph.nodes)
         graph.eliminate_dead_code()
         dead = nodes_before - len(graph.nodes)
-        removed_tensors = remove_unused_tensors(gm) if self.config.remove_unused_tensors else []
-        modified = bool(identities or dead or removed_tensors)
-        if modified:
-            graph.lint()
-            gm.recompile()
-        return PassResult(program, modified, {"identities_removed": identities, "dead_nodes_removed": dead, "tensors_removed": len(removed_tensors)})
+        removed = remove_unused_tensors(program.module) if self.config.remove_unused_tensors else []
+        info = DCEInfo(identities_removed=identities, dead_nodes_removed=dead, tensors_removed=len(removed))
+        return PassResult.of(program, bool(identities or dead or removed), info, "no dead nodes, inference no-ops or unread tensors")

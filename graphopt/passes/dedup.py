@@ -17,13 +17,21 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.passes.dce import remove_unused_tensors
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
+from graphopt.surgery import get_tensor, tensor_readers
 
 
 class DedupConfig(PassConfig):
     min_numel: int = Field(1, ge=1, description="ignore tensors smaller than this many elements")
+
+
+class DedupInfo(PassInfo):
+    groups: int = 0
+    tensors_merged: int = 0
+    bytes_saved: int = 0
+    merged: dict[str, str] = {}  # duplicate name -> the canonical name its readers now read
 
 
 def _content_key(tensor: torch.Tensor) -> tuple:
@@ -34,59 +42,38 @@ def _content_key(tensor: torch.Tensor) -> tuple:
 
 @register_pass
 class Deduplicate(Pass):
-    """Store identical tensors once: redirect every reader to one canonical tensor and
-    delete the copies. Exact."""
+    """Store identical tensors once: every reader of a copy reads one canonical tensor."""
 
     name: ClassVar[str] = "dedup"
-    exact: ClassVar[bool] = True
     Config: ClassVar[type[PassConfig]] = DedupConfig
+    Info: ClassVar[type[PassInfo]] = DedupInfo
 
-    def run(self, program: Program) -> PassResult:
+    @classmethod
+    def is_exact(cls, config: DedupConfig) -> bool:
+        return True
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
         gm = program.module
-        readers: dict[str, list] = {}
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                readers.setdefault(node.target, []).append(node)
-
+        readers = tensor_readers(gm)
         groups: dict[tuple, list[str]] = {}
         for name in sorted(readers):
             try:
-                value = _get_attr(gm, name)
+                value = get_tensor(gm, name)
             except AttributeError:
                 continue
-            if not isinstance(value, torch.Tensor) or value.numel() < self.config.min_numel:
-                continue
-            groups.setdefault(_content_key(value), []).append(name)
+            if isinstance(value, torch.Tensor) and value.numel() >= self.config.min_numel:
+                groups.setdefault(_content_key(value), []).append(name)
 
         merged: dict[str, str] = {}
         saved_bytes = 0
-        for key, names in groups.items():
-            if len(names) < 2:
-                continue
-            canonical = names[0]
-            keep = _get_attr(gm, canonical)
+        for names in groups.values():
+            canonical, keep = names[0], get_tensor(gm, names[0])
             for name in names[1:]:
-                other = _get_attr(gm, name)
+                other = get_tensor(gm, name)
                 if other.untyped_storage().data_ptr() != keep.untyped_storage().data_ptr():
                     saved_bytes += other.numel() * other.element_size()
                 for node in readers[name]:
                     node.target = canonical
                 merged[name] = canonical
-
-        if not merged:
-            return PassResult(program, False, {"groups": 0})
-        removed = remove_unused_tensors(gm)
-        gm.graph.lint()
-        gm.recompile()
-        return PassResult(
-            program,
-            True,
-            {"groups": sum(1 for names in groups.values() if len(names) > 1), "tensors_merged": len(merged), "bytes_saved": saved_bytes, "merged": merged, "removed": removed},
-        )
-
-
-def _get_attr(gm: torch.nn.Module, name: str):
-    value = gm
-    for part in name.split("."):
-        value = getattr(value, part)
-    return value
+        info = DedupInfo(groups=sum(1 for names in groups.values() if len(names) > 1), tensors_merged=len(merged), bytes_saved=saved_bytes, merged=merged)
+        return PassResult.of(program, bool(merged), info, f"no two of the {sum(map(len, groups.values()))} tensors hold equal contents")

@@ -31,7 +31,7 @@ import graphopt.attention  # noqa: F401  (registers the custom ops and their low
 from graphopt.attention.analysis import SDPASite, sdpa_nodes
 from graphopt.attention.packed import packed_attention_rule
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.passes.dce import remove_unused_tensors
+from graphopt.surgery import remove_unused_tensors
 from graphopt.program import Program
 from graphopt.rewrite import apply_rules, emit, fake
 
@@ -46,6 +46,8 @@ class FusedAttentionConfig(PassConfig):
 
 @register_pass
 class FusedAttention(Pass):
+    """Lower scaled_dot_product_attention to ORT's fused attention kernel, packing Q/K/V projections where it can."""
+
     name: ClassVar[str] = "fused-attention"
     exact: ClassVar[bool] = True
     Config: ClassVar[type[PassConfig]] = FusedAttentionConfig

@@ -77,6 +77,8 @@ class PruneConfig(PassConfig):
 
 @register_pass
 class Prune(Pass):
+    """Remove attention heads, kv heads, FFN channels or hidden width, physically, ranked by importance."""
+
     name: ClassVar[str] = "prune"
     exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = PruneConfig

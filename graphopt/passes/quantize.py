@@ -31,7 +31,7 @@ import torch.fx as fx
 from pydantic import Field, model_validator
 
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.passes.dce import remove_unused_tensors
+from graphopt.surgery import remove_unused_tensors
 from graphopt.program import Program, module_path
 from graphopt.quant.calibration import ActivationRange, CalibrationSet, run_calibration
 from graphopt.quant.cpu import cpu_int8_support, weight_qmax
@@ -82,6 +82,8 @@ class QuantizeConfig(PassConfig):
 
 @register_pass
 class Quantize(Pass):
+    """Replace linear layers (and embeddings) by int8 / int4 quantized ops: dynamic, weight-only or static."""
+
     name: ClassVar[str] = "quantize"
     exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = QuantizeConfig

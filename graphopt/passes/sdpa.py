@@ -43,6 +43,8 @@ class SDPAConfig(PassConfig):
 
 @register_pass
 class AttentionToSDPA(Pass):
+    """Rewrite eager attention (matmul, scale, mask, softmax, matmul) as one scaled_dot_product_attention."""
+
     name = "sdpa"
     exact = True
     Config = SDPAConfig

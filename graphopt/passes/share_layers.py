@@ -31,7 +31,7 @@ import torch.fx as fx
 from pydantic import Field, model_validator
 
 from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.passes.dce import remove_unused_tensors
+from graphopt.surgery import remove_unused_tensors
 from graphopt.program import Program
 
 aten = torch.ops.aten

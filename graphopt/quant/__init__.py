@@ -1,4 +1,9 @@
-"""Quantization: custom ops with eager references, their ORT lowerings, calibration, sensitivity."""
+"""Quantization: custom ops with eager references, calibration, sensitivity; their ONNX
+lowerings (graphopt.quant.lowering) are imported by graphopt.export, not here."""
 
-from graphopt.quant import lowering as _lowering  # noqa: F401  (registers the ONNX lowerings)
+from graphopt.lowerings import declare_lowerings
 from graphopt.quant import ops
+
+declare_lowerings("graphopt.quant.lowering")
+
+__all__ = ["ops"]

@@ -1,6 +1,6 @@
 """ONNX lowerings of the quantized-linear ops to ONNX Runtime's integer kernels.
 
-Registered with :func:`graphopt.export.register_lowering` on import, so ``to_onnx`` applies
+Registered with :func:`graphopt.lowerings.register_lowering` when graphopt.export collects the lowerings, so ``to_onnx`` applies
 them to any program that holds the ops. Each is an ``onnxscript.script`` function (with a
 return annotation, which the exporter needs to count outputs).
 """
@@ -12,7 +12,7 @@ import torch
 from onnxscript import FLOAT, INT8, INT64, UINT8
 from onnxscript import opset18 as op
 
-from graphopt.export import register_lowering
+from graphopt.lowerings import register_lowering
 from graphopt.quant import ops  # noqa: F401  (defines the torch.ops.graphopt ops)
 
 msft = onnxscript.values.Opset("com.microsoft", 1)
