@@ -119,11 +119,25 @@ def optimize(
         manager.instrumentations = list(instrumentations)
     elif manager.instrumentations is None:
         manager.instrumentations = default_instrumentations(**settings)
-    ctx = context if context is not None else program_context(program)
+    ctx = _complete(context if context is not None else PassContext(), program)
     ctx = ctx.replace(teacher=ctx.teacher or program, services=ctx.services if ctx.services.block_timer else default_services())
     result = manager(program.clone(), ctx)
     assert isinstance(result.info, ManagerInfo)
     return OptimizeResult(program=result.program, report=result.info.report, recipe=recipe)
+
+
+def _complete(ctx: PassContext, program: Program) -> PassContext:
+    """The context with verification (and, without a tokenizer, calibration) data filled in
+    from seeded random inputs over the program's shapes, so that what the run is verified
+    on is part of the context (and of a reproducer)."""
+    if ctx.verification and (ctx.calibration or ctx.tokenizer is not None):
+        return ctx
+    made = program_context(program)
+    if not ctx.verification:
+        ctx = ctx.replace(verification=made.verification, verification_source=made.verification_source)
+    if not ctx.calibration and ctx.tokenizer is None:
+        ctx = ctx.replace(calibration=made.calibration, calibration_source=made.calibration_source)
+    return ctx
 
 
 def default_services() -> Services:

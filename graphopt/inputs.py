@@ -99,6 +99,7 @@ def random_inputs(program: Program, sizes: Mapping[str, int], generator: torch.G
     and spread.
     """
     axes = dynamic_axis_names(program)
+    bounds = program.analysis("inputs.index_bounds", index_bounds)
     named: dict[str, Any] = {}
     for name, value in named_inputs(program).items():
         if not isinstance(value, torch.Tensor):
@@ -108,8 +109,32 @@ def random_inputs(program: Program, sizes: Mapping[str, int], generator: torch.G
         for axis, axis_label in axes.get(name, {}).items():
             if axis_label in sizes:
                 shape[axis] = int(sizes[axis_label])
-        named[name] = _random_like(name, value, shape, generator)
+        named[name] = _random_like(name, value, shape, generator, bounds.get(name))
     return split_inputs(program, named)
+
+
+_VIEWS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.unsqueeze.default,
+                    torch.ops.aten.expand.default, torch.ops.aten.slice.Tensor, torch.ops.aten.flatten.using_ints})
+
+
+def index_bounds(program: Program) -> dict[str, int]:
+    """Integer inputs that index an embedding table (directly or through views): the number of
+    rows they may address, so random ids cover the whole table and not only the example's ids
+    (a pass that broke the rows the example does not use would otherwise go unseen)."""
+    bounds: dict[str, int] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        table, index = node.args[0], node.args[1]
+        for _ in range(6):
+            if not isinstance(index, torch.fx.Node) or index.op == "placeholder" or index.target not in _VIEWS:
+                break
+            index = index.args[0]
+        if isinstance(index, torch.fx.Node) and index.op == "placeholder" and isinstance(table, torch.fx.Node):
+            rows = table.meta.get("val")
+            if rows is not None and isinstance(rows.shape[0], int):
+                bounds[str(index.target)] = min(bounds.get(str(index.target), rows.shape[0]), int(rows.shape[0]))
+    return bounds
 
 
 def random_batches(program: Program, count: int, *, seed: int, shapes: tuple[Mapping[str, int], ...] | None = None) -> list[tuple[tuple, dict]]:
@@ -125,7 +150,7 @@ def random_batches(program: Program, count: int, *, seed: int, shapes: tuple[Map
     return [random_inputs(program, shapes[i % len(shapes)], generator) for i in range(count)]
 
 
-def _random_like(name: str, example: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+def _random_like(name: str, example: torch.Tensor, shape: list[int], generator: torch.Generator, rows: int | None = None) -> torch.Tensor:
     lowered = name.lower()
     if "mask" in lowered and len(shape) == 2 and _is_binary(example):
         return _padding_mask(shape, generator).to(example.dtype)
@@ -141,6 +166,8 @@ def _random_like(name: str, example: torch.Tensor, shape: list[int], generator: 
         return torch.arange(shape[1]).expand(shape).to(example.dtype).contiguous()
     low = int(example.min()) if example.numel() else 0
     high = int(example.max()) if example.numel() else 1
+    if rows is not None:
+        low, high = 0, rows - 1
     return torch.randint(low, high + 1, shape, generator=generator).to(example.dtype)
 
 

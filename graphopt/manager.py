@@ -107,13 +107,14 @@ class PassManager(Pass):
         run = RunState(ctx=ctx, report=report, budget=self.budget, instrumentations=hooks)
         for hook in hooks:
             hook.before_pipeline(program, run)
-        program = self._run_passes(program, run, self)
+        result = self._run_passes(program, run, self)
         for hook in hooks:
-            hook.after_pipeline(program, run)
+            hook.after_pipeline(result, run)
         report.failures.extend(_unchanged_requests(run, self.leaves()))
         self.report = report
-        changed = any(r.status == Status.APPLIED.value for r in report.passes)
-        return PassResult(program, Status.APPLIED if changed else Status.UNCHANGED, ManagerInfo(report=report))
+        # A rolled-back pass hands back a copy: the program object changed even if its numbers did not.
+        changed = result is not program or any(r.status == Status.APPLIED.value for r in report.passes)
+        return PassResult(result, Status.APPLIED if changed else Status.UNCHANGED, ManagerInfo(report=report))
 
     def _run_passes(self, program: Program, run: RunState, settings: PassManager) -> Program:
         for _ in range(self.config.max_iterations if self.config.fixpoint else 1):

@@ -41,7 +41,7 @@ def test_removes_dead_nodes_identities_and_unused_tensors():
     assert result.modified
     ops = targets(result.program)
     assert aten.sin.default not in ops and aten.dropout.default not in ops
-    assert result.info["identities_removed"] >= 1 and result.info["dead_nodes_removed"] >= 1
+    assert result.info.identities_removed >= 1 and result.info.dead_nodes_removed >= 1
     assert all(torch.equal(a, b) for a, b in zip(before, result.program.run()))
     names = {n for n, _ in result.program.module.named_parameters()}
     assert not any(n.startswith("unused") for n in names)
@@ -59,7 +59,7 @@ def test_options_turn_parts_off():
     program = graphopt.capture(Noisy(), (torch.randn(2, 6),))
     result = DeadCodeElimination(remove_identities=False, remove_unused_tensors=False)(program)
     assert aten.dropout.default in targets(result.program)
-    assert result.info["tensors_removed"] == 0
+    assert result.info.tensors_removed == 0
 
 
 def test_training_dropout_is_kept():

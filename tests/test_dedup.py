@@ -38,8 +38,8 @@ def test_identical_tensors_are_stored_once():
     before = program.run()
     result = Deduplicate()(program)
     assert result.modified
-    assert result.info["tensors_merged"] == 2  # b.weight -> a.weight, b.bias -> a.bias
-    assert result.info["bytes_saved"] == (8 * 8 + 8) * 4
+    assert result.info.tensors_merged == 2  # b.weight -> a.weight, b.bias -> a.bias
+    assert result.info.bytes_saved == (8 * 8 + 8) * 4
     after = result.program.parameter_stats()
     assert after["parameters"] == stats_before["parameters"] - (8 * 8 + 8)
     readers = {n.target for n in result.program.graph.nodes if n.op == "get_attr"}
@@ -68,7 +68,7 @@ def test_distinct_tensors_are_not_merged():
 def test_min_numel_skips_small_tensors():
     program = graphopt.capture(Twins(), (torch.randn(2, 8),))
     result = Deduplicate(min_numel=9)(program)
-    assert result.info["tensors_merged"] == 1  # only the 8x8 weight, not the 8-element bias
+    assert result.info.tensors_merged == 1  # only the 8x8 weight, not the 8-element bias
 
 
 def test_tied_weights_stay_tied():

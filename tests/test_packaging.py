@@ -1,4 +1,5 @@
-"""passes/ and export/ install as graphopt.passes / graphopt.export, editable and as a wheel."""
+"""The package installs (editable and as a wheel) with every subpackage, and its layers hold:
+importing the passes loads neither the exporter nor onnxruntime nor onnxscript."""
 
 import os
 import subprocess
@@ -35,7 +36,7 @@ def check_in_subprocess(location: Path, cwd: Path, env: dict | None = None) -> N
 def test_editable_install_imports_the_namespaced_packages(tmp_path):
     import graphopt.passes
 
-    assert Path(graphopt.passes.__file__).parent == ROOT / "passes"
+    assert Path(graphopt.passes.__file__).parent == ROOT / "graphopt" / "passes"
     check_in_subprocess(ROOT, tmp_path)
 
 
@@ -61,3 +62,18 @@ def test_wheel_installs_and_imports(tmp_path):
     )
     assert install.returncode == 0, install.stderr
     check_in_subprocess(target, tmp_path, env=dict(os.environ, PYTHONPATH=str(target)))
+
+
+LAYERS = """
+import sys
+import graphopt.passes, graphopt.quant, graphopt.attention, graphopt.cluster, graphopt.analysis
+loaded = sorted(m for m in ("onnxruntime", "onnxscript", "graphopt.export") if m in sys.modules)
+assert not loaded, loaded
+print("ok")
+"""
+
+
+def test_passes_and_ops_do_not_load_the_exporter_or_onnx_runtimes(tmp_path):
+    run = subprocess.run([sys.executable, "-c", LAYERS], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"

@@ -18,6 +18,8 @@ from graphopt.passes.dedup import Deduplicate
         "dce{remove_identities=false,remove_unused_tensors=false},dedup",
         "fixpoint(dce,dedup),sdpa",
         "pipeline(dce,fixpoint(dedup){max_iterations=3}){max_iterations=2}",
+        "dce?,dedup{min_numel=16}?,sdpa",
+        "fixpoint(dce?,dedup)?,pipeline(sdpa)?",
     ],
 )
 def test_text_round_trips(text):
@@ -36,6 +38,14 @@ def test_objects_print_to_text():
     manager = graphopt.PassManager([Deduplicate(min_numel=8), DeadCodeElimination(remove_identities=False)])
     assert str(manager) == "dedup{min_numel=8},dce{remove_identities=false}"
     assert parse_pipeline(str(manager)) == manager
+
+
+def test_optional_mark_is_part_of_the_pipeline_not_the_config():
+    manager = parse_pipeline("dce?,dedup")
+    dce, dedup = manager.passes
+    assert dce.optional and not dedup.optional
+    assert dce.config == DeadCodeElimination().config and dce != DeadCodeElimination()
+    assert DeadCodeElimination(optional=True).text() == "dce?"
 
 
 def test_different_options_are_different_passes():
@@ -63,7 +73,7 @@ def test_bad_option_value_names_the_option():
         parse_pipeline("dedup{min_numel=0}")
 
 
-@pytest.mark.parametrize("text", ["dce,", "dce{", "dce{x}", "dce dedup", "fixpoint(dce", "dedup{min_numel=1,min_numel=2}"])
+@pytest.mark.parametrize("text", ["dce,", "dce{", "dce{x}", "dce dedup", "fixpoint(dce", "dedup{min_numel=1,min_numel=2}", "dce??", "?dce"])
 def test_syntax_errors_point_at_the_problem(text):
     with pytest.raises(PipelineSyntaxError) as err:
         parse_pipeline(text)
