@@ -12,9 +12,10 @@ Three parts, one run:
    :mod:`graphopt.attention.activations`: beyond 512 tokens, consecutive 512-token windows).
 2. ``layers``: per-layer relative error of the attention output (all six MiniLM layers)
    at 4096 tokens, PyTorch reference ops.
-3. ``minilm``: MiniLM at 512 tokens (held-out sentences packed into 512-token inputs):
-   one ``approx-attention{layers=[i]}`` pass per layer under a budget, then the held-out
-   mean cosine of per-sentence embeddings against the original model.
+3. ``minilm``: MiniLM at 512 tokens (held-out sentences packed into 512-token inputs),
+   loaded with transformers' SDPA attention (boolean masks): one
+   ``approx-attention{layers=[i]}`` pass per layer under a budget, then the held-out mean
+   cosine of per-sentence embeddings against the original model.
 
     python benchmarks/attention_long.py --out benchmarks/results/attention_long
 """
@@ -34,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import graphopt.attention  # noqa: F401  (registers the ops)
+import graphopt.attention  # noqa: F401  (registers the ops, declares their lowerings)
 from graphopt.attention import reference
 from graphopt.attention.activations import long_hidden_states, minilm_qkv
-from graphopt.export.lowerings import lowering_table
+from graphopt.lowerings import lowering_table
 from graphopt.models import load_model
 
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -241,21 +242,28 @@ def sentence_embeddings(run, inputs: dict, spans) -> torch.Tensor:
 
 def minilm_budget(lm, options: dict, method: str, min_cosine: float, threshold: int, batches: int) -> dict:
     import graphopt
+    from graphopt.context import PassContext
+    from graphopt.data import heldout_sentences, train_sentences
     from graphopt.manager import PassManager
     from graphopt.passes.approx_attention import ApproxAttention
-    from graphopt.passes.sdpa import AttentionToSDPA
     from graphopt.verify import Budget
 
-    from graphopt.data import heldout_sentences, train_sentences
-
     calibration, _ = packed_sentences(lm.tokenizer, train_sentences(), 512, 2)
-    program = graphopt.capture(lm.model, kwargs=calibration)
+    # transformers' own SDPA attention: no sdpa pass needed (on eager attention at 512 tokens
+    # that pass moves padding positions by 3e-5 through kernel rounding, over the 1e-5 that
+    # exact passes are held to at every position).
+    sdpa_model = load_model("minilm", attn_implementation="sdpa").model
+    program = graphopt.capture(sdpa_model, kwargs=calibration)
     layers = lm.model.config.num_hidden_layers
     approx = {k: options[k] for k in (("landmarks", "iterations") if method == "nystrom" else ("buckets", "rounds", "chunk"))}
-    passes = [AttentionToSDPA()] + [ApproxAttention(method=method, layers=(i,), threshold=threshold, **approx) for i in reversed(range(layers))]
+    # One optional pass per layer: the budget may reject any of them without failing the run.
+    passes = [ApproxAttention(method=method, layers=(i,), threshold=threshold, optional=True, **approx) for i in reversed(range(layers))]
     manager = PassManager(passes, budget=Budget(min_cosine=min_cosine))
+    # The budget is measured on real 512-token inputs: random short batches would stay
+    # under the threshold, where the approximation is exact attention.
+    ctx = PassContext(verification=(((), calibration),), verification_source="2 packed 512-token training inputs")
     start = time.perf_counter()
-    result = manager(program)
+    result = manager(program, ctx)
     records = [{"pass": r.text, "status": r.status, "reason": r.reason,
                 "layer_error": (r.info.get("layers") or [{}])[0].get("rel_error"), "cosine_total": (r.drift_total or {}).get("cosine")}
                for r in manager.report.passes]

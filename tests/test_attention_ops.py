@@ -1,15 +1,18 @@
-"""Attention custom ops: eager reference vs ONNX Runtime, exactness, thresholds."""
+"""Attention custom ops: eager reference vs ONNX Runtime, exactness, thresholds, mask conversion."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-import graphopt.attention  # noqa: F401  (registers the ops)
-from graphopt.attention import reference
-from graphopt.export.lowerings import lowering_table
+import graphopt.attention  # noqa: F401  (registers the ops, declares their lowerings)
+from graphopt.attention import masks, reference
+from graphopt.lowerings import lowering_table
 
 DYN = torch.export.Dim.DYNAMIC
 LOW = torch.finfo(torch.float32).min
@@ -148,3 +151,57 @@ def test_newton_pinv_converges_to_the_pseudo_inverse():
 def test_lsh_rejects_odd_bucket_counts():
     with pytest.raises(ValueError, match="even"):
         reference.lsh_rotations(HEAD_DIM, 3, 1)
+
+
+def test_importing_the_ops_loads_no_onnx_tooling():
+    # The lowerings live in modules only the exporter imports (graphopt.lowerings).
+    code = (
+        "import sys, graphopt.attention, graphopt.attention.analysis, graphopt.attention.masks\n"
+        "print(sorted(m for m in ('onnxscript', 'onnxruntime', 'graphopt.export') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_every_op_has_a_declared_lowering():
+    table = lowering_table()
+    ops = torch.ops.graphopt
+    for op in (ops.fused_attention, ops.fused_attention_biased, ops.attention_qkv, ops.attention_qkv_biased, ops.nystrom_attention, ops.lsh_attention):
+        assert op.default in table, op
+
+
+def test_a_boolean_mask_becomes_the_additive_bias_eager_attention_uses():
+    q, k, v, _ = _inputs(3, 9, seed=3)
+    keep = torch.rand(3, 1, 9, 9, generator=torch.Generator().manual_seed(4)) > 0.4
+    keep[..., 0] = True  # every query keeps a key
+    bias = masks.additive_values(keep)
+    assert bias.dtype == torch.float32 and set(bias.unique().tolist()) == {0.0, LOW}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert torch.equal(sdpa(q, k, v, attn_mask=bias, scale=0.3), sdpa(q, k, v, attn_mask=keep, scale=0.3))
+    assert masks.additive_values(bias) is bias and masks.additive_values(None) is None
+
+
+def test_a_query_that_keeps_no_key_is_where_the_conversion_differs():
+    # The documented exception: SDPA returns 0 there, the additive form (and HF's eager
+    # attention, and ORT's kernels) the mean of v.
+    q, k, v, _ = _inputs(1, 6, seed=5)
+    keep = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    keep[..., 2, :] = False
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    exact, converted = sdpa(q, k, v, attn_mask=keep), sdpa(q, k, v, attn_mask=masks.additive_values(keep))
+    rows = torch.arange(6) != 2
+    assert torch.equal(exact[..., rows, :], converted[..., rows, :])
+    assert (exact[..., 2, :] == 0).all() and torch.allclose(converted[..., 2, :], v.mean(-2), atol=1e-6)
+
+
+def test_fused_biased_op_with_a_converted_boolean_mask_matches_onnxruntime():
+    module = OpCall("fused_biased", scale=0.3, causal=False)
+    session = _session(module)
+    names = [i.name for i in session.get_inputs()]
+    q, k, v, _ = _inputs(2, 11, seed=6)
+    keep = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    keep[1, ..., 8:] = False
+    bias = masks.additive_values(keep)
+    got = session.run(None, {name: t.numpy() for name, t in zip(names, (q, k, v, bias))})[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3)
+    assert _rel(got, want.numpy()) < 2e-5

@@ -119,3 +119,66 @@ def test_rules_that_never_settle_are_stopped():
                        lambda graph, m: emit(graph, aten.neg.default, m.root.args))
     with pytest.raises(RuntimeError, match="fixpoint"):
         apply_rules(_graph(lambda g, x: g.call_function(aten.neg.default, (x,))), [flip], max_sweeps=5)
+
+
+# ---- rules over captured graphs (FakeTensor values on every node) ---------------------------
+class _MaskedAttention(torch.nn.Module):
+    """SDPA with a boolean mask, heads merged the way transformers' SDPA attention does."""
+
+    def forward(self, q, k, v, keep):
+        b, h, s, d = q.shape
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return out.reshape(b, -1, s, d).transpose(1, 2).contiguous().reshape(b, s, -1)
+
+
+def _masked_attention_program():
+    import graphopt
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[1, ..., 3:] = False
+    return graphopt.capture(_MaskedAttention().eval(), (q, k, v, keep), dynamic_shapes=None)
+
+
+def _additive_sdpa_match(node: fx.Node) -> Match | NoMatch:
+    from graphopt.attention.masks import is_boolean
+
+    if len(node.args) < 4 or not is_boolean(node.args[3]):
+        return NoMatch("mask", "no boolean mask")
+    return Match(root=node, nodes=(node,), bindings={})
+
+
+def _additive_sdpa_replace(graph: fx.Graph, m: Match) -> fx.Node:
+    from graphopt.attention.masks import additive_mask
+
+    q, k, v, keep = m.root.args[:4]
+    return emit(graph, m.root.target, (q, k, v, additive_mask(graph, keep, torch.float32)), dict(m.root.kwargs))
+
+
+def test_a_rule_that_converts_a_boolean_mask_stamps_every_created_node():
+    program = _masked_attention_program()
+    rule = RewriteRule("additive_mask", frozenset({aten.scaled_dot_product_attention.default}), _additive_sdpa_match, _additive_sdpa_replace)
+    stats = apply_rules(program.module, [rule], provenance="masks")
+    program.module.recompile()
+    # the final sweep sees the new SDPA node, whose mask is additive now: a near miss, not a loop
+    assert stats.applied == {"additive_mask": 1} and [m.check for m in stats.near_misses] == ["mask"]
+    created = [n for n in program.graph.nodes if n.meta.get("graphopt_created_by") == "masks:additive_mask"]
+    assert [n.target for n in created] == [aten.scalar_tensor.default, aten.where.ScalarOther, aten.scaled_dot_product_attention.default]
+    assert created[1].meta["val"].dtype == torch.float32 and tuple(created[1].meta["val"].shape) == (2, 1, 5, 5)
+    assert torch.equal(program.run()[0], program.reference_outputs[0])
+
+
+def test_heads_merge_accepts_a_reshape_to_the_same_shape_first():
+    from graphopt.attention.analysis import heads_merged_output
+
+    program = _masked_attention_program()
+    (sdpa,) = [n for n in program.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    root, chain = heads_merged_output(sdpa)
+    assert [n.target for n in chain] == [aten.reshape.default, aten.transpose.int, aten.contiguous.default, aten.reshape.default]
+    assert root is chain[-1] and root.meta["val"].dim() == 3
+    reshape = chain[0]
+    reshape.args = (reshape.args[0], [2, 5, 3, 4])  # now it really moves data: no longer the pattern
+    reshape.meta["val"] = reshape.meta["val"].reshape(2, 5, 3, 4)
+    miss = heads_merged_output(sdpa)
+    assert isinstance(miss, NoMatch) and miss.check == "head_merge"

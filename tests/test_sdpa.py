@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.program import flatten_outputs
 from graphopt import zoo
-from graphopt.passes.sdpa import AttentionToSDPA
+from graphopt.passes.sdpa import AttentionToSDPA, SDPAInfo
+from graphopt.program import flatten_outputs
 
 LAYERS = 2
 SDPA = "aten::scaled_dot_product_attention"
@@ -46,8 +46,8 @@ def test_eager_attention_becomes_sdpa(arch, padded):
 
     result = AttentionToSDPA()(program)
 
-    assert result.modified and result.info["replaced"] == blocks, result.info
-    assert result.info["near_misses"] == []
+    assert result.modified and result.status == "applied" and result.info.replaced == blocks, result.info
+    assert result.info.near_misses == [] and result.reason == ""
     ops = _ops(program)
     assert ops.get(SDPA) == blocks and "aten::softmax" not in ops
     created = [n for n in program.graph.nodes if n.meta.get("graphopt_created_by", "").startswith("sdpa:")]
@@ -64,21 +64,24 @@ def test_sdpa_models_are_left_alone(arch):
     program = _capture(zoo.tiny_model(arch, "sdpa", layers=1), zoo.example_inputs(arch))
     code = program.module.code
     result = AttentionToSDPA()(program)
-    assert not result.modified and result.info == {"replaced": 0, "near_misses": []}
+    assert not result.modified and result.status == "unchanged" and result.info == SDPAInfo(replaced=0, near_misses=[])
+    assert "no softmax" in result.reason
     assert program.module.code == code
 
 
 def test_graph_without_attention_is_left_alone():
     model = nn.Sequential(nn.Linear(8, 8), nn.Softmax(dim=-1), nn.Linear(8, 4)).eval()
     result = AttentionToSDPA()(graphopt.capture(model, (torch.randn(2, 8),)))
-    assert not result.modified and result.info["replaced"] == 0
-    assert [m["check"] for m in result.info["near_misses"]] == ["rank"]  # the softmax is a candidate
+    assert not result.modified and result.status == "unchanged" and result.info.replaced == 0
+    assert [m["check"] for m in result.info.near_misses] == ["rank"]  # the softmax is a candidate
+    assert "near misses" in result.reason and "rank" in result.reason
 
 
 def test_second_run_finds_nothing():
     program = _capture(zoo.tiny_model("gpt2", layers=1), zoo.example_inputs("gpt2"))
     assert AttentionToSDPA()(program).modified
-    assert not AttentionToSDPA()(program).modified
+    again = AttentionToSDPA()(program)
+    assert not again.modified and again.status == "unchanged" and again.reason
 
 
 class Variant(nn.Module):
@@ -133,7 +136,7 @@ def test_variants_are_rewritten_exactly(kind):
     inputs = _variant_inputs(fully_masked_row=kind in ("fill_min", "where_keep", "div_full"))
     program = graphopt.capture(Variant(kind), kwargs=inputs, dynamic_shapes=None)
     result = AttentionToSDPA()(program)
-    assert result.modified and result.info["replaced"] == 1, result.info
+    assert result.modified and result.info.replaced == 1, result.info
     assert "aten::softmax" not in _ops(program)
     assert _relative_error(program.run(), program.reference_outputs) < 1e-5
     sdpa = next(n for n in program.graph.nodes if "scaled_dot_product" in str(n.target))
@@ -161,8 +164,9 @@ def test_non_matching_variants_report_the_failing_check(kind, check, words):
     program = graphopt.capture(Variant(kind), kwargs=_variant_inputs(), dynamic_shapes=None)
     code = program.module.code
     result = AttentionToSDPA(debug=True)(program)
-    assert not result.modified and result.info["replaced"] == 0 and program.module.code == code
-    (miss,) = result.info["near_misses"]
+    assert not result.modified and result.info.replaced == 0 and program.module.code == code
+    (miss,) = result.info.near_misses
+    assert check in result.reason
     assert miss["check"] == check and words in miss["reason"] and miss["rule"] == "eager_attention"
     assert miss["node"].startswith("softmax")
 
@@ -173,6 +177,6 @@ def test_hf_attention_weights_as_outputs_are_not_rewritten():
     program = graphopt.capture(model, kwargs=zoo.example_inputs("bert"))
     assert len(program.reference_outputs) == 3  # hidden states, pooled output, attention weights
     result = AttentionToSDPA()(program)
-    assert not result.modified
-    (miss,) = result.info["near_misses"]
+    assert not result.modified and result.status == "unchanged"
+    (miss,) = result.info.near_misses
     assert miss["check"] == "single_user" and miss["module_path"].startswith("encoder.layer.0")

@@ -1,7 +1,9 @@
-"""Attention kernels as custom ops: exact fused (ORT MultiHeadAttention), Nyström, LSH.
+"""Attention kernels as custom ops: exact fused (ORT MultiHeadAttention / Attention), Nyström, LSH.
 
 Importing the package registers the ``graphopt::`` ops with ``torch.library`` (eager
-reference + fake) and their ONNX lowerings with :mod:`graphopt.export.lowerings`.
+reference + fake) and declares the modules holding their ONNX lowerings
+(:mod:`graphopt.attention.lowering`, ``nystrom_lowering``, ``lsh_lowering``), which the
+exporter imports; so importing the ops loads neither onnxscript nor onnxruntime.
 """
 
 from graphopt.attention import fused, lsh, nystrom, packed  # noqa: F401  (registers the ops)
@@ -13,5 +15,9 @@ from graphopt.attention.reference import (
     nystrom_attention,
     relative_error,
 )
+from graphopt.lowerings import declare_lowerings
 
-__all__ = ["exact_attention", "nystrom_attention", "lsh_attention", "lsh_rotations", "newton_pinv", "relative_error"]
+for _module in ("lowering", "nystrom_lowering", "lsh_lowering"):
+    declare_lowerings(f"graphopt.attention.{_module}")
+
+__all__ = ["exact_attention", "lsh_attention", "lsh_rotations", "newton_pinv", "nystrom_attention", "relative_error"]

@@ -4,9 +4,12 @@
 * :func:`sdpa_values`: their concrete inputs on the program's example inputs (an fx
   Interpreter run), cached on the program as an analysis.
 * :func:`classify_mask`: what a mask *does* on those inputs: nothing, key padding (every
-  query row the same), or causal plus key padding. Approximate attention keeps only a key
-  bias, so it must know; the classification is evidence from the example inputs, which
+  query row the same), or causal plus key padding, for additive and boolean masks alike.
+  Approximate attention keeps only a key bias, so it must know; the classification is evidence from the example inputs, which
   the pass records in its info.
+* :func:`projection_of` and :func:`heads_merged_output`: the head split of a Q/K/V
+  projection and the head merge after attention, the two ends every "pack the projections
+  into one kernel" rule (fp32 here, int8 in :mod:`graphopt.quant.attention`) matches.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from graphopt.attention.masks import additive_values
 from graphopt.program import Program, module_path
+from graphopt.rewrite import NoMatch, fake, only_user
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+IDENTITIES = frozenset({aten.contiguous.default, aten.clone.default})
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 # A mask entry at or below this is "masked out"; above it, it must be exactly 0.
 MASKED = -1e4
 
@@ -105,10 +112,10 @@ class MaskKind:
 
 
 def classify_mask(mask: torch.Tensor | None, seq_q: int, seq_k: int) -> MaskKind:
+    """What ``mask`` (concrete values, SDPA layout) does to ``seq_q`` queries over ``seq_k`` keys."""
     if mask is None:
         return MaskKind("none")
-    if mask.dtype == torch.bool:
-        return MaskKind("general", "boolean mask (only additive float masks are handled)")
+    mask = additive_values(mask)  # a boolean mask (True = attend) acts as where(mask, 0, finfo.min)
     if mask.dim() != 4:
         return MaskKind("general", f"{mask.dim()}-D mask, expected (batch, heads, q_seq, k_seq)")
     if mask.shape[1] != 1 and not bool((mask == mask[:, :1]).all()):
@@ -124,3 +131,70 @@ def classify_mask(mask: torch.Tensor | None, seq_q: int, seq_k: int) -> MaskKind
     if bool(((values <= MASKED) == (causal <= MASKED)).all()):
         return MaskKind("causal+key")
     return MaskKind("general", "the mask is neither key padding nor causal plus key padding on the example inputs")
+
+
+# ---- the two ends of a packed-projection pattern ----------------------------------------
+def projection_of(operand, projection, stored: tuple[int, ...] = (1, 2, 3), what: str = "a dynamic-int8 projection (fp32 layer, or another mode)") -> tuple[fx.Node, list[fx.Node]] | NoMatch:
+    """transpose(view(p, [B, S, heads, d]), 1, 2) with p a ``projection`` node whose arguments at
+    ``stored`` are stored tensors (get_attr; a missing optional one is fine), single users."""
+    if not (isinstance(operand, fx.Node) and operand.target is aten.transpose.int and sorted(d % 4 for d in operand.args[1:3]) == [1, 2]):
+        return NoMatch("head_split", f"{_name(operand)} is not transpose(·, 1, 2) of the heads view")
+    view = operand.args[0]
+    if not (isinstance(view, fx.Node) and view.target in RESHAPES):
+        return NoMatch("head_split", f"{_name(view)} is not a view into heads")
+    source = view.args[0]
+    if not (isinstance(source, fx.Node) and source.target is projection):
+        return NoMatch("projection", f"{_name(source)} is not {what}")
+    for node in (source, view):
+        user = only_user(node)
+        if isinstance(user, NoMatch):
+            return user
+    for i in stored:
+        if i >= len(source.args) or source.args[i] is None:
+            continue
+        if not (isinstance(source.args[i], fx.Node) and source.args[i].op == "get_attr"):
+            return NoMatch("projection", f"{_name(source)} reads a computed weight")
+    user = only_user(operand)
+    if isinstance(user, NoMatch):
+        return user
+    return source, [view, operand]
+
+
+def heads_merged_output(sdpa: fx.Node) -> tuple[fx.Node, list[fx.Node]] | NoMatch:
+    """reshape([contiguous](transpose(o, 1, 2)), [B, S, -1]) -> (the reshape, the chain).
+
+    A reshape of ``o`` to its own shape may come first: transformers' SDPA attention writes
+    ``o.reshape(batch, -1, q_len, head_dim)`` before the transpose."""
+    chain: list[fx.Node] = []
+    user = only_user(sdpa)
+    while not isinstance(user, NoMatch) and _same_shape_reshape(user):
+        chain.append(user)
+        user = only_user(user)
+    if isinstance(user, NoMatch):
+        return user
+    if not (user.target is aten.transpose.int and sorted(d % 4 for d in user.args[1:3]) == [1, 2]):
+        return NoMatch("head_merge", f"attention output feeds {_name(user)}, not transpose(·, 1, 2)")
+    chain.append(user)
+    while True:
+        user = only_user(chain[-1])
+        if isinstance(user, NoMatch):
+            return user
+        if user.target not in IDENTITIES:
+            break
+        chain.append(user)
+    out = fake(user)
+    if user.target not in RESHAPES or out is None or out.dim() != 3:
+        return NoMatch("head_merge", f"heads are merged by {_name(user)}, not a reshape to [B, S, hidden]")
+    chain.append(user)
+    return user, chain
+
+
+def _same_shape_reshape(node: fx.Node) -> bool:
+    if node.target not in RESHAPES:
+        return False
+    before, after = fake(node.args[0]), fake(node)
+    return before is not None and after is not None and str(tuple(before.shape)) == str(tuple(after.shape))
+
+
+def _name(value) -> str:
+    return f"'{value.name}' ({getattr(value.target, '__name__', value.target)})" if isinstance(value, fx.Node) else repr(value)

@@ -57,7 +57,6 @@ quarter of the keys), which per-run Gaussian summaries model poorly.
 
 from __future__ import annotations
 
-
 import torch
 
 from graphopt.attention.reference import PADDING_BIAS, exact_attention

@@ -5,7 +5,10 @@ Each chosen SDPA node becomes ``graphopt::nystrom_attention`` or ``graphopt::lsh
 time, in PyTorch and in ONNX alike. Choice by layer: ``layers`` lists indices among the
 graph's SDPA nodes in order (``None``: all). Approximate attention keeps a key bias only,
 so a node's mask must act, on the example inputs, as key padding (or, for LSH, causal plus
-key padding); other nodes stay exact and the info says why.
+key padding); other nodes stay exact and the info says why. Masks are the ones
+transformers builds: the additive ``where(mask, 0, finfo.min)`` of eager attention, or the
+boolean mask (True = attend) of SDPA attention, whose key row is converted in the graph to
+that additive bias (:mod:`graphopt.attention.masks`).
 
 Error accounting: for every candidate layer the pass runs the approximation, forced on
 (threshold 0), on that layer's real q, k, v from the example inputs and records the
@@ -24,16 +27,26 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-import graphopt.attention  # noqa: F401  (registers the custom ops and their lowerings)
+import graphopt.attention  # noqa: F401  (registers the custom ops, declares their lowerings)
 from graphopt.attention import reference
-from graphopt.attention.analysis import SDPASite, classify_mask, sdpa_nodes, sdpa_values
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
+from graphopt.attention.analysis import (
+    SDPA,
+    SDPASite,
+    classify_mask,
+    sdpa_nodes,
+    sdpa_values,
+)
+from graphopt.attention.masks import additive_mask, additive_values, is_boolean
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.rewrite import emit, fake
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
+from graphopt.surgery import add_constant
 
 aten = torch.ops.aten
+END = 9223372036854775807  # aten.slice's "to the end"
 
 
 class ApproxAttentionConfig(PassConfig):
@@ -56,71 +69,86 @@ class ApproxAttentionConfig(PassConfig):
         return value
 
 
+class LayerRecord(BaseModel):
+    """One candidate attention layer: what its mask does, the measured error, the decision."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    node: str
+    module_path: str
+    method: str
+    mask: str = ""  # "none", "key", "causal+key" or "general", on the example inputs
+    boolean_mask: bool = False  # an SDPA boolean mask, converted to an additive key bias
+    causal: bool = False
+    seq: int | None = None  # the example's length, at which rel_error was measured
+    rel_error: float | None = None  # ‖approx − exact‖ / ‖exact‖ of the layer, forced on
+    active_at_example: bool | None = None  # the example is longer than the threshold
+    applied: bool = False
+    reason: str = ""  # why the layer stays exact
+
+
+class ApproxAttentionInfo(PassInfo):
+    replaced: int = 0
+    attention_layers: int = 0
+    threshold: int = 0
+    layers: list[LayerRecord] = []
+    unknown_layers: list[int] = []  # asked for, but the graph has no such attention layer
+
+
 @register_pass
 class ApproxAttention(Pass):
     """Replace attention above a length threshold by Nyström (low-rank) or LSH (hashing) attention."""
 
     name: ClassVar[str] = "approx-attention"
-    exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = ApproxAttentionConfig
+    Info: ClassVar[type[PassInfo]] = ApproxAttentionInfo
     requires_ir = ("aten",)
 
-    def run(self, program: Program) -> PassResult:
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
         cfg = self.config
         sites = sdpa_nodes(program)
         chosen = [s for s in sites if cfg.layers is None or s.layer in cfg.layers]
         values = sdpa_values(program) if chosen else {}
-        layers, replaced = [], 0
+        records, plans = [], {}
         for site in chosen:
-            record = {"layer": site.layer, "node": site.node.name, "module_path": site.module_path, "method": cfg.method}
-            plan = self._plan(site, values.get(site.node.name))
-            record.update({k: v for k, v in plan.items() if not k.startswith("_")})
-            if not plan.get("reason") and plan["rel_error"] > cfg.max_layer_error:
-                record["reason"] = f"relative error {plan['rel_error']:.3g} > max_layer_error {cfg.max_layer_error:g}"
-            record["applied"] = not record.get("reason")
-            if record["applied"]:
-                self._replace(program, site, plan)
-                replaced += 1
-            layers.append(record)
-        if replaced:
-            program.graph.eliminate_dead_code()
-            program.graph.lint()
-            program.module.recompile()
+            record, plan = self._plan(site, values.get(site.node.name))
+            records.append(record)
+            if record.applied:
+                plans[site.node] = (site, plan)
+        replaced = apply_rules(program.module, [self._rule(program, plans)], provenance=self.name).total if plans else 0
         missing = sorted(set(cfg.layers or ()) - {s.layer for s in sites})
-        info = {"replaced": replaced, "attention_layers": len(sites), "layers": layers, "threshold": cfg.threshold}
-        if missing:
-            info["unknown_layers"] = missing
-        return PassResult(program, replaced > 0, info)
+        info = ApproxAttentionInfo(replaced=replaced, attention_layers=len(sites), threshold=cfg.threshold, layers=records, unknown_layers=missing)
+        return PassResult.of(program, replaced > 0, info, _unchanged_reason(sites, records, missing))
 
     # ---- analysis -------------------------------------------------------------------------
-    def _plan(self, site: SDPASite, values) -> dict:
-        q, k, v = (fake(a) for a in site.node.args[:3])
-        why = _unsupported(site, q, k, v)
+    def _plan(self, site: SDPASite, values) -> tuple[LayerRecord, dict]:
+        record = LayerRecord(layer=site.layer, node=site.node.name, module_path=site.module_path, method=self.config.method, boolean_mask=is_boolean(site.mask))
+        why = _unsupported(site)
+        if not why and values is None:
+            why = "no example values for this node"
         if why:
-            return {"reason": why}
-        if values is None:
-            return {"reason": "no example values for this node"}
+            return record.model_copy(update={"reason": why}), {}
         q_val, k_val, v_val, mask_val = values
         kind = classify_mask(mask_val, q_val.shape[-2], k_val.shape[-2])
         causal = site.is_causal or kind.kind == "causal+key"
+        record = record.model_copy(update={"mask": kind.kind, "causal": causal})
         if kind.kind == "general":
-            return {"reason": kind.reason, "mask": kind.kind}
+            return record.model_copy(update={"reason": kind.reason}), {}
         if causal and self.config.method == "nystrom":
-            return {"reason": "causal attention: Nyström landmarks mix past and future (use method=lsh)", "mask": kind.kind}
+            return record.model_copy(update={"reason": "causal attention: Nyström landmarks mix past and future (use method=lsh)"}), {}
+        mask_val = additive_values(mask_val, q_val.dtype)
         key_bias = None if mask_val is None else mask_val[:, :1, -1:, :]
         scale = site.scale()
-        rotations = reference.lsh_rotations(q.shape[-1], self.config.buckets, self.config.rounds, self.config.seed + site.layer)
+        rotations = reference.lsh_rotations(q_val.shape[-1], self.config.buckets, self.config.rounds, self.config.seed + site.layer)
         with torch.no_grad():
             exact = reference.exact_attention(q_val, k_val, v_val, key_bias, scale, causal)
             approx = self._approximate(q_val, k_val, v_val, key_bias, scale, causal, rotations, threshold=0)
-        return {
-            "mask": kind.kind,
-            "causal": causal,
-            "seq": int(q_val.shape[-2]),
-            "rel_error": reference.relative_error(approx, exact),
-            "active_at_example": int(q_val.shape[-2]) > self.config.threshold,
-            "_rotations": rotations,
-        }
+        error = reference.relative_error(approx, exact)
+        seq = int(q_val.shape[-2])
+        record = record.model_copy(update={"seq": seq, "rel_error": error, "active_at_example": seq > self.config.threshold})
+        if error > self.config.max_layer_error:
+            return record.model_copy(update={"reason": f"relative error {error:.3g} > max_layer_error {self.config.max_layer_error:g}"}), {}
+        return record.model_copy(update={"applied": True}), {"causal": causal, "rotations": rotations}
 
     def _approximate(self, q, k, v, key_bias, scale, causal, rotations, threshold):
         cfg = self.config
@@ -129,28 +157,37 @@ class ApproxAttention(Pass):
         return reference.lsh_attention(q, k, v, key_bias, rotations, scale, cfg.chunk, causal, threshold)
 
     # ---- rewrite --------------------------------------------------------------------------
-    def _replace(self, program: Program, site: SDPASite, plan: dict) -> None:
-        graph, node, cfg = program.graph, site.node, self.config
-        q, k, v = node.args[:3]
-        with graph.inserting_before(node):
+    def _rule(self, program: Program, plans: dict[fx.Node, tuple[SDPASite, dict]]) -> RewriteRule:
+        """SDPA nodes the plan approximates -> the method's op, with the mask as a key bias."""
+        gm, cfg = program.module, self.config
+
+        def match(node: fx.Node) -> Match | NoMatch:
+            if node not in plans:
+                return NoMatch("plan", f"'{node.name}' stays exact (not chosen, or its layer record says why)")
+            site, plan = plans[node]
+            return Match(root=node, nodes=(node,), bindings={"site": site, **plan})
+
+        def replace(graph: fx.Graph, m: Match) -> fx.Node:
+            site, node = m.bindings["site"], m.bindings["site"].node
+            q, k, v = node.args[:3]
+            dtype = fake(q).dtype
             if site.mask is None:
-                key_bias = _constant(program, f"approx_attention_zero_bias_{site.layer}", torch.zeros(1, 1, 1, 1, dtype=fake(q).dtype), node)
+                key_bias = add_constant(gm, f"approx_attention_zero_bias_{site.layer}", torch.zeros(1, 1, 1, 1, dtype=dtype))
             else:  # the mask acts as key padding: keep its last query row of its first head
-                key_bias = emit(graph, aten.slice.Tensor, (emit(graph, aten.slice.Tensor, (site.mask, 1, 0, 1)), 2, -1, 9223372036854775807))
+                row = emit(graph, aten.slice.Tensor, (emit(graph, aten.slice.Tensor, (site.mask, 1, 0, 1)), 2, -1, END))
+                key_bias = additive_mask(graph, row, dtype)
             if cfg.method == "nystrom":
                 args = (q, k, v, key_bias, site.scale(), cfg.landmarks, cfg.iterations, cfg.threshold)
-                new = emit(graph, torch.ops.graphopt.nystrom_attention.default, args)
-            else:
-                rotations = _constant(program, f"approx_attention_rotations_{site.layer}", plan["_rotations"], node)
-                args = (q, k, v, key_bias, rotations, site.scale(), cfg.chunk, bool(plan["causal"]), cfg.threshold)
-                new = emit(graph, torch.ops.graphopt.lsh_attention.default, args)
-        new.meta.update({key: node.meta[key] for key in ("nn_module_stack", "graphopt_module_path", "stack_trace") if key in node.meta})
-        new.meta["graphopt_created_by"] = f"{self.name}:{cfg.method}"
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+                return emit(graph, torch.ops.graphopt.nystrom_attention.default, args)
+            rotations = add_constant(gm, f"approx_attention_rotations_{site.layer}", m.bindings["rotations"])
+            args = (q, k, v, key_bias, rotations, site.scale(), cfg.chunk, bool(m.bindings["causal"]), cfg.threshold)
+            return emit(graph, torch.ops.graphopt.lsh_attention.default, args)
+
+        return RewriteRule(cfg.method, frozenset({SDPA}), match, replace)
 
 
-def _unsupported(site: SDPASite, q, k, v) -> str:
+def _unsupported(site: SDPASite) -> str:
+    q, k, v = (fake(a) for a in site.node.args[:3])
     if any(t is None for t in (q, k, v)):
         return "q, k or v has no FakeTensor value"
     if site.dropout:
@@ -163,18 +200,17 @@ def _unsupported(site: SDPASite, q, k, v) -> str:
         return f"not self-attention over one sequence: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if site.is_causal and site.mask is not None:
         return "both a mask and is_causal"
+    mask = fake(site.mask) if site.mask is not None else None
+    if mask is not None and mask.dtype not in (q.dtype, torch.bool):
+        return f"a {mask.dtype} mask, neither additive {q.dtype} nor boolean"
     return ""
 
 
-def _constant(program: Program, name: str, tensor: torch.Tensor, near: fx.Node) -> fx.Node:
-    """A buffer on the module, read by a get_attr node with its FakeTensor."""
-    base, index = name, 0
-    while hasattr(program.module, name):
-        index += 1
-        name = f"{base}_{index}"
-    program.module.register_buffer(name, tensor)
-    node = program.graph.get_attr(name)
-    mode = fake(near.args[0]).fake_mode if hasattr(fake(near.args[0]), "fake_mode") else None
-    if mode is not None:
-        node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
-    return node
+def _unchanged_reason(sites: list[SDPASite], records: list[LayerRecord], missing: list[int]) -> str:
+    if not sites:
+        return "no scaled_dot_product_attention in the graph (run the sdpa pass first on eager attention)"
+    if not records:
+        return f"none of the layers asked for ({', '.join(map(str, missing))}) is among the graph's {len(sites)} attention layers"
+    shown = "; ".join(f"layer {r.layer} ({r.module_path or r.node}): {r.reason}" for r in records[:4])
+    more = f" and {len(records) - 4} more" if len(records) > 4 else ""
+    return f"every candidate layer stays exact: {shown}{more}"

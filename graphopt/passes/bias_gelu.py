@@ -3,8 +3,8 @@
 The exporter spells the erf GELU as Div, Erf, Add, Mul, Mul after the linear layer's bias
 Add, in an order ORT's own GeluFusion does not recognise: six elementwise passes over the
 FFN's widest activation. ``com.microsoft.BiasGelu`` does the bias add and the GELU in one.
-Applies to fp32 ``aten.linear`` and to graphopt's quantized linear ops (the quantize pass
-runs the same rule after substituting them).
+Applies to fp32 ``aten.linear`` and to graphopt's quantized linear ops, so the recipes run
+this pass after ``quantize``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.surgery import remove_unused_tensors
+import graphopt.quant  # noqa: F401  (graphopt::bias_gelu and the quantized linears; declares their lowerings)
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.quant import ops as _quant_ops  # noqa: F401  (graphopt::bias_gelu and its lowering)
-from graphopt.quant import lowering as _quant_lowering  # noqa: F401
-from graphopt.quant.constants import constant_node
-from graphopt.quant.sites import get_tensor
 from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, only_user
+from graphopt.surgery import add_constant, get_tensor
 
 aten = torch.ops.aten
 
@@ -29,9 +27,8 @@ aten = torch.ops.aten
 def bias_gelu_rule(gm: fx.GraphModule) -> RewriteRule:
     """gelu(linear(x, W, bias)) -> bias_gelu(linear(x, W, no bias), bias), for fp32 ``aten.linear``
     (the bias argument is dropped) and the quantized linear ops (their bias becomes zeros)."""
-    graphopt = torch.ops.graphopt
-    quantized = frozenset({graphopt.linear_dynamic_int8.default, graphopt.linear_static_int8.default, graphopt.linear_nbits.default})
-    registered: dict[int, str] = {}
+    ops = torch.ops.graphopt
+    quantized = frozenset({ops.linear_dynamic_int8.default, ops.linear_static_int8.default, ops.linear_nbits.default})
 
     def match(node: fx.Node) -> Match | NoMatch:
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
@@ -56,11 +53,11 @@ def bias_gelu_rule(gm: fx.GraphModule) -> RewriteRule:
         linear, index, bias = m.bindings["linear"], m.bindings["index"], m.bindings["bias"]
         if linear.target is aten.linear.default:
             linear.args = linear.args[:index]
-        else:
+        else:  # the quantized ops' bias is not optional: zeros, stored once per linear
             with graph.inserting_before(linear):
-                zeros = constant_node(graph, gm, linear.name, "zero_bias", torch.zeros_like(get_tensor(gm, bias.target)), registered)
+                zeros = add_constant(gm, f"quant_{linear.name}_zero_bias", torch.zeros_like(get_tensor(gm, bias.target)))
             linear.update_arg(index, zeros)
-        return emit(graph, graphopt.bias_gelu.default, (linear, bias))
+        return emit(graph, ops.bias_gelu.default, (linear, bias))
 
     return RewriteRule("bias_gelu", frozenset({aten.gelu.default}), match, replace)
 
@@ -69,22 +66,30 @@ class BiasGeluConfig(PassConfig):
     pass
 
 
+class BiasGeluInfo(PassInfo):
+    fused: int = 0
+    near_misses: list[dict[str, str]] = []  # GELUs left as they are, with the failing check (first 8)
+
+
 @register_pass
 class BiasGelu(Pass):
     """Fuse bias + erf GELU after a linear layer into one BiasGelu kernel."""
 
     name: ClassVar[str] = "bias-gelu"
-    exact: ClassVar[bool] = True
     Config: ClassVar[type[PassConfig]] = BiasGeluConfig
+    Info: ClassVar[type[PassInfo]] = BiasGeluInfo
     requires_ir = ("aten",)
 
-    def run(self, program: Program) -> PassResult:
-        gm = program.module
-        stats = apply_rules(gm, [bias_gelu_rule(gm)], provenance=self.name)
-        fused = stats.total
-        if fused:
-            gm.graph.eliminate_dead_code()
-            remove_unused_tensors(gm)
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(program, fused > 0, {"fused": fused, "near_misses": [str(n) for n in stats.near_misses][:8]})
+    @classmethod
+    def is_exact(cls, config: BiasGeluConfig) -> bool:
+        return True
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        stats = apply_rules(program.module, [bias_gelu_rule(program.module)], provenance=self.name)
+        misses = stats.near_misses
+        info = BiasGeluInfo(fused=stats.total, near_misses=[m.to_dict() for m in misses[:8]])
+        if not misses:
+            reason = "no aten.gelu in the graph (a GELU spelled out in elementwise ops, like GPT-2's, is not matched)"
+        else:
+            reason = "no GELU follows a linear layer with a stored bias; near misses: " + "; ".join(f"{m.node}: {m.check}: {m.reason}" for m in misses[:3])
+        return PassResult.of(program, stats.total > 0, info, reason)

@@ -16,7 +16,15 @@ seq    decomposed   Attention-23    MultiHeadAttention
 
 so the lowering is chosen per target by :data:`LOWERING_BY_PROVIDER`: MultiHeadAttention
 at every length on CPU (it won at each one). A provider without a measurement keeps the
-exporter's own form (the pass leaves the graph alone and says so).
+exporter's own form (the pass is skipped and says so). The provider is the config's, or
+else the context's target.
+
+Self-attention whose Q, K, V are fp32 linears of one tensor becomes one packed
+``Attention`` kernel instead (:mod:`graphopt.attention.packed`); every other fusable SDPA
+node becomes ``graphopt::fused_attention[_biased]``. Both rules take the masks
+transformers builds: the additive ``where(mask, 0, finfo.min)`` of eager attention and
+the boolean mask (True = attend) of SDPA attention, which is converted in the graph to
+that additive form (exact wherever a query keeps a key: :mod:`graphopt.attention.masks`).
 """
 
 from __future__ import annotations
@@ -27,21 +35,31 @@ import torch
 import torch.fx as fx
 from pydantic import Field
 
-import graphopt.attention  # noqa: F401  (registers the custom ops and their lowerings)
-from graphopt.attention.analysis import SDPASite, sdpa_nodes
+import graphopt.attention  # noqa: F401  (registers the custom ops, declares their lowerings)
+from graphopt.attention.analysis import SDPA, SDPASite
+from graphopt.attention.masks import MASK_CONVERSION, additive_mask
 from graphopt.attention.packed import packed_attention_rule
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.surgery import remove_unused_tensors
-from graphopt.program import Program
-from graphopt.rewrite import apply_rules, emit, fake
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
+from graphopt.program import Program, module_path
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
+from graphopt.surgery import CREATED_BY
 
 # provider -> lowering, from the table above; "exporter" keeps torch.onnx's own form.
 LOWERING_BY_PROVIDER: dict[str, str] = {"cpu": "multi_head_attention"}
 
 
 class FusedAttentionConfig(PassConfig):
-    provider: str = "cpu"
+    provider: str | None = Field(None, description="the ORT provider to lower for; default: the context's target")
     pack_qkv: bool = Field(True, description="self-attention whose Q, K, V are fp32 linears of one tensor: one packed matmul")
+
+
+class FusedAttentionInfo(PassInfo):
+    replaced: int = 0  # SDPA nodes now one fused kernel (packed ones included)
+    packed_qkv: int = 0  # of which with their Q/K/V projections packed into the kernel
+    boolean_masks: int = 0  # boolean SDPA masks converted to additive biases on the way
+    lowering: str = ""
+    near_misses: list[dict[str, str]] = []  # SDPA nodes left as they are, with the failing check
 
 
 @register_pass
@@ -49,35 +67,41 @@ class FusedAttention(Pass):
     """Lower scaled_dot_product_attention to ORT's fused attention kernel, packing Q/K/V projections where it can."""
 
     name: ClassVar[str] = "fused-attention"
-    exact: ClassVar[bool] = True
     Config: ClassVar[type[PassConfig]] = FusedAttentionConfig
+    Info: ClassVar[type[PassInfo]] = FusedAttentionInfo
     requires_ir = ("aten",)
 
-    def run(self, program: Program) -> PassResult:
-        lowering = LOWERING_BY_PROVIDER.get(self.config.provider.lower(), "exporter")
-        sites = sdpa_nodes(program)
+    @classmethod
+    def is_exact(cls, config: FusedAttentionConfig) -> bool:
+        return True
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        provider = self.config.provider or ctx.target.provider
+        lowering = LOWERING_BY_PROVIDER.get(provider.lower(), "exporter")
         if lowering == "exporter":
-            return PassResult(program, False, {"replaced": 0, "lowering": lowering, "skipped_nodes": [], "reason": f"no measured fused lowering for provider '{self.config.provider}'"})
-        packed = 0
-        if self.config.pack_qkv and sites:
-            packed = apply_rules(program.module, [packed_attention_rule(program.module)], provenance=self.name).total
-            sites = sdpa_nodes(program) if packed else sites
-        replaced, skipped = packed, []
-        for site in sites:
-            why = unfusable(site)
-            if why:
-                skipped.append({"node": site.node.name, "module_path": site.module_path, "reason": why})
-                continue
-            _replace(program.graph, site, self.name)
-            replaced += 1
-        if replaced:
-            program.graph.eliminate_dead_code()
-            remove_unused_tensors(program.module)  # the separate Q/K/V weights, now packed
-            program.graph.lint()
-            program.module.recompile()
-        return PassResult(program, replaced > 0, {"replaced": replaced, "packed_qkv": packed, "lowering": lowering, "skipped_nodes": skipped})
+            return PassResult.skipped(program, f"no measured fused lowering for provider '{provider}' (measured: {', '.join(LOWERING_BY_PROVIDER)}): the exporter's form stays", FusedAttentionInfo(lowering=lowering))
+        gm = program.module
+        rules = ([packed_attention_rule(gm)] if self.config.pack_qkv else []) + [FUSED_ATTENTION]
+        stats = apply_rules(gm, rules, provenance=self.name)
+        near_misses = [m.to_dict() for m in stats.near_misses]
+        if not stats.total:
+            return PassResult.unchanged(program, FusedAttentionInfo(lowering=lowering, near_misses=near_misses), _unchanged_reason(stats.near_misses))
+        converted = [n for n in gm.graph.nodes if n.target is MASK_CONVERSION and n.meta.get(CREATED_BY, "").startswith(f"{self.name}:")]
+        info = FusedAttentionInfo(
+            replaced=stats.total, packed_qkv=stats.applied.get("attention_qkv", 0), boolean_masks=len(converted), lowering=lowering, near_misses=near_misses
+        )
+        return PassResult.applied(program, info)
 
 
+def _unchanged_reason(near_misses: list) -> str:
+    if not near_misses:
+        return "no scaled_dot_product_attention in the graph (run the sdpa pass first on eager attention)"
+    shown = "; ".join(f"{m.node} ({m.module_path or 'top'}): {m.rule}: {m.check}: {m.reason}" for m in near_misses[:4])
+    more = f" and {len(near_misses) - 4} more" if len(near_misses) > 4 else ""
+    return f"no SDPA node can be fused; near misses: {shown}{more}"
+
+
+# ---- one SDPA node -> MultiHeadAttention ----------------------------------------------------
 def unfusable(site: SDPASite) -> str:
     """Why ``site`` cannot become MultiHeadAttention ('' when it can)."""
     q, k, v = (fake(a) for a in site.node.args[:3])
@@ -97,25 +121,29 @@ def unfusable(site: SDPASite) -> str:
     if q.shape[-1] != k.shape[-1]:
         return "q and k head sizes differ"
     if mask is not None:
-        if mask.dtype == torch.bool:
-            return "boolean mask"
-        if mask.dim() != 4 or mask.dtype != q.dtype:
-            return f"a {mask.dim()}-D {mask.dtype} mask, not a 4-D additive one"
+        if mask.dim() != 4 or mask.dtype not in (q.dtype, torch.bool):
+            return f"a {mask.dim()}-D {mask.dtype} mask, not a 4-D additive or boolean one"
         if site.is_causal:
             return "both a mask and is_causal"
     return ""
 
 
-def _replace(graph: fx.Graph, site: SDPASite, provenance: str) -> None:
-    node = site.node
-    q, k, v = node.args[:3]
+def _match_site(node: fx.Node) -> Match | NoMatch:
+    site = SDPASite(node, -1, module_path(node))  # its layer index is not needed here
+    why = unfusable(site)
+    if why:
+        return NoMatch("unfusable", why)
+    return Match(root=node, nodes=(node,), bindings={"site": site})
+
+
+def _replace_site(graph: fx.Graph, m: Match) -> fx.Node:
+    site: SDPASite = m.bindings["site"]
+    q, k, v = site.node.args[:3]
     heads = fake(q).shape[1]
-    with graph.inserting_before(node):
-        if site.mask is None:
-            new = emit(graph, torch.ops.graphopt.fused_attention.default, (q, k, v, site.scale(), site.is_causal, heads))
-        else:
-            new = emit(graph, torch.ops.graphopt.fused_attention_biased.default, (q, k, v, site.mask, site.scale(), site.is_causal, heads))
-    new.meta.update({key: node.meta[key] for key in ("nn_module_stack", "graphopt_module_path", "stack_trace") if key in node.meta})
-    new.meta["graphopt_created_by"] = f"{provenance}:{new.target.name()}"
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+    if site.mask is None:
+        return emit(graph, torch.ops.graphopt.fused_attention.default, (q, k, v, site.scale(), site.is_causal, heads))
+    mask = additive_mask(graph, site.mask, fake(q).dtype)
+    return emit(graph, torch.ops.graphopt.fused_attention_biased.default, (q, k, v, mask, site.scale(), site.is_causal, heads))
+
+
+FUSED_ATTENTION = RewriteRule("fused_attention", frozenset({SDPA}), _match_site, _replace_site)

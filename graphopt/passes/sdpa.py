@@ -19,13 +19,24 @@ eager softmax gives NaN on a fully-masked row, SDPA gives 0.
 from __future__ import annotations
 
 import numbers
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake, only_user
+from graphopt.rewrite import (
+    Match,
+    NoMatch,
+    RewriteRule,
+    apply_rules,
+    emit,
+    fake,
+    only_user,
+)
+from graphopt.surgery import get_tensor
 
 aten = torch.ops.aten
 
@@ -41,23 +52,37 @@ class SDPAConfig(PassConfig):
     debug: bool = False  # log every match attempt and lint after each rewrite
 
 
+class SDPAInfo(PassInfo):
+    replaced: int = 0
+    near_misses: list[dict[str, str]] = []  # softmax nodes that did not match, with the failing check
+
+
 @register_pass
 class AttentionToSDPA(Pass):
     """Rewrite eager attention (matmul, scale, mask, softmax, matmul) as one scaled_dot_product_attention."""
 
-    name = "sdpa"
-    exact = True
-    Config = SDPAConfig
+    name: ClassVar[str] = "sdpa"
+    Config: ClassVar[type[PassConfig]] = SDPAConfig
+    Info: ClassVar[type[PassInfo]] = SDPAInfo
     requires_ir = ("aten",)
 
-    def run(self, program: Program) -> PassResult:
+    @classmethod
+    def is_exact(cls, config: SDPAConfig) -> bool:
+        return True
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
         stats = apply_rules(program.module, [EAGER_ATTENTION], debug=self.config.debug, provenance=self.name)
         replaced = stats.applied[EAGER_ATTENTION.name]
-        if replaced:
-            program.module.graph.lint()
-            program.module.recompile()
-        info = {"replaced": replaced, "near_misses": [m.to_dict() for m in stats.near_misses]}
-        return PassResult(program, replaced > 0, info)
+        info = SDPAInfo(replaced=replaced, near_misses=[m.to_dict() for m in stats.near_misses])
+        return PassResult.of(program, replaced > 0, info, _unchanged_reason(stats.near_misses))
+
+
+def _unchanged_reason(near_misses: list) -> str:
+    if not near_misses:
+        return "no softmax in the graph: no eager attention to rewrite"
+    shown = "; ".join(f"{m.node} ({m.module_path or 'top'}): {m.check}: {m.reason}" for m in near_misses[:3])
+    more = f" and {len(near_misses) - 3} more" if len(near_misses) > 3 else ""
+    return f"no softmax is eager attention; near misses: {shown}{more}"
 
 
 # ---- matching ---------------------------------------------------------------------------
@@ -206,17 +231,13 @@ def _constant_scalar(value) -> float | None:
         if value.target is aten.scalar_tensor.default and isinstance(value.args[0], numbers.Number):
             return float(value.args[0])
         if value.op == "get_attr":
-            tensor = _get_attr(value)
+            try:
+                tensor = get_tensor(value.graph.owning_module, str(value.target))
+            except AttributeError:
+                return None
             if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 and tensor.dim() == 0:
                 return float(tensor)
     return None
-
-
-def _get_attr(node: fx.Node):
-    obj = node.graph.owning_module
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def _untranspose(k_t: fx.Node) -> fx.Node | None:
