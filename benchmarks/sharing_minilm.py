@@ -1,13 +1,15 @@
 """Parameter sharing on all-MiniLM-L6-v2: layer sharing + distillation, weight clustering.
 
     # 6 -> 3 unique layers, distilled, then the embeddings clustered
-    python benchmarks/sharing_minilm.py --compress "dce,share-layers{unique=3}" --minutes 12 \
+    python benchmarks/sharing_minilm.py --compress "dce?,share-layers{unique=3}" --minutes 12 \
         --after "cluster{include=[embeddings.word_embeddings.weight],embedding_bits=4}"
     # everything clustered, no training
-    python benchmarks/sharing_minilm.py --compress "dce,cluster{bits=4,embedding_bits=3}"
+    python benchmarks/sharing_minilm.py --compress "dce?,cluster{bits=4,embedding_bits=3}"
 
 Stages: ``--compress`` (fidelity measured), then ``distill{...}`` for ``--minutes`` (0: none),
-then ``--after``. Both the fp32 program and the result are exported with
+then ``--after``. The passes' data is one PassContext: calibration and distillation on
+training sentences, the (non-rejecting) budget measured on verification sentences, the
+fp32 program as the distillation teacher, ``--out`` for artifacts. Both the fp32 program and the result are exported with
 graphopt.export.to_onnx and measured in this one process: file bytes, ORT latency (batch 1
 and 8, sequence 128, alternating rounds with one ORT session alive at a time), ORT parity
 against the PyTorch program, whether ORT folded the cluster decode at session load, and
@@ -28,7 +30,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compress", default="dce,share-layers{unique=3}")
+    parser.add_argument("--compress", default="dce?,share-layers{unique=3}")
     parser.add_argument("--minutes", type=float, default=0.0, help="distillation wall-clock limit (0: no distillation)")
     parser.add_argument("--after", default="", help="stages after distillation, e.g. cluster{...}")
     parser.add_argument("--steps", type=int, default=4000)
@@ -49,7 +51,9 @@ def main() -> None:
     import graphopt
     from graphopt.build import benchmark_inputs
     from graphopt.data import heldout_sentences
-    from graphopt.export import alternating_latency, check_parity, make_session, run as ort_run, to_onnx
+    from graphopt.datasets import load_splits, text_context
+    from graphopt.export import alternating_latency, check_parity, make_session, to_onnx
+    from graphopt.export import run as ort_run
     from graphopt.fidelity import compare_encoders
     from graphopt.models import load_model
 
@@ -59,8 +63,8 @@ def main() -> None:
     names = list(loaded.example_kwargs)
     sentences = heldout_sentences(args.heldout)
     program = graphopt.capture(loaded.model, kwargs=loaded.example_kwargs)
-    program.meta["tokenizer"] = loaded.tokenizer
-    program.meta["report_dir"] = str(out)
+    splits = load_splits(calibration=64, verification=64, heldout=0)  # held-out sentences: graphopt.data's, below
+    ctx = text_context(loaded.tokenizer, splits, names, artifacts=out, teacher=program)
     budget = graphopt.Budget(min_cosine=0.0)  # measure, do not reject
 
     def fidelity(candidate) -> dict:
@@ -68,26 +72,25 @@ def main() -> None:
 
     summary: dict = {"threads": args.threads, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "load_avg": os.getloadavg()}
     start = time.perf_counter()
-    result = graphopt.optimize(program, args.compress, budget=budget)
+    result = graphopt.optimize(program, args.compress, budget=budget, context=ctx)
     summary["compress"] = {"pipeline": args.compress, "seconds": round(time.perf_counter() - start, 1), "passes": _pass_info(result)}
     summary["compress"]["heldout"] = fidelity(lambda **kw: result.program(**kw))
     say(f"after {args.compress}: held-out {_fmt(summary['compress']['heldout'])}")
     current = result.program
 
     if args.minutes > 0:
-        current.teacher = program
         distill = (f"distill{{steps={args.steps},lr={args.lr},batch_size={args.batch_size},eval_every=100,"
-                   f"time_limit_s={args.minutes * 60},patience=6{',' + args.distill_options if args.distill_options else ''}}}")
+                   f"time_limit_s={args.minutes * 60},patience_steps=600{',' + args.distill_options if args.distill_options else ''}}}")
         start = time.perf_counter()
-        recovered = graphopt.optimize(current, distill, budget=budget)
-        info = recovered.report.passes[0].info.get("distill", {})
+        recovered = graphopt.optimize(current, distill, budget=budget, context=ctx)  # the teacher: the fp32 program
+        info = recovered.report.passes[0].info
         current = recovered.program
         summary["distill"] = {"pipeline": distill, "minutes": round((time.perf_counter() - start) / 60, 1),
                               "steps": info.get("steps"), "stopped": info.get("stopped"), "curve_png": info.get("curve_png")}
         summary["distill"]["heldout"] = fidelity(lambda **kw: current(**kw))
         say(f"after distillation ({summary['distill']['minutes']} min, {info.get('steps')} steps): held-out {_fmt(summary['distill']['heldout'])}")
     if args.after:
-        after = graphopt.optimize(current, args.after, budget=budget)
+        after = graphopt.optimize(current, args.after, budget=budget, context=ctx)
         summary["after"] = {"pipeline": args.after, "passes": _pass_info(after)}
         current = after.program
 

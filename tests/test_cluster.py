@@ -13,6 +13,7 @@ from torch import nn
 import graphopt
 from graphopt import zoo
 from graphopt.cluster import kmeans_1d, pack_codes, packed_bytes, unpack_codes
+from graphopt.context import PassContext
 from graphopt.errors import ConfigError
 from graphopt.export import check_parity, make_session, to_onnx
 from graphopt.passes.cluster import Cluster
@@ -68,8 +69,8 @@ def test_clustering_with_as_many_centroids_as_distinct_values_is_exact(tmp_path)
     program = graphopt.capture(Wide(levels=16), (torch.randn(3, 256),))
     before = program.run()
     result = Cluster(bits=4)(program)
-    assert result.modified and result.info["clustered"] == 2
-    assert all(t["relative_error"] == 0 for t in result.info["tensors"].values())
+    assert result.modified and result.info.clustered == 2
+    assert all(t.relative_error == 0 for t in result.info.tensors.values())
     assert all(torch.equal(x, y) for x, y in zip(before, result.program.run()))
     assert check_parity(result.program, to_onnx(result.program, tmp_path / "m.onnx").path, atol=1e-5, rtol=1e-5).passed
 
@@ -80,7 +81,7 @@ def test_compact_file_decoded_by_ort_at_load_with_parity(tmp_path):
     result = Cluster(bits=4)(program.clone())
     assert result.modified
     # 4-bit codes (1/8 of fp32) + a 16-entry fp32 codebook per 256-wide row (1/16)
-    assert result.info["bytes_after"] == 524288 // 8 + 524288 // 16
+    assert result.info.bytes_after == 524288 // 8 + 524288 // 16
     clustered, session, stored, after_load = _exported_ops(result.program, tmp_path, "clustered")
     assert stored["GatherElements"] == 2  # the file holds the packed form ...
     assert not DECODE_OPS & set(after_load)  # ... which ORT folds to dense weights at load
@@ -91,18 +92,23 @@ def test_compact_file_decoded_by_ort_at_load_with_parity(tmp_path):
 def test_three_bit_codes_and_float16_codebooks_export_with_parity(tmp_path):
     program = graphopt.capture(Wide(), (torch.randn(3, 256),))
     result = Cluster(bits=3, granularity="tensor", codebook_dtype="float16")(program)
-    assert all(t["bits"] == 3 and t["codebooks"] == 1 for t in result.info["tensors"].values())
+    assert all(t.bits == 3 and t.codebooks == 1 for t in result.info.tensors.values())
     exported, session, _, after_load = _exported_ops(result.program, tmp_path, "m")
     assert not DECODE_OPS & set(after_load)
     assert check_parity(result.program, session, atol=1e-5, rtol=1e-5).passed
 
 
-def test_nothing_to_cluster_is_unmodified():
+def test_nothing_to_cluster_is_unmodified_and_says_why():
     program = graphopt.capture(Wide(), (torch.randn(3, 256),))
+    fingerprint = program.fingerprint()
     result = Cluster(min_numel=10**6)(program)
-    assert not result.modified and result.info["clustered"] == 0
+    assert result.status == "unchanged" and result.info.clustered == 0
+    assert "min_numel=1000000" in result.reason and result.info.skipped == []
     result = Cluster(include=["no.such.*"])(program)
-    assert not result.modified
+    assert result.status == "unchanged" and "could be clustered" in result.reason
+    assert sorted(row.tensor for row in result.info.skipped) == ["a.weight", "b.weight"]
+    assert all(row.kept == "dense" and "include" in row.reason and row.node and row.module_path for row in result.info.skipped)
+    assert program.fingerprint() == fingerprint
 
 
 def test_bert_through_the_manager_embeddings_get_their_own_bits(tmp_path):
@@ -135,7 +141,7 @@ def test_cluster_after_quantize_clusters_the_int8_codes(tmp_path):
     quantized = Quantize(mode="dynamic")(program).program
     int8_before = quantized.run()
     result = Cluster(bits=4)(quantized)
-    assert result.modified and result.info["clustered"] == 2
+    assert result.modified and result.info.clustered == 2
     books = [t for n, t in result.program.module.named_buffers() if n.endswith("_codebook")]
     assert books and all(b.dtype == torch.int8 for b in books)  # integer centroids: still int8 weights
     cos = torch.nn.functional.cosine_similarity(result.program.run()[0].flatten(), int8_before[0].flatten(), dim=0)
@@ -150,6 +156,8 @@ def test_bad_options_are_rejected():
         Cluster(bits=9)
     with pytest.raises(ConfigError):
         Cluster(granularity="column")
+    with pytest.raises(ConfigError, match="unknown option 'calibration'"):  # data comes from the PassContext
+        Cluster(calibration=[])
 
 
 @pytest.mark.parametrize("weighting", ["activations", "hessian"])
@@ -165,5 +173,14 @@ def test_calibration_aware_coding_lowers_output_error(weighting):
 
     uniform = Cluster(bits=3)(program.clone())
     aware = Cluster(bits=3, weighting=weighting)(program.clone())
-    assert all(t["weighting"] == weighting for t in aware.info["tensors"].values())
+    assert uniform.info.calibration is None and aware.info.calibration.startswith("the example inputs")
+    assert all(t.weighting == weighting for t in aware.info.tensors.values())
     assert error(aware) < 0.8 * error(uniform)
+    # The statistics come from the context's calibration batches when it has some: other
+    # inputs (outliers in other channels) give other codes.
+    other = torch.randn(128, 256)
+    other[:, 100:108] *= 20
+    ctx = PassContext(calibration=(((other,), {}),), calibration_source="outliers elsewhere")
+    moved = Cluster(bits=3, weighting=weighting)(program.clone(), ctx)
+    assert moved.info.calibration == "1 calibration batches (outliers elsewhere)"
+    assert error(moved) > error(aware)

@@ -1,4 +1,5 @@
-"""The quantize pass on tiny models: rewrites, ORT kernels actually used, ORT parity, config errors."""
+"""The quantize pass on tiny models: rewrites, ORT kernels actually used, ORT parity, config
+errors, calibration from the pass context; and the int8-attention pass that follows it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from torch import nn
 
 import graphopt
 from graphopt import zoo
+from graphopt.context import PassContext
 from graphopt.errors import ConfigError
-from graphopt.export import make_session, run as ort_run, to_onnx
+from graphopt.export import make_session, to_onnx
+from graphopt.export import run as ort_run
+from graphopt.passes.bias_gelu import BiasGelu
+from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.quantize import Quantize
+from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.pipeline import parse_pipeline
-from graphopt.quant.calibration import CalibrationSet
 from graphopt.quant.cpu import CpuInt8Support, cpu_int8_support, weight_qmax
 
 GRAPHOPT_OPS = ("graphopt::linear_dynamic_int8", "graphopt::linear_nbits", "graphopt::linear_static_int8")
@@ -26,6 +31,12 @@ FLOAT_MATMULS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 def _capture(arch: str, layers: int = 1):
     model = zoo.tiny_model(arch, layers=layers)
     return graphopt.capture(model, kwargs=zoo.example_inputs(arch))
+
+
+def _calibration(arch: str, batches: int) -> PassContext:
+    """A context whose calibration data is ``batches`` seeded example batches."""
+    data = tuple(((), zoo.example_inputs(arch, seed=s)) for s in range(batches))
+    return PassContext(calibration=data, calibration_source=f"seeded {arch} examples")
 
 
 def _ort_graph(program, tmp_path, name="model"):
@@ -75,15 +86,17 @@ def test_dynamic_int8_uses_integer_kernels_with_tight_ort_parity(arch, tmp_path)
     linears = _linear_count(program)
     result = Quantize()(program)
 
-    assert result.modified and result.info["replaced"] == linears > 0
+    assert result.modified and result.info.replaced == linears > 0
     assert _graphopt_ops(program).get("graphopt::linear_dynamic_int8") == linears
     assert _linear_count(program) == 0
     drift = torch.nn.functional.cosine_similarity(program.run()[0].flatten(), program.reference_outputs[0].flatten(), dim=0)
     assert drift > 0.999
+    assert "graphopt::bias_gelu" not in _graphopt_ops(program)  # quantize fuses nothing: the recipe orders bias-gelu after it
 
     # erf GELU after a quantized linear becomes one BiasGelu kernel (GPT-2's is tanh, Llama's SiLU)
     erf_gelu = arch in ("bert", "vit")
-    assert result.info["gelu_fused"] == (1 if erf_gelu else 0)
+    gelu = BiasGelu()(program)
+    assert gelu.modified == erf_gelu and gelu.info.fused == (1 if erf_gelu else 0)
 
     session, ops, _ = _ort_graph(program, tmp_path)
     assert ops["DynamicQuantizeMatMul"] == linears, ops
@@ -136,7 +149,7 @@ def test_weight_range_follows_the_cpu():
     assert weight_qmax("full", avx2) == 127 and weight_qmax("reduced", vnni) == 63
     program, _ = _linear_program()
     info = Quantize()(program).info
-    assert info["cpu"] == cpu_int8_support().to_dict()
+    assert info.cpu is not None and info.cpu.model_dump() == cpu_int8_support().to_dict()
     expected = 63 if cpu_int8_support().saturates_u8s8 else 127
     codes = [t for name, t in program.tensors().items() if name.endswith("w_q")][0]
     assert int(codes.abs().max()) == expected
@@ -147,10 +160,22 @@ def test_unmodified_when_nothing_is_selected():
     program = _capture("bert")
     fingerprint = program.fingerprint()
     result = Quantize(include=("nothing.matches.*",))(program)
-    assert not result.modified and result.info["replaced"] == 0
+    assert result.status == "unchanged" and not result.modified and result.info.replaced == 0
+    assert "every one of the" in result.reason and "filtered out" in result.reason and "nothing.matches.*" in result.reason
     assert program.fingerprint() == fingerprint
-    filtered = [row for row in result.info["skipped"] if "include" in row["reason"]]
-    assert len(filtered) == len(result.info["layers"]) == _linear_count(program) > 0
+    filtered = [row for row in result.info.skipped if "include" in row.reason]
+    assert len(filtered) == len(result.info.layers) == _linear_count(program) > 0
+    assert all(row.kept == "fp32" and row.module_path for row in filtered)
+
+
+def test_a_quantize_that_matches_nothing_says_why_in_the_report():
+    program = _capture("bert")
+    optional = graphopt.optimize(program, "quantize{include=[nothing.matches.*]}?")
+    (record,) = optional.report.passes
+    assert record.status == "unchanged" and "filtered out" in record.reason
+    assert not optional.report.failures  # optional: changing nothing is acceptable
+    required = graphopt.optimize(program, "quantize{include=[nothing.matches.*]}", on_failure="continue")
+    assert required.report.failures and "filtered out" in required.report.failures[0]
 
 
 def test_unmodified_without_linear_layers():
@@ -160,18 +185,19 @@ def test_unmodified_without_linear_layers():
 
     program = graphopt.capture(OnlyActivations(), (torch.randn(2, 4, 8), torch.randn(2, 8, 4)), dynamic_shapes=None)
     result = Quantize()(program)
-    assert not result.modified
-    assert result.info["skipped"] and "constant_weight" in result.info["skipped"][0]["reason"]
+    assert result.status == "unchanged" and result.reason.startswith("no linear layer found")
+    assert "constant_weight" in result.reason
+    assert result.info.skipped and "constant_weight" in result.info.skipped[0].reason
 
 
 def test_target_filter_by_module_path():
     program = _capture("bert")
     result = Quantize(include=("encoder.layer.0.*",), exclude=("*.attention.output.dense",))(program)
-    quantized = [row["module_path"] for row in result.info["layers"] if row["scheme"] != "fp32"]
+    quantized = [row.module_path for row in result.info.layers if row.scheme != "fp32"]
     assert sorted(quantized) == sorted(
         f"encoder.layer.0.{m}" for m in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense", "output.dense")
     )
-    assert result.info["replaced"] == 5
+    assert result.info.replaced == 5
 
 
 @pytest.mark.parametrize(
@@ -183,6 +209,9 @@ def test_target_filter_by_module_path():
         (dict(mode="weight_only", group_size=512), "16 to 256"),
         (dict(mode="int3"), "mode"),
         (dict(colour="red"), "unknown option 'colour'"),
+        (dict(calibration=[]), "unknown option 'calibration'"),  # data comes from the PassContext
+        (dict(fuse_gelu=False), "unknown option 'fuse_gelu'"),  # the bias-gelu pass now
+        (dict(fuse_attention=False), "unknown option 'fuse_attention'"),  # the int8-attention pass now
     ],
 )
 def test_config_errors_are_clear(options, message):
@@ -190,11 +219,16 @@ def test_config_errors_are_clear(options, message):
         Quantize(**options)
 
 
-def test_empty_calibration_set_is_an_error():
-    with pytest.raises(ConfigError, match="empty"):
-        CalibrationSet.from_tensors([])
-    with pytest.raises(ConfigError, match="empty"):
-        CalibrationSet.from_sentences(object(), [])
+def test_calibration_comes_from_the_context_or_the_example_inputs_and_says_which():
+    program = _capture("bert")
+    without = Quantize(mode="static")(program.clone())
+    assert without.info.calibration == "the example inputs (the context has no calibration data)"
+    given = Quantize(mode="static")(program.clone(), _calibration("bert", 2))
+    assert given.info.calibration == "2 calibration batches (seeded bert examples)"
+    assert Quantize()(program.clone(), _calibration("bert", 2)).info.calibration is None  # dynamic int8 needs no data
+    wrong = PassContext(calibration=(((), {"pixel_values": torch.zeros(1)}),))
+    with pytest.raises(ConfigError, match="does not fit the program's inputs"):
+        Quantize(mode="static")(program.clone(), wrong)
 
 
 def test_pipeline_text_round_trips():
@@ -211,9 +245,9 @@ def test_weight_only_uses_matmulnbits_with_tight_ort_parity(bits, group_size, ac
     program = _capture("bert")
     linears = _linear_count(program)
     result = Quantize(mode="weight_only", bits=bits, group_size=group_size, accuracy_level=accuracy_level)(program)
-    assert result.modified and result.info["replaced"] == linears
+    assert result.modified and result.info.replaced == linears
     assert _graphopt_ops(program).get("graphopt::linear_nbits") == linears
-    assert result.info["scheme"] == f"int{bits} weight-only (g{group_size})"
+    assert result.info.scheme == f"int{bits} weight-only (g{group_size})"
 
     session, ops, _ = _ort_graph(program, tmp_path)
     assert ops["MatMulNBits"] == linears, ops
@@ -226,8 +260,8 @@ def test_weight_only_pads_a_width_the_group_does_not_divide(tmp_path):
     program, x = _linear_program(k=40, n=24)
     fp32 = program.run()[0]
     result = Quantize(mode="weight_only", bits=4, group_size=32)(program)
-    (row,) = result.info["layers"]
-    assert row["padded_input_rows"] == 24 and row["shape"] == [24, 40]
+    (row,) = result.info.layers
+    assert row.padded_input_rows == 24 and row.shape == [24, 40]
     got = program.run()[0]
     assert (got - fp32).norm() / fp32.norm() < 0.1  # 4-bit weights: a few percent, not garbage
     session, ops, exported = _ort_graph(program, tmp_path)
@@ -251,10 +285,9 @@ def test_int4_weights_are_smaller_than_int8_weights():
 def test_static_int8_calibrates_and_uses_integer_kernels(arch, tmp_path):
     program = _capture(arch)
     linears = _linear_count(program)
-    calibration = CalibrationSet.from_tensors([zoo.example_inputs(arch, seed=s) for s in range(3)])
-    result = Quantize(mode="static", calibration=calibration)(program)
-    assert result.modified and result.info["replaced"] == linears
-    assert result.info["calibration"] == "tensors"
+    result = Quantize(mode="static")(program, _calibration(arch, 3))
+    assert result.modified and result.info.replaced == linears
+    assert result.info.calibration == f"3 calibration batches (seeded {arch} examples)"
     scales = [float(t) for name, t in program.tensors().items() if name.endswith("x_scale")]
     assert len(scales) == linears and all(s > 0 for s in scales)
 
@@ -266,11 +299,11 @@ def test_static_int8_calibrates_and_uses_integer_kernels(arch, tmp_path):
 
 def test_calibration_is_deterministic():
     program = _capture("bert")
-    calibration = CalibrationSet.from_tensors([zoo.example_inputs("bert", seed=s) for s in range(2)])
+    ctx = _calibration("bert", 2)
     scales = []
     for _ in range(2):
         copy = program.clone()
-        Quantize(mode="static", calibration=calibration)(copy)
+        Quantize(mode="static")(copy, ctx)
         scales.append({k: float(v) for k, v in copy.tensors().items() if k.endswith("x_scale")})
     assert scales[0] == scales[1]
 
@@ -278,26 +311,29 @@ def test_calibration_is_deterministic():
 # ---- sensitivity and mixed precision -------------------------------------------------------
 def test_sensitivity_plan_keeps_the_most_sensitive_layers():
     program = _capture("bert")
-    calibration = CalibrationSet.from_tensors([zoo.example_inputs("bert", seed=s) for s in range(2)])
-    result = Quantize(sensitivity=True, keep=2, calibration=calibration)(program)
-    sens = {row["node"]: row["sensitivity"] for row in result.info["layers"]}
+    result = Quantize(sensitivity=True, keep=2)(program, _calibration("bert", 2))
+    sens = {row.node: row.sensitivity for row in result.info.layers}
     assert len(sens) == _linear_count(graphopt.capture(zoo.tiny_model("bert", layers=1), kwargs=zoo.example_inputs("bert")))
-    kept = [k["node"] for k in result.info["plan"]["kept_at_fallback"]]
+    assert all(value is not None for value in sens.values())
+    plan = result.info.plan
+    assert plan is not None and plan.fallback == "fp32"
+    kept = [k.node for k in plan.kept_at_fallback]
     assert kept == sorted(sens, key=lambda n: -sens[n])[:2]
-    schemes = {row["node"]: row["scheme"] for row in result.info["layers"]}
+    schemes = {row.node: row.scheme for row in result.info.layers}
     assert all(schemes[n] == "fp32" for n in kept)
-    assert sum(s != "fp32" for s in schemes.values()) == result.info["replaced"] == len(sens) - 2
+    assert sum(s != "fp32" for s in schemes.values()) == result.info.replaced == len(sens) - 2
 
 
 def test_target_cosine_plan_meets_its_target_on_calibration_data():
     program = _capture("gpt2")
-    calibration = CalibrationSet.from_tensors([zoo.example_inputs("gpt2", seed=s) for s in range(2)])
-    plan = Quantize(mode="weight_only", bits=4, group_size=16, target_cosine=0.99995, fallback="int8_weight_only", calibration=calibration)(program).info["plan"]
-    assert plan["probes"] and plan["probes"][-1]["mean_cosine"] >= 0.99995 or plan["kept_at_fallback"] == []
-    kept = len(plan["kept_at_fallback"])
-    below = [p for p in plan["probes"] if p["kept"] < kept]
-    assert all(p["mean_cosine"] < 0.99995 for p in below)
-    assert plan["fallback"] == "int8 weight-only (g16)"
+    quantize = Quantize(mode="weight_only", bits=4, group_size=16, target_cosine=0.99995, fallback="int8_weight_only")
+    plan = quantize(program, _calibration("gpt2", 2)).info.plan
+    assert plan is not None
+    assert plan.probes and plan.probes[-1].mean_cosine >= 0.99995 or plan.kept_at_fallback == []
+    kept = len(plan.kept_at_fallback)
+    below = [p for p in plan.probes if p.kept < kept]
+    assert all(p.mean_cosine < 0.99995 for p in below)
+    assert plan.fallback == "int8 weight-only (g16)"
 
 
 # ---- embeddings ----------------------------------------------------------------------------
@@ -306,7 +342,7 @@ def test_int8_embeddings():
     program = _capture("bert")
     before = program.parameter_stats()["parameter_bytes"]
     result = Quantize(embeddings=True, include=("nothing",))(program)
-    assert result.modified and result.info["replaced"] == 0 and result.info["embeddings_replaced"] == 3
+    assert result.modified and result.info.replaced == 0 and result.info.embeddings_replaced == 3
     assert program.parameter_stats()["parameter_bytes"] < before
     drift = (program.run()[0] - program.reference_outputs[0]).norm() / program.reference_outputs[0].norm()
     assert 0 < drift < 0.01
@@ -317,7 +353,7 @@ def test_int4_embeddings_use_gather_block_quantized(tmp_path):
     before = program.parameter_stats()["parameter_bytes"]
     tables = sum(t.numel() * 4 for name, t in program.tensors().items() if name.endswith("_embeddings.weight"))
     result = Quantize(embeddings=True, embedding_bits=4, group_size=16, include=("nothing",))(program)
-    assert result.modified and result.info["embeddings_replaced"] == 3
+    assert result.modified and result.info.embeddings_replaced == 3
     assert _graphopt_ops(program) == {"graphopt::embedding_nbits": 3}
     assert before - program.parameter_stats()["parameter_bytes"] > 0.75 * tables > 0
     session, ops, _ = _ort_graph(program, tmp_path)
@@ -325,14 +361,19 @@ def test_int4_embeddings_use_gather_block_quantized(tmp_path):
     assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=3)) < 2e-5
 
 
-# ---- attention: one int8 QKV GEMM + MultiHeadAttention ---------------------------------------
-def test_attention_after_sdpa_fuses_qkv_and_uses_multihead_attention(tmp_path):
-    from graphopt.passes.sdpa import AttentionToSDPA
-
-    program = _capture("bert")
+# ---- int8-attention: one int8 QKV GEMM + MultiHeadAttention ----------------------------------
+def _quantized_after_sdpa(arch: str = "bert", layers: int = 1, **options):
+    program = _capture(arch, layers)
     AttentionToSDPA()(program)
-    result = Quantize()(program)
-    assert result.info["attention_fused"] == 1 and result.info["attention_near_misses"] == []
+    assert Quantize(**options)(program).modified
+    return program
+
+
+def test_int8_attention_fuses_qkv_and_uses_multihead_attention(tmp_path):
+    program = _quantized_after_sdpa()
+    assert "graphopt::attention_int8" not in _graphopt_ops(program)  # quantize no longer fuses attention itself
+    result = Int8Attention()(program)
+    assert result.modified and result.info.fused == 1 and result.info.near_misses == []
     assert _graphopt_ops(program)["graphopt::attention_int8"] == 1
     assert _graphopt_ops(program)["graphopt::linear_dynamic_int8"] == _linear_count(_capture("bert")) - 3
     session, ops, _ = _ort_graph(program, tmp_path)
@@ -342,18 +383,49 @@ def test_attention_after_sdpa_fuses_qkv_and_uses_multihead_attention(tmp_path):
         assert _ort_vs_program(program, session, inputs) < 2e-5
 
 
-def test_attention_fusion_explains_what_it_leaves_alone():
-    from graphopt.passes.sdpa import AttentionToSDPA
+def test_int8_attention_is_exact_as_it_claims():
+    """One activation quantization for Q, K and V gives the three projections' own codes
+    (per-tensor scale and zero point depend on x alone): the outputs equal bit for bit."""
+    from graphopt.datasets import program_context
 
-    llama = _capture("llama")
-    AttentionToSDPA()(llama)
-    info = Quantize()(llama).info
-    assert info["attention_fused"] == 0
-    assert [m["check"] for m in info["attention_near_misses"]] == ["head_split"]  # rotary embeddings sit between
-    bert = _capture("bert")
-    AttentionToSDPA()(bert)
-    info = Quantize(exclude=("*.self.key",))(bert).info
-    assert info["attention_fused"] == 0 and info["attention_near_misses"][0]["check"] == "projection"
+    assert Int8Attention.is_exact(Int8Attention().config) and Int8Attention().exact
+    program = _quantized_after_sdpa(layers=2)
+    batches = [(tuple(program.args), dict(program.kwargs)), *program_context(program).verification]
+    before = [program.run(args, kwargs) for args, kwargs in batches]
+    assert Int8Attention()(program).info.fused == 2
+    after = [program.run(args, kwargs) for args, kwargs in batches]
+    assert len({tuple(kwargs["input_ids"].shape) for _, kwargs in batches}) >= 2  # several shapes
+    assert all(torch.equal(x, y) for b, a in zip(before, after) for x, y in zip(b, a))
+
+
+def test_int8_attention_through_the_manager_is_held_to_exactness():
+    program = _capture("bert", layers=2)
+    result = graphopt.optimize(program, "sdpa,quantize,int8-attention")
+    records = {r.name: r for r in result.report.passes}
+    assert not result.report.failures, result.report.failures
+    record = records["int8-attention"]
+    assert record.exact and record.status == "applied" and record.info["fused"] == 2
+    assert record.drift_step is not None and record.drift_step["max_rel"] == 0
+
+
+def test_int8_attention_explains_what_it_leaves_alone():
+    llama = _quantized_after_sdpa("llama")
+    result = Int8Attention()(llama)
+    assert result.status == "unchanged" and result.info.fused == 0
+    assert [m["check"] for m in result.info.near_misses] == ["head_split"]  # rotary embeddings sit between
+    assert "head_split" in result.reason
+    bert = _quantized_after_sdpa(exclude=("*.self.key",))
+    result = Int8Attention()(bert)
+    assert result.status == "unchanged" and result.info.near_misses[0]["check"] == "projection"
+
+    fp32 = _capture("bert")
+    AttentionToSDPA()(fp32)
+    assert "no dynamic-int8 linear layer" in Int8Attention()(fp32).reason
+    eager = _capture("bert")
+    Quantize()(eager)
+    assert "no scaled_dot_product_attention" in Int8Attention()(eager).reason
+    weight_only = _quantized_after_sdpa(mode="weight_only", bits=4, group_size=16)
+    assert not Int8Attention()(weight_only).modified
 
 
 def test_gptq_lowers_the_layer_output_error_on_calibration_inputs():
@@ -370,11 +442,13 @@ def test_gptq_lowers_the_layer_output_error_on_calibration_inputs():
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(64, 64, generator=gen),) for _ in range(4)]
     program = graphopt.capture(Correlated(), batches[0], dynamic_shapes=None)
-    calibration = CalibrationSet.from_tensors(batches)
+    ctx = PassContext(calibration=tuple((args, {}) for args in batches))
     errors = {}
     for gptq in (False, True):
         copy = program.clone()
-        Quantize(mode="weight_only", bits=4, group_size=16, gptq=gptq, include=("fc",), calibration=calibration)(copy)
+        quantize = Quantize(mode="weight_only", bits=4, group_size=16, gptq=gptq, include=("fc",))
+        quantize(copy, ctx)
+        assert set(vars(quantize)) == {"config", "optional"}  # no Hessians (or anything) kept on the pass
         errors[gptq] = sum(((copy.run(args, {})[0] - program.run(args, {})[0]).pow(2).mean()).item() for args in batches)
     assert errors[True] < 0.8 * errors[False], errors
     with pytest.raises(ConfigError, match="gptq applies to mode=weight_only"):

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.build import calibration_batches
 from graphopt.data import heldout_sentences
-from graphopt.export import make_session, run as ort_run, to_onnx
+from graphopt.datasets import load_splits, text_context
+from graphopt.export import make_session, to_onnx
+from graphopt.export import run as ort_run
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
+from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.quantize import Quantize
 from graphopt.passes.sdpa import AttentionToSDPA
 
@@ -39,16 +41,18 @@ def quantized(tmp_path_factory):
     program = graphopt.capture(loaded.model, kwargs=loaded.example_kwargs)
     AttentionToSDPA()(program)
     result = Quantize(embeddings=True, exclude=SENSITIVE)(program)
+    attention = Int8Attention()(program)
     folder = tmp_path_factory.mktemp("minilm_int8")
     exported = to_onnx(program, folder / "model.onnx")
     session = make_session(exported.path, threads=2, optimized_model_path=folder / "model.opt.onnx")
-    return loaded, result, exported, session, folder
+    return loaded, (result, attention), exported, session, folder
 
 
 def test_minilm_int8_uses_integer_kernels_and_fused_attention(quantized):
-    loaded, result, exported, _session, folder = quantized
-    assert result.modified and result.info["replaced"] == 37 - len(SENSITIVE)  # 6 x 6 + pooler
-    assert result.info["attention_fused"] == 6 and result.info["embeddings_replaced"] == 3
+    _loaded, (result, attention), exported, _session, folder = quantized
+    assert result.modified and result.info.replaced == 37 - len(SENSITIVE)  # 6 x 6 + pooler
+    assert result.info.embeddings_replaced == 3
+    assert attention.modified and attention.info.fused == 6 and attention.info.near_misses == []
     ops = collections.Counter(node.op_type for node in onnx.load(folder / "model.opt.onnx").graph.node)
     assert ops["MultiHeadAttention"] == 6 and ops["DynamicQuantizeMatMul"] == 37 - len(SENSITIVE) - 12
     assert exported.bytes < 0.4 * 91e6  # int8 weights and embedding table
@@ -70,18 +74,23 @@ def test_minilm_int8_heldout_fidelity(quantized):
 def captured(quantized):
     loaded = quantized[0]
     program = graphopt.capture(loaded.model, kwargs=loaded.example_kwargs)
-    program.meta["calibration"] = calibration_batches(loaded, 16)
-    return program
+    # 16 training sentences calibrate; the budget is measured on verification texts.
+    splits = load_splits(calibration=16, verification=32, heldout=0)
+    return program, text_context(loaded.tokenizer, splits, list(loaded.example_kwargs))
 
 
 @pytest.mark.parametrize("preset", ["int8", "balanced", "int4"])
 def test_lossy_presets_are_kept_by_their_own_budget_and_pass_ort_parity(captured, preset, tmp_path):
-    # The example batch is padded; a padded position's output may drift far (int8: cosine
-    # 0.91 over every position) while the real tokens stay at 0.99. The budget counts the
-    # real tokens only, so the preset's quantize stage must survive it.
-    result = graphopt.optimize(captured, preset)
+    # Padded positions' outputs may drift far (int8: cosine 0.91 over every position) while
+    # the real tokens stay at 0.99. The budget counts the real tokens only, so the preset's
+    # quantize stage must survive it.
+    captured, ctx = captured
+    result = graphopt.optimize(captured, preset, context=ctx)
     statuses = {record.name: record.status for record in result.report.passes}
     assert statuses["quantize"] == "applied", result.report.failures
+    if preset != "int8":  # balanced ranks layers by sensitivity, int4 rounds with GPTQ: both calibrate on the context's texts
+        quantize = next(record for record in result.report.passes if record.name == "quantize")
+        assert ctx.calibration_source in quantize.info["calibration"]
     assert not result.report.failures
     assert result.report.final_drift["cosine"] >= result.recipe.budget.min_cosine
     assert result.program.parameter_stats() != captured.parameter_stats()

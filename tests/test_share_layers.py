@@ -6,6 +6,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from torch import nn
 
 import graphopt
 from graphopt import zoo
@@ -46,7 +47,7 @@ def test_identical_layers_are_shared_exactly_and_stored_once(twin_layers, tmp_pa
     before = program.run()
     params_before = program.parameter_stats()["parameters"]
     result = ShareLayers()(program)
-    assert result.modified and result.info["groups"] == [[1, 2]] and result.info["unique_layers"] == 3
+    assert result.modified and result.info.groups == [[1, 2]] and result.info.unique_layers == 3
     assert all(torch.equal(x, y) for x, y in zip(before, result.program.run()))  # zero drift
     layer_size = sum(p.numel() for p in zoo.tiny_model("bert", layers=1).encoder.layer[0].parameters())
     assert result.program.parameter_stats()["parameters"] == params_before - layer_size
@@ -58,18 +59,64 @@ def test_identical_layers_are_shared_exactly_and_stored_once(twin_layers, tmp_pa
 def test_nothing_similar_enough_leaves_the_program_unmodified(twin_layers):
     random_layers = _bert()
     result = ShareLayers()(random_layers)
-    assert not result.modified and result.info["groups"] == []
+    assert result.status == "unchanged" and result.info.groups == []
+    assert result.reason == "no two of the 4 layers of 'encoder.layer' are identical"
     result = ShareLayers(max_distance=0.5)(twin_layers.clone())  # random layers are ~1.0 apart
-    assert result.info["groups"] == [[1, 2]]
+    assert result.info.groups == [[1, 2]]
+    assert ShareLayers(max_distance=0.5)(random_layers).reason.endswith("are within max_distance=0.5")
+
+
+def test_exact_only_when_it_can_tie_identical_layers_only():
+    assert ShareLayers.is_exact(ShareLayers().config)
+    for options in (dict(max_distance=0.1), dict(unique=2), dict(groups=[[0, 1]]), dict(tie_embeddings=True)):
+        assert not ShareLayers(**options).exact, options
+
+
+def test_identical_layers_through_the_manager_pass_the_exact_check(twin_layers):
+    result = graphopt.optimize(twin_layers, "share-layers")
+    (record,) = result.report.passes
+    assert record.exact and record.status == "applied" and not result.report.failures
+    assert record.drift_step is not None and record.drift_step["max_rel"] == 0
+
+
+class _Stack(nn.Module):
+    """30 small layers (cdist switches to its matmul form from 25 rows on)."""
+
+    def __init__(self, copies: dict[int, int], nudge: dict[int, float] | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(30))
+        with torch.no_grad():
+            for target, source in copies.items():
+                self.layers[target].load_state_dict(self.layers[source].state_dict())
+            for index, amount in (nudge or {}).items():
+                self.layers[index].weight[0, 0] += amount
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_max_distance_zero_ties_equal_weights_only():
+    program = graphopt.capture(_Stack({7: 3, 20: 3}, nudge={20: 1e-6}), (torch.randn(2, 16),))
+    result = ShareLayers()(program)
+    assert result.info.groups == [[3, 7]]  # layer 20 differs in one weight by 1e-6: not tied
+    assert result.info.layers == 30 and result.info.distance[3][7] == 0
+
+
+def test_groups_naming_missing_layers_are_skipped_with_the_reason(twin_layers):
+    result = ShareLayers(groups=[[0, 9]])(twin_layers.clone())
+    assert result.status == "skipped" and "[9]" in result.reason and "[0, 1, 2, 3]" in result.reason
 
 
 def test_target_count_picks_the_most_similar_consecutive_layers(twin_layers, tmp_path):
     result = ShareLayers(unique=3)(twin_layers.clone())
-    assert result.info["groups"] == [[1, 2]]  # the identical pair is the cheapest to merge
+    assert result.info.groups == [[1, 2]]  # the identical pair is the cheapest to merge
     result = ShareLayers(unique=2, tie="mean")(twin_layers.clone())
     program = result.program
-    assert result.modified and result.info["unique_layers"] == 2
-    assert sorted(i for g in result.info["groups"] for i in g) != []
+    assert result.modified and result.info.unique_layers == 2
+    assert sorted(i for g in result.info.groups for i in g) != []
     exported = to_onnx(program, tmp_path / "two.onnx")
     assert check_parity(program, exported.path, atol=1e-4, rtol=1e-4).passed
     # Shared matrices are stored once: two layers' in the file instead of three (the unshared
@@ -136,7 +183,7 @@ def test_tie_embeddings_introduces_input_output_sharing(tmp_path):
     before = to_onnx(program, tmp_path / "untied.onnx")
     assert _onnx_tables(before.path) == 2
     result = ShareLayers(tie_embeddings=True)(program)
-    assert result.modified and result.info["lm_head_tied"] == "lm_head.weight"
+    assert result.modified and result.info.lm_head_tied == "lm_head.weight"
     exported = to_onnx(result.program, tmp_path / "tied.onnx")
     assert _onnx_tables(exported.path) == 1
     assert check_parity(result.program, exported.path, atol=1e-4, rtol=1e-4).passed

@@ -7,11 +7,11 @@ Runtime constant-folds when the session loads: the file is small, inference runs
 dense tensor.
 """
 
+from graphopt.cluster import ops  # noqa: F401  (defines torch.ops.graphopt.clustered_weight)
 from graphopt.cluster.kmeans import Clustering, kmeans_1d
 from graphopt.cluster.packing import pack_codes, packed_bytes, planes, unpack_codes
-from graphopt.cluster import ops  # noqa: F401  (defines torch.ops.graphopt.clustered_weight)
 from graphopt.lowerings import declare_lowerings
 
 declare_lowerings("graphopt.cluster.lowering")  # its ONNX lowering, imported by graphopt.export
 
-__all__ = ["Clustering", "kmeans_1d", "pack_codes", "unpack_codes", "packed_bytes", "planes"]
+__all__ = ["Clustering", "kmeans_1d", "pack_codes", "packed_bytes", "planes", "unpack_codes"]

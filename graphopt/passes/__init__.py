@@ -9,7 +9,8 @@ from graphopt.passes.bias_gelu import BiasGelu
 from graphopt.passes.approx_attention import ApproxAttention
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
+from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.cluster import Cluster
 from graphopt.passes.share_layers import ShareLayers
 
-__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "BiasGelu", "ApproxAttention", "Prune", "Quantize", "Cluster", "ShareLayers"]
+__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "BiasGelu", "ApproxAttention", "Prune", "Quantize", "Int8Attention", "Cluster", "ShareLayers"]

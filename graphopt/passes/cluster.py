@@ -15,23 +15,26 @@ by default, one codebook per table (a codebook per vocabulary row would cost mor
 from __future__ import annotations
 
 import fnmatch
-import re
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from graphopt.analysis.interpret import run_calibration
+from graphopt.analysis.linear import find_linear_sites
 from graphopt.cluster import Clustering, kmeans_1d, pack_codes
 from graphopt.cluster.kmeans import assign_with_error_feedback
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.surgery import remove_unused_tensors
-from graphopt.program import Program
-from graphopt.quant.calibration import CalibrationSet, run_calibration
-from graphopt.quant.constants import free_attr_name
+from graphopt.context import Batch, PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
+from graphopt.program import Program, module_path
+from graphopt.surgery import free_attr_name, get_tensor, replace_node, tensor_readers
 
 aten = torch.ops.aten
 Granularity = Literal["row", "tensor"]
+# Input statistics settle after a few batches; more only cost interpreter runs.
+MAX_CALIBRATION_BATCHES = 16
 
 
 class ClusterConfig(PassConfig):
@@ -51,106 +54,157 @@ class ClusterConfig(PassConfig):
     )
 
 
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SkippedTensor(_Record):
+    """A tensor of at least ``min_numel`` elements left dense, and why."""
+
+    tensor: str  # the tensor's name (what include / exclude match)
+    node: str  # the first get_attr node reading it
+    module_path: str  # the module of the first node that uses it
+    reason: str
+    kept: str = "dense"
+
+
+class ClusteredTensor(_Record):
+    bits: int
+    codebooks: int
+    relative_error: float  # ‖decoded - original‖ / ‖original‖
+    bytes_before: int
+    bytes_after: int
+    tied_to: str | None = None  # another name of the same tensor: it reads that one's codes
+    weighting: str | None = None  # calibration-aware coding used, if any
+
+
+class ClusterInfo(PassInfo):
+    clustered: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    tensors: dict[str, ClusteredTensor] = {}
+    skipped: list[SkippedTensor] = []
+    calibration: str | None = None  # where the input statistics came from, when weighted
+
+
+@dataclass(frozen=True)
+class _Coding:
+    """How one tensor is coded: what the config says for it."""
+
+    bits: int
+    granularity: str
+    iterations: int
+    codebook_dtype: str
+
+
 @register_pass
 class Cluster(Pass):
     """Replace weights by k-means codebooks + packed codes. Lossy; exact when a tensor has
     no more distinct values than centroids."""
 
     name: ClassVar[str] = "cluster"
-    exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = ClusterConfig
+    config: ClusterConfig  # the validated options (narrowed from PassConfig for type checkers)
+    Info: ClassVar[type[PassInfo]] = ClusterInfo
 
-    def __init__(self, config: ClusterConfig | None = None, *, calibration: CalibrationSet | None = None, **options: Any):
-        super().__init__(config, **options)
-        self.calibration = calibration
-
-    def run(self, program: Program) -> PassResult:
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
         cfg = self.config
         gm = program.module
-        readers: dict[str, list[fx.Node]] = {}
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                readers.setdefault(node.target, []).append(node)
+        readers = tensor_readers(gm)
         tables = embedding_tables(gm)
-        importance = input_statistics(program, self.calibration, cfg.weighting) if cfg.weighting != "uniform" else {}
+        importance: dict[str, tuple[str, torch.Tensor, bool]] = {}
+        source = None
+        if cfg.weighting != "uniform":
+            batches, source = ctx.calibration_batches(program, MAX_CALIBRATION_BATCHES)
+            importance = input_statistics(program, batches, cfg.weighting)
 
-        done: dict[str, dict[str, Any]] = {}
-        skipped: dict[str, str] = {}
-        decoder = torch.ops.graphopt.clustered_weight.default
-        shared: dict[tuple, tuple] = {}
+        done: dict[str, ClusteredTensor] = {}
+        skipped: list[SkippedTensor] = []
+        shared: dict[tuple, tuple[str, str, str]] = {}  # storage -> (codes name, codebook name, first tensor name)
         for name in sorted(readers):
-            tensor = _get(gm, name)
-            why = self._unsuitable(name, tensor)
-            if any(user.target is decoder for node in readers[name] for user in node.users):
-                why = "already clustered (codes or codebook)"
-            if not any(node.users for node in readers[name]):
+            nodes = readers[name]
+            if not any(node.users for node in nodes):
                 continue  # read by nothing (torch.export keeps a dead get_attr for a tied name)
+            tensor = get_tensor(gm, name)
+            why = self._unsuitable(name, tensor, nodes)
             if why:
                 if isinstance(tensor, torch.Tensor) and tensor.numel() >= cfg.min_numel:
-                    skipped[name] = why
+                    skipped.append(SkippedTensor(tensor=name, node=nodes[0].name, module_path=_user_path(nodes), reason=why))
                 continue
-            is_table = name in tables
-            bits = (cfg.embedding_bits or cfg.bits) if is_table else cfg.bits
-            granularity = cfg.embedding_granularity if is_table else cfg.granularity
             storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
             if storage in shared:  # another name for a tensor already clustered: read the same codes
                 codes_name, book_name, first = shared[storage]
-                _read_clustered(gm, readers[name], codes_name, book_name, list(tensor.shape), done[first]["bits"])
-                done[name] = {**done[first], "bytes_before": 0, "bytes_after": 0, "tied_to": first}
+                _read_clustered(gm, nodes, codes_name, book_name, list(tensor.shape), done[first].bits)
+                done[name] = done[first].model_copy(update={"bytes_before": 0, "bytes_after": 0, "tied_to": first})
                 continue
             shared[storage] = (*_cluster_names(gm, name), name)
-            done[name] = _cluster_attr(gm, shared[storage][:2], tensor, readers[name], bits, granularity, cfg.iterations, importance.get(name), cfg.codebook_dtype)
+            coding = self._coding(name in tables)
+            done[name] = _cluster_attr(gm, shared[storage][:2], tensor, nodes, coding, importance.get(name))
             if name in importance:
-                done[name]["weighting"] = cfg.weighting
-        if not done:
-            return PassResult(program, False, {"clustered": 0, "skipped": skipped})
-        remove_unused_tensors(gm)
-        gm.graph.lint()
-        gm.recompile()
-        before = sum(d["bytes_before"] for d in done.values())
-        after = sum(d["bytes_after"] for d in done.values())
-        return PassResult(
-            program,
-            True,
-            {"clustered": len(done), "bytes_before": before, "bytes_after": after, "tensors": done, "skipped": skipped},
+                done[name] = done[name].model_copy(update={"weighting": cfg.weighting})
+        info = ClusterInfo(
+            clustered=len(done),
+            bytes_before=sum(d.bytes_before for d in done.values()),
+            bytes_after=sum(d.bytes_after for d in done.values()),
+            tensors=done,
+            skipped=skipped,
+            calibration=source,
         )
+        return PassResult.of(program, bool(done), info, _why_unchanged(readers, skipped, cfg))
 
-    def _unsuitable(self, name: str, tensor: Any) -> str | None:
+    def _coding(self, is_table: bool) -> _Coding:
+        cfg = self.config
+        bits = (cfg.embedding_bits or cfg.bits) if is_table else cfg.bits
+        return _Coding(bits, cfg.embedding_granularity if is_table else cfg.granularity, cfg.iterations, cfg.codebook_dtype)
+
+    def _unsuitable(self, name: str, tensor: Any, nodes: list[fx.Node]) -> str | None:
         cfg = self.config
         if not isinstance(tensor, torch.Tensor):
             return "not a tensor"
+        if any(user.target is torch.ops.graphopt.clustered_weight.default for node in nodes for user in node.users):
+            return "already clustered (codes or codebook)"
         if not (tensor.is_floating_point() or tensor.dtype == torch.int8):
             return f"dtype {tensor.dtype}"
         if tensor.numel() < cfg.min_numel:
             return "smaller than min_numel"
         if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
-            return "not in include"
+            return f"not selected by include={list(cfg.include)}"
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
-            return "excluded"
+            return "excluded by exclude"
         return None
+
+
+def _why_unchanged(readers: dict[str, list[fx.Node]], skipped: list[SkippedTensor], cfg: ClusterConfig) -> str:
+    if not skipped:
+        return f"no stored tensor of at least min_numel={cfg.min_numel} elements ({len(readers)} tensors read)"
+    return f"none of the {len(skipped)} tensors of at least min_numel={cfg.min_numel} elements could be clustered (first: {skipped[0].tensor}: {skipped[0].reason})"
+
+
+def _user_path(nodes: list[fx.Node]) -> str:
+    for node in nodes:
+        for user in node.users:
+            return module_path(user)
+    return ""
 
 
 def embedding_tables(gm: fx.GraphModule) -> set[str]:
     """Names of tensors used as lookup tables (float or int8 embeddings)."""
     lookups = {aten.embedding.default}
     int8_lookup = getattr(getattr(torch.ops, "graphopt", None), "embedding_int8", None)
-    names = set()
+    names: set[str] = set()
     for node in gm.graph.nodes:
         is_lookup = node.target in lookups or (int8_lookup is not None and node.target == int8_lookup.default)
         if node.op == "call_function" and is_lookup and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
-            names.add(node.args[0].target)
+            names.add(str(node.args[0].target))
     return names
 
 
-def input_statistics(program: Program, calibration: CalibrationSet | None, kind: str) -> dict[str, tuple[str, torch.Tensor, bool]]:
+def input_statistics(program: Program, batches: list[Batch], kind: str) -> dict[str, tuple[str, torch.Tensor, bool]]:
     """Per linear weight (by tensor name): (kind, statistic, stored transposed). ``activations``:
     the mean square of each input channel [K]; ``hessian``: E[x xᵀ] [K, K]."""
-    from graphopt.quant.sites import find_linear_sites
-
-    sites, _ = find_linear_sites(program)
+    sites, _ = program.analysis("linear_sites", find_linear_sites)
     if not sites:
         return {}
-    data = calibration or _default_calibration(program)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -160,9 +214,10 @@ def input_statistics(program: Program, calibration: CalibrationSet | None, kind:
             moment = flat.T @ flat if kind == "hessian" else flat.square().sum(dim=0)
             sums[site_node] = sums.get(site_node, 0) + moment
             counts[site_node] = counts.get(site_node, 0) + flat.shape[0]
+
         return observe
 
-    run_calibration(program.module, data, observe={s.node: observer(s.node) for s in sites})
+    run_calibration(program.module, batches, observe={s.node: observer(s.node) for s in sites})
     out: dict[str, tuple[str, torch.Tensor, bool]] = {}
     for site in sites:
         if site.node not in sums:
@@ -173,85 +228,69 @@ def input_statistics(program: Program, calibration: CalibrationSet | None, kind:
     return out
 
 
-def _default_calibration(program: Program) -> CalibrationSet:
-    tokenizer = program.meta.get("tokenizer")
-    if tokenizer is None:
-        return CalibrationSet.from_program(program)
-    from graphopt.data import train_sentences
-
-    return CalibrationSet.from_sentences(tokenizer, train_sentences(64), input_names=list(program.kwargs) or None)
-
-
 def _cluster_attr(
     gm: fx.GraphModule,
     names: tuple[str, str],
     tensor: torch.Tensor,
     nodes: list[fx.Node],
-    bits: int,
-    granularity: str,
-    iterations: int,
+    coding: _Coding,
     statistics: tuple[str, torch.Tensor, bool] | None,
-    codebook_dtype: str = "float32",
-) -> dict[str, Any]:
+) -> ClusteredTensor:
     data = tensor.detach()
     transposed = True if statistics is None else statistics[2]
-    rows = data.shape[0] if granularity == "row" and data.dim() >= 2 else 1
+    rows = data.shape[0] if coding.granularity == "row" and data.dim() >= 2 else 1
     importance = None
     if statistics is not None and data.dim() == 2:
         # statistics are per input channel K: dim 1 of an [N, K] weight (nn.Linear), dim 0 of [K, N]
         diagonal = statistics[1] if statistics[0] == "activations" else torch.diagonal(statistics[1])
         diagonal = diagonal / diagonal.mean().clamp_min(1e-30) + 1e-3  # scale-free, never zero
         importance = (diagonal[None, :] if transposed else diagonal[:, None]).expand(data.shape).reshape(rows, -1)
-    clustering = kmeans_1d(data.reshape(rows, -1), 1 << bits, iterations=iterations, importance=importance)
+    clustering = kmeans_1d(data.reshape(rows, -1), 1 << coding.bits, iterations=coding.iterations, importance=importance)
     # Error feedback needs one codebook per output row (or one per tensor): an [N, K] weight
     # coded per row, or any weight coded per tensor.
     if statistics is not None and statistics[0] == "hessian" and data.dim() == 2 and data.is_floating_point() and (rows == 1 or transposed):
         matrix = data if transposed else data.T  # [N, K]
         codes = assign_with_error_feedback(matrix, clustering.codebook, statistics[1])
         clustering = Clustering(clustering.codebook, (codes if transposed else codes.T).reshape(rows, -1))
-    codes = pack_codes(clustering.codes, bits)
+    codes = pack_codes(clustering.codes, coding.bits)
     codebook = clustering.codebook.contiguous()
-    if codebook_dtype == "float16" and codebook.is_floating_point():
+    if coding.codebook_dtype == "float16" and codebook.is_floating_point():
         codebook = codebook.half()
         clustering = Clustering(codebook.float(), clustering.codes)
     codes_name, book_name = names
     gm.register_buffer(codes_name, codes)
     if codebook.is_floating_point():
+        # A parameter, not a buffer: distillation trains the centroids (surgery.add_constant
+        # makes buffers only).
         gm.register_parameter(book_name, torch.nn.Parameter(codebook, requires_grad=tensor.requires_grad))
     else:
         gm.register_buffer(book_name, codebook)
-    _read_clustered(gm, nodes, codes_name, book_name, list(data.shape), bits=bits)
+    _read_clustered(gm, nodes, codes_name, book_name, list(data.shape), coding.bits)
     decoded = clustering.decode().reshape(data.shape).float()
     reference = data.float()
     error = ((decoded - reference).norm() / reference.norm().clamp_min(1e-12)).item()
-    return {
-        "bits": bits,
-        "codebooks": rows,
-        "relative_error": round(error, 5),
-        "bytes_before": tensor.numel() * tensor.element_size(),
-        "bytes_after": codes.numel() + codebook.numel() * codebook.element_size(),
-    }
+    return ClusteredTensor(
+        bits=coding.bits,
+        codebooks=rows,
+        relative_error=round(error, 5),
+        bytes_before=tensor.numel() * tensor.element_size(),
+        bytes_after=codes.numel() + codebook.numel() * codebook.element_size(),
+    )
 
 
 def _cluster_names(gm: torch.nn.Module, name: str) -> tuple[str, str]:
-    base = "cluster_" + re.sub(r"[^0-9A-Za-z_]", "_", name)
-    return free_attr_name(gm, f"{base}_codes"), free_attr_name(gm, f"{base}_codebook")
+    return free_attr_name(gm, f"cluster_{name}_codes"), free_attr_name(gm, f"cluster_{name}_codebook")
 
 
 def _read_clustered(gm: fx.GraphModule, nodes: list[fx.Node], codes_name: str, book_name: str, shape: list[int], bits: int) -> None:
-    """Replace each get_attr in ``nodes`` by ``clustered_weight(codes, codebook, shape, bits)``."""
+    """Replace each get_attr in ``nodes`` by ``clustered_weight(codes, codebook, shape, bits)``.
+
+    A loop rather than a rewrite rule: the anchors are ``get_attr`` nodes, which rules
+    (anchored on ``call_function`` targets) do not visit."""
     graph = gm.graph
     for node in nodes:
         with graph.inserting_before(node):
             codes_node, book_node = graph.get_attr(codes_name), graph.get_attr(book_name)
             dense = graph.call_function(torch.ops.graphopt.clustered_weight.default, (codes_node, book_node, shape, bits))
-        dense.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "graphopt_module_path")})
-        node.replace_all_uses_with(dense)
-        graph.erase_node(node)
-
-
-def _get(gm: torch.nn.Module, name: str) -> Any:
-    value = gm
-    for part in name.split("."):
-        value = getattr(value, part, None)
-    return value
+        dense.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")})
+        replace_node(node, dense, "cluster:clustered_weight")

@@ -17,38 +17,45 @@ measured on the calibration data and reported; ``target_cosine`` keeps the fewes
 sensitive layers at the ``fallback`` precision such that the calibration outputs keep that
 mean per-sample cosine; ``keep=k`` keeps the k most sensitive ones regardless.
 
-Calibration data is given to the constructor (``Quantize(calibration=CalibrationSet...)``);
-without it the program's example inputs are used, and ``info['calibration']`` says so.
+Calibration data (static ranges, GPTQ, sensitivity) is the context's
+(``PassContext.calibration_batches``); without any, the program's example inputs are used
+and ``info.calibration`` says so. The fusions that follow quantization are passes of their
+own that a recipe orders after this one: ``int8-attention`` (Q/K/V + SDPA -> one int8 GEMM
++ MultiHeadAttention) and ``bias-gelu`` (which handles the quantized linears too).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
-from graphopt.surgery import remove_unused_tensors
+from graphopt.analysis.interpret import run_calibration
+from graphopt.analysis.linear import LINEAR_ANCHORS, LinearSite, NotLinear, find_linear_sites
+from graphopt.context import Batch, PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
-from graphopt.quant.calibration import ActivationRange, CalibrationSet, run_calibration
-from graphopt.quant.cpu import cpu_int8_support, weight_qmax
+from graphopt.quant.calibration import ActivationRange
+from graphopt.quant.cpu import CpuInt8Support, cpu_int8_support, weight_qmax
 from graphopt.quant.packing import quantize_nbits
 from graphopt.quant.schemes import QuantizedLinear, Scheme, quantize_embedding, quantize_linear
-from graphopt.quant.sensitivity import Simulator, layer_sensitivity, plan_mixed_precision
-from graphopt.passes.bias_gelu import bias_gelu_rule
-from graphopt.quant.attention import fused_attention_rule
-from graphopt.quant.constants import constant_node as _constant_node
-from graphopt.quant.sites import LINEAR_ANCHORS, LinearSite, find_linear_sites, get_tensor
+from graphopt.quant.sensitivity import PlanProbe, Simulator, layer_sensitivity, plan_mixed_precision
 from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit
+from graphopt.surgery import add_constant, get_tensor
 
 aten = torch.ops.aten
 _KIND_OF_MODE = {"dynamic": "int8_dynamic", "static": "int8_static", "weight_only": "nbits"}
+# Each sensitivity probe is one run over the calibration data: more batches than this
+# cost time without moving the plan.
+MAX_CALIBRATION_BATCHES = 32
 
 
 class QuantizeConfig(PassConfig):
+    version: ClassVar[int] = 2  # 2: fuse_gelu / fuse_attention became the bias-gelu and int8-attention passes
+
     mode: Literal["dynamic", "weight_only", "static"] = "dynamic"
     bits: int = Field(8, description="8 for dynamic/static; 4 or 8 for weight_only")
     group_size: int = Field(128, description="weight_only: input rows per scale (power of two, 16..256)")
@@ -64,8 +71,6 @@ class QuantizeConfig(PassConfig):
     keep: int = Field(0, ge=0, description="keep this many of the most sensitive layers at the fallback precision")
     fallback: Literal["fp32", "int8_weight_only"] = "fp32"
     gptq: bool = Field(False, description="weight_only: GPTQ rounding (error compensation on calibration inputs)")
-    fuse_gelu: bool = Field(True, description="quantized linear + GELU -> zero-bias op + one BiasGelu kernel (exact)")
-    fuse_attention: bool = Field(True, description="dynamic int8: Q/K/V projections + SDPA -> one int8 GEMM + MultiHeadAttention")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -79,91 +84,126 @@ class QuantizeConfig(PassConfig):
             raise ValueError(f"group_size must be a power of two from 16 to 256, got {self.group_size}")
         return self
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode == "static" or self.gptq or self.plans_precision
 
+    @property
+    def plans_precision(self) -> bool:
+        return self.sensitivity or self.target_cosine is not None or self.keep > 0
+
+
+# ---- the report ------------------------------------------------------------------------------
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SkippedSite(_Record):
+    """A linear layer or embedding left as it was (``kept``: the precision it stays at)."""
+
+    node: str
+    module_path: str
+    reason: str
+    kept: str = "fp32"
+
+
+class LayerRecord(_Record):
+    node: str
+    module_path: str
+    shape: list[int]  # [out, in]
+    scheme: str  # the scheme's label, or "fp32"
+    padded_input_rows: int = 0  # rows added to fill the last n-bit block
+    sensitivity: float | None = None  # 1 - mean cosine with this layer alone quantized
+
+
+class CpuRecord(_Record):
+    capability: str
+    vnni: bool
+    x86: bool
+    saturates_u8s8: bool
+
+
+class KeptLayer(_Record):
+    node: str
+    module_path: str
+    sensitivity: float
+
+
+class PlanProbeRecord(_Record):
+    kept: int
+    mean_cosine: float
+    min_cosine: float
+
+
+class MixedPrecisionPlan(_Record):
+    target_cosine: float | None
+    kept_at_fallback: list[KeptLayer]
+    fallback: str
+    probes: list[PlanProbeRecord]
+    calibration_mean_cosine: float | None
+
+
+class QuantizeInfo(PassInfo):
+    replaced: int = 0
+    mode: str = "dynamic"
+    scheme: str = ""
+    cpu: CpuRecord | None = None
+    layers: list[LayerRecord] = []
+    skipped: list[SkippedSite] = []
+    embeddings_replaced: int = 0
+    calibration: str | None = None  # where the calibration batches came from, when used
+    plan: MixedPrecisionPlan | None = None
+
+
+# ---- the pass --------------------------------------------------------------------------------
 @register_pass
 class Quantize(Pass):
     """Replace linear layers (and embeddings) by int8 / int4 quantized ops: dynamic, weight-only or static."""
 
     name: ClassVar[str] = "quantize"
-    exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = QuantizeConfig
+    config: QuantizeConfig  # the validated options (narrowed from PassConfig for type checkers)
+    Info: ClassVar[type[PassInfo]] = QuantizeInfo
     requires_ir = ("aten",)
 
-    def __init__(self, config: QuantizeConfig | None = None, *, calibration: CalibrationSet | None = None, **options: Any):
-        super().__init__(config, **options)
-        if calibration is not None and not isinstance(calibration, CalibrationSet):
-            raise TypeError(f"calibration must be a graphopt.quant.CalibrationSet, got {type(calibration).__name__}")
-        self.calibration = calibration
-
-    def run(self, program: Program) -> PassResult:
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
         cfg = self.config
         gm = program.module
-        sites, rejected = program.analysis("quantize.linear_sites", find_linear_sites)
-        skipped = [dict(r, kept="fp32") for r in rejected]
+        sites, rejected = program.analysis("linear_sites", find_linear_sites)
+        skipped = [SkippedSite(node=r.node, module_path=r.module_path, reason=r.reason) for r in rejected]
         chosen = []
         for site in sites:
             why = self._filtered_out(site)
             if why:
-                skipped.append({"node": site.node, "module_path": site.module_path, "reason": why, "kept": "fp32"})
+                skipped.append(SkippedSite(node=site.node, module_path=site.module_path, reason=why))
             else:
                 chosen.append(site)
 
         support = cpu_int8_support()
         scheme = self._scheme(cfg.mode, cfg.bits, support)
-        needs_data = cfg.mode == "static" or cfg.sensitivity or cfg.target_cosine is not None or cfg.keep > 0 or cfg.gptq
-        data = (self.calibration or CalibrationSet.from_program(program)) if needs_data and chosen else None
-        ranges = observe_activation_ranges(gm, chosen, data) if cfg.mode == "static" and chosen else {}
-        self._hessians = observe_hessians(gm, chosen, data) if cfg.gptq and chosen else {}
-        cache: dict[tuple, QuantizedLinear] = {}
-        layers = {site.node: self._quantize(gm, site, scheme, ranges.get(site.node), cache) for site in chosen}
-
-        plan_info: dict[str, Any] = {}
-        schemes = {site.node: scheme for site in chosen}
-        if data is not None and (cfg.sensitivity or cfg.target_cosine is not None or cfg.keep > 0):
-            schemes, plan_info = self._mixed_precision(gm, chosen, layers, data, scheme, support, ranges, cache)
-            layers = {name: self._quantize(gm, site, schemes[name], ranges.get(name), cache) for site in chosen if (name := site.node) and schemes[name].kind != "fp32"}
+        batches, source = ctx.calibration_batches(program, MAX_CALIBRATION_BATCHES) if cfg.needs_calibration and chosen else ([], None)
+        layers, schemes, plan, sensitivity = self._plan(gm, chosen, scheme, support, batches)
 
         rule = quantized_linear_rule({s.node: (s, layers[s.node]) for s in chosen if s.node in layers}, gm)
-        stats = apply_rules(gm, [rule], provenance=self.name)
-        gelus = apply_rules(gm, [bias_gelu_rule(gm)], provenance=self.name).total if cfg.fuse_gelu and stats.total else 0
-        fusable = cfg.fuse_attention and cfg.mode == "dynamic" and stats.total
-        attention = apply_rules(gm, [fused_attention_rule(gm)], provenance=self.name) if fusable else None
-        embedded = quantize_embeddings(gm, cfg.embedding_bits, cfg.group_size) if cfg.embeddings else {"replaced": 0, "skipped": []}
-        replaced = stats.applied[rule.name]
-        modified = replaced > 0 or embedded["replaced"] > 0
-        removed = []
-        if modified:
-            gm.graph.eliminate_dead_code()  # the fp32 weights' get_attr nodes, now unread
-            removed = remove_unused_tensors(gm)
-            gm.graph.lint()
-            gm.recompile()
+        replaced = apply_rules(gm, [rule], provenance=self.name).applied[rule.name]
+        embedded = 0
+        if cfg.embeddings:
+            stats = apply_rules(gm, [embedding_rule(gm, cfg.embedding_bits, cfg.group_size, stored_int8=skipped)], provenance=self.name)
+            embedded = stats.total
+            skipped += [SkippedSite(node=m.node, module_path=m.module_path, reason=m.reason) for m in stats.near_misses]
 
-        layer_rows = []
-        for site in sites:
-            s = schemes.get(site.node)
-            row = {"node": site.node, "module_path": site.module_path, "shape": [site.out_features, site.in_features]}
-            row["scheme"] = s.label() if s is not None and site.node in layers else "fp32"
-            if site.node in layers and layers[site.node].padded:
-                row["padded_input_rows"] = layers[site.node].padded
-            if site.node in plan_info.get("sensitivity", {}):
-                row["sensitivity"] = plan_info["sensitivity"][site.node]
-            layer_rows.append(row)
-        info = {
-            "replaced": replaced,
-            "mode": cfg.mode,
-            "scheme": scheme.label(),
-            "cpu": support.to_dict(),
-            "layers": layer_rows,
-            "skipped": skipped + embedded["skipped"],
-            "embeddings_replaced": embedded["replaced"],
-            "gelu_fused": gelus,
-            "attention_fused": attention.total if attention else 0,
-            "attention_near_misses": [m.to_dict() for m in attention.near_misses] if attention else [],
-            "tensors_removed": len(removed),
-            "calibration": data.source if data is not None else None,
-            **{k: v for k, v in plan_info.items() if k != "sensitivity"},
-        }
-        return PassResult(program, modified, info)
+        info = QuantizeInfo(
+            replaced=replaced,
+            mode=cfg.mode,
+            scheme=scheme.label(),
+            cpu=CpuRecord(**support.to_dict()),
+            layers=[_layer_record(site, schemes, layers, sensitivity) for site in sites],
+            skipped=skipped,
+            embeddings_replaced=embedded,
+            calibration=source,
+            plan=plan,
+        )
+        return PassResult.of(program, replaced > 0 or embedded > 0, info, self._why_unchanged(sites, rejected, chosen, layers))
 
     # ---- choices --------------------------------------------------------------------------
     def _filtered_out(self, site: LinearSite) -> str:
@@ -175,7 +215,20 @@ class Quantize(Pass):
                 return f"excluded by pattern {pattern!r}"
         return ""
 
-    def _scheme(self, mode: str, bits: int, support) -> Scheme:
+    def _why_unchanged(self, sites: list[LinearSite], rejected: list[NotLinear], chosen: list[LinearSite], layers: dict) -> str:
+        cfg = self.config
+        if not sites:
+            found = f"{len(rejected)} matmul-like nodes, none by a stored float32 weight (first: {rejected[0].reason})" if rejected else "no linear/addmm/mm/matmul node"
+            why = f"no linear layer found ({found})"
+        elif not chosen:
+            why = f"every one of the {len(sites)} linear layers was filtered out (include={list(cfg.include)}, exclude={list(cfg.exclude)})"
+        elif not layers:
+            why = f"the mixed-precision plan kept all {len(chosen)} selected layers at fp32"
+        else:
+            why = "no planned layer was rewritten"
+        return why + ("; no embedding table could be quantized (see info.skipped)" if cfg.embeddings else "")
+
+    def _scheme(self, mode: str, bits: int, support: CpuInt8Support) -> Scheme:
         cfg = self.config
         return Scheme(
             kind=_KIND_OF_MODE[mode],
@@ -186,22 +239,33 @@ class Quantize(Pass):
             weight_qmax=weight_qmax(cfg.weight_range, support),
         )
 
-    def _quantize(self, gm, site: LinearSite, scheme: Scheme, act_range, cache) -> QuantizedLinear:
-        act = (act_range.low, act_range.high) if act_range is not None and scheme.kind == "int8_static" else None
-        hessian = self._hessians.get(site.node) if scheme.kind == "nbits" else None
-        key = (site.weight_name, site.transposed, site.bias_name, scheme, act, site.node if hessian is not None else None)
-        if key not in cache:
-            cache[key] = quantize_linear(site.weight(gm), site.bias(gm), scheme, act, hessian)
-        return cache[key]
+    def _plan(self, gm: fx.GraphModule, chosen: list[LinearSite], scheme: Scheme, support: CpuInt8Support, batches: list[Batch]):
+        """(quantized layers by node, scheme by node, the mixed-precision plan, sensitivity by node)."""
+        cfg = self.config
+        ranges = observe_activation_ranges(gm, chosen, batches) if cfg.mode == "static" and chosen else {}
+        hessians = observe_hessians(gm, chosen, batches) if cfg.gptq and chosen else {}
+        cache: dict[tuple, QuantizedLinear] = {}
 
-    def _mixed_precision(self, gm, chosen, layers, data, scheme, support, ranges, cache):
+        def quantize(site: LinearSite, s: Scheme) -> QuantizedLinear:
+            return _quantize(gm, site, s, ranges.get(site.node), hessians.get(site.node), cache)
+
+        layers = {site.node: quantize(site, scheme) for site in chosen}
+        schemes = {site.node: scheme for site in chosen}
+        if not (batches and cfg.plans_precision):
+            return layers, schemes, None, {}
+        schemes, plan, sensitivity = self._mixed_precision(gm, chosen, layers, batches, scheme, support)
+        layers = {site.node: quantize(site, schemes[site.node]) for site in chosen if schemes[site.node].kind != "fp32"}
+        return layers, schemes, plan, sensitivity
+
+    def _mixed_precision(self, gm, chosen: list[LinearSite], layers, batches: list[Batch], scheme: Scheme, support: CpuInt8Support):
         cfg = self.config
         bias_after = {s.node: s.bias_node is not None for s in chosen}
-        simulator = Simulator(gm, data, layers, bias_after)
+        simulator = Simulator(gm, batches, layers, bias_after)
         names = [s.node for s in chosen]
         sensitivity = layer_sensitivity(simulator, names)
         order = sorted(names, key=lambda n: -sensitivity[n])
-        kept, probes = cfg.keep, []
+        kept = cfg.keep
+        probes: list[PlanProbe] = []
         if cfg.target_cosine is not None:
             planned, probes = plan_mixed_precision(simulator, order, cfg.target_cosine)
             kept = max(kept, planned)
@@ -209,52 +273,65 @@ class Quantize(Pass):
         fallback = Scheme("fp32") if cfg.fallback == "fp32" else self._scheme("weight_only", 8, support)
         schemes = {name: (fallback if name in order[:kept] else scheme) for name in names}
         final = simulator.cosines([n for n in names if schemes[n].kind != "fp32"]) if kept and cfg.fallback == "fp32" else None
-        plan = {
-            "sensitivity": dict(sensitivity),
-            "plan": {
-                "target_cosine": cfg.target_cosine,
-                "kept_at_fallback": [{"node": n, "module_path": module_path_of(gm, n), "sensitivity": sensitivity[n]} for n in order[:kept]],
-                "fallback": fallback.label(),
-                "probes": [p.to_dict() for p in probes],
-                "calibration_mean_cosine": round(float(final.mean()), 6) if final is not None else (probes[-1].mean_cosine if probes else None),
-            },
-        }
-        return schemes, plan
+        paths = {s.node: s.module_path for s in chosen}
+        plan = MixedPrecisionPlan(
+            target_cosine=cfg.target_cosine,
+            kept_at_fallback=[KeptLayer(node=n, module_path=paths[n], sensitivity=sensitivity[n]) for n in order[:kept]],
+            fallback=fallback.label(),
+            probes=[PlanProbeRecord(**p.to_dict()) for p in probes],
+            calibration_mean_cosine=round(float(final.mean()), 6) if final is not None else (probes[-1].mean_cosine if probes else None),
+        )
+        return schemes, plan, dict(sensitivity)
 
 
 def _matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}") or path == pattern
 
 
-def module_path_of(gm: fx.GraphModule, node_name: str) -> str:
-    for node in gm.graph.nodes:
-        if node.name == node_name:
-            return module_path(node)
-    return ""
+def _quantize(gm, site: LinearSite, scheme: Scheme, act_range: ActivationRange | None, hessian: torch.Tensor | None, cache: dict) -> QuantizedLinear:
+    act = (act_range.low, act_range.high) if act_range is not None and scheme.kind == "int8_static" else None
+    hessian = hessian if scheme.kind == "nbits" else None
+    key = (site.weight_name, site.transposed, site.bias_name, scheme, act, site.node if hessian is not None else None)
+    if key not in cache:  # layers reading one weight (and range) share one quantized copy
+        cache[key] = quantize_linear(site.weight(gm), site.bias(gm), scheme, act, hessian)
+    return cache[key]
 
 
-def observe_hessians(gm: fx.GraphModule, sites: list[LinearSite], data: CalibrationSet) -> dict[str, torch.Tensor]:
+def _layer_record(site: LinearSite, schemes: dict[str, Scheme], layers: dict[str, QuantizedLinear], sensitivity: dict[str, float]) -> LayerRecord:
+    scheme = schemes.get(site.node)
+    layer = layers.get(site.node)
+    return LayerRecord(
+        node=site.node,
+        module_path=site.module_path,
+        shape=[site.out_features, site.in_features],
+        scheme=scheme.label() if scheme is not None and layer is not None else "fp32",
+        padded_input_rows=layer.padded if layer is not None else 0,
+        sensitivity=sensitivity.get(site.node),
+    )
+
+
+def observe_hessians(gm: fx.GraphModule, sites: list[LinearSite], batches: list[Batch]) -> dict[str, torch.Tensor]:
     from graphopt.quant.gptq import HessianObserver
 
     observers = {site.node: HessianObserver() for site in sites}
-    run_calibration(gm, data, observe={name: o.update for name, o in observers.items()})
+    run_calibration(gm, batches, observe={name: o.update for name, o in observers.items()})
     return {name: o.hessian for name, o in observers.items() if o.hessian is not None}
 
 
-def observe_activation_ranges(gm: fx.GraphModule, sites: list[LinearSite], data: CalibrationSet) -> dict[str, ActivationRange]:
+def observe_activation_ranges(gm: fx.GraphModule, sites: list[LinearSite], batches: list[Batch]) -> dict[str, ActivationRange]:
     ranges = {site.node: ActivationRange() for site in sites}
-    run_calibration(gm, data, observe={name: r.update for name, r in ranges.items()})
+    run_calibration(gm, batches, observe={name: r.update for name, r in ranges.items()})
     return ranges
 
 
-# ---- the rewrite ------------------------------------------------------------------------------
+# ---- the rewrites ----------------------------------------------------------------------------
 def quantized_linear_rule(plan: dict[str, tuple[LinearSite, QuantizedLinear]], gm: fx.GraphModule) -> RewriteRule:
     """A rule that replaces the planned linear nodes by their quantized op."""
     registered: dict[int, str] = {}  # id(tensor) -> buffer name, so shared weights stay shared
 
     def match(node: fx.Node) -> Match | NoMatch:
         if node.name not in plan:
-            return NoMatch("plan", f"'{node.name}' is not planned for quantization (see info['skipped'] / info['layers'])")
+            return NoMatch("plan", f"'{node.name}' is not planned for quantization (see info.skipped / info.layers)")
         site, layer = plan[node.name]
         return Match(root=node, nodes=(node,), bindings={"site": site, "layer": layer})
 
@@ -262,7 +339,7 @@ def quantized_linear_rule(plan: dict[str, tuple[LinearSite, QuantizedLinear]], g
         site, layer = m.bindings["site"], m.bindings["layer"]
         root = m.root
         x = root.args[1] if root.target is aten.addmm.default else root.args[0]
-        inputs = [_constant_node(graph, gm, site.node, key, tensor, registered) for key, tensor in layer.tensors.items()]
+        inputs = [add_constant(gm, f"quant_{site.node}_{key}", tensor, registered=registered) for key, tensor in layer.tensors.items()]
         out = emit(graph, layer.op, (x, *inputs, *layer.attributes))
         if site.bias_node is not None:
             out = emit(graph, aten.add.Tensor, (out, root.args[0]))
@@ -271,44 +348,37 @@ def quantized_linear_rule(plan: dict[str, tuple[LinearSite, QuantizedLinear]], g
     return RewriteRule("quantized_linear", LINEAR_ANCHORS, match, replace)
 
 
-# ---- embeddings ----------------------------------------------------------------------------
-def quantize_embeddings(gm: fx.GraphModule, bits: int = 8, group_size: int = 32) -> dict[str, Any]:
+def embedding_rule(gm: fx.GraphModule, bits: int = 8, group_size: int = 32, stored_int8: list[SkippedSite] | None = None) -> RewriteRule:
     """``aten.embedding(W, ids)`` with a stored table read by nothing else -> int8 rows with one
-    scale per row, or 4-bit groups of ``group_size`` (a width the group does not divide stays int8)."""
-    replaced, skipped = 0, []
-    graph = gm.graph
+    scale per row, or 4-bit groups of ``group_size``. A table whose width the group does not
+    divide is stored int8 instead, and appended to ``stored_int8`` with the reason."""
     registered: dict[int, str] = {}
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.embedding.default:
-            continue
+
+    def match(node: fx.Node) -> Match | NoMatch:
         table = node.args[0]
         if not (isinstance(table, fx.Node) and table.op == "get_attr"):
-            skipped.append({"node": node.name, "module_path": module_path(node), "reason": "the table is not a stored tensor", "kept": "fp32"})
-            continue
+            return NoMatch("stored_table", "the table is not a stored tensor")
         readers = [u for u in table.users if u is not node]
-        others = [n for n in graph.nodes if n.op == "get_attr" and n.target == table.target and n is not table]
+        others = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == table.target and n is not table]
         if readers or any(o.users for o in others):
-            skipped.append({"node": node.name, "module_path": module_path(node), "reason": "the table is also read elsewhere (tied weights); int8 would store it twice", "kept": "fp32"})
-            continue
-        weight = get_tensor(gm, table.target)
+            return NoMatch("tied", "the table is also read elsewhere (tied weights); int8 would store it twice")
+        weight = get_tensor(gm, str(table.target))
         if weight.dtype != torch.float32 or weight.dim() != 2:
-            skipped.append({"node": node.name, "module_path": module_path(node), "reason": f"table is {weight.dtype} {tuple(weight.shape)}", "kept": "fp32"})
-            continue
-        with graph.inserting_before(node):
-            if bits == 4 and weight.shape[1] % group_size == 0:
-                q = quantize_nbits(weight, 4, group_size)
-                tensors = (("table", q.packed.reshape(q.N, -1)), ("scales", q.scales), ("zero_points", q.zero_points))
-                inputs = [_constant_node(graph, gm, node.name, key, t, registered) for key, t in tensors]
-                new = emit(graph, torch.ops.graphopt.embedding_nbits.default, (*inputs, node.args[1], group_size, 4))
-            else:
-                if bits == 4:
-                    skipped.append({"node": node.name, "module_path": module_path(node), "reason": f"width {weight.shape[1]} is not a multiple of group_size {group_size}", "kept": "int8"})
-                codes, scales = quantize_embedding(weight)
-                inputs = [_constant_node(graph, gm, node.name, key, t, registered) for key, t in (("table", codes), ("scales", scales))]
-                new = emit(graph, torch.ops.graphopt.embedding_int8.default, (*inputs, node.args[1]))
-        new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "graphopt_module_path") if k in node.meta})
-        new.meta["graphopt_created_by"] = "quantize:embedding_int8"
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        replaced += 1
-    return {"replaced": replaced, "skipped": skipped}
+            return NoMatch("dtype", f"table is {weight.dtype} {tuple(weight.shape)}")
+        return Match(root=node, nodes=(node,), bindings={"weight": weight})
+
+    def replace(graph: fx.Graph, m: Match) -> fx.Node:
+        weight, owner, ids = m.bindings["weight"], m.root.name, m.root.args[1]
+        if bits == 4 and weight.shape[1] % group_size == 0:
+            q = quantize_nbits(weight, 4, group_size)
+            tensors = {"table": q.packed.reshape(q.N, -1), "scales": q.scales, "zero_points": q.zero_points}
+            inputs = [add_constant(gm, f"quant_{owner}_{key}", t, registered=registered) for key, t in tensors.items()]
+            return emit(graph, torch.ops.graphopt.embedding_nbits.default, (*inputs, ids, group_size, 4))
+        if bits == 4 and stored_int8 is not None:
+            reason = f"width {weight.shape[1]} is not a multiple of group_size {group_size}"
+            stored_int8.append(SkippedSite(node=owner, module_path=module_path(m.root), reason=reason, kept="int8"))
+        codes, scales = quantize_embedding(weight)
+        inputs = [add_constant(gm, f"quant_{owner}_{key}", t, registered=registered) for key, t in (("table", codes), ("scales", scales))]
+        return emit(graph, torch.ops.graphopt.embedding_int8.default, (*inputs, ids))
+
+    return RewriteRule("quantized_embedding", frozenset({aten.embedding.default}), match, replace)

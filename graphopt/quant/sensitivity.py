@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphopt.quant.calibration import CalibrationSet, activation_of, run_batch
+from graphopt.analysis.interpret import activation_of, run_batch
+from graphopt.context import Batch
 
 
 def sample_cosines(reference: Sequence[tuple[torch.Tensor, ...]], candidate: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -44,14 +45,14 @@ class PlanProbe:
 class Simulator:
     """Runs the fp32 graph with chosen linear nodes computed by their quantized form."""
 
-    def __init__(self, gm: fx.GraphModule, data: CalibrationSet, quantized: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], bias_after: Mapping[str, bool]):
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[Batch], quantized: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], bias_after: Mapping[str, bool]):
         self.gm = gm
-        self.data = data
+        self.batches = list(batches)
         self.quantized = dict(quantized)
         self.bias_after = dict(bias_after)  # node -> True when the bias is a separate input (addmm with a computed bias)
         # Every node's fp32 value per batch: a run that changes some layers recomputes only
         # what lies downstream of them.
-        runs = [run_batch(gm, args, kwargs, keep_values=True) for args, kwargs in data.batches]
+        runs = [run_batch(gm, args, kwargs, keep_values=True) for args, kwargs in self.batches]
         self.reference = [outputs for outputs, _ in runs]
         self.values = [values for _, values in runs]
 
@@ -59,7 +60,7 @@ class Simulator:
         affected = downstream(self.gm.graph, set(names))
         override = {name: self._override(name) for name in names}
         results = []
-        for (args, kwargs), values in zip(self.data.batches, self.values):
+        for (args, kwargs), values in zip(self.batches, self.values):
             kept = {node: value for node, value in values.items() if node not in affected}
             results.append(run_batch(self.gm, args, kwargs, initial_values=kept, override=override)[0])
         return results

@@ -7,8 +7,10 @@ A :class:`LinearSite` is one node computing a linear layer, whichever way the mo
 * ``aten.matmul(x, W[K, N])`` / ``aten.mm``, with ``W`` possibly read through ``t()`` /
   ``transpose(-2, -1)`` / ``permute([1, 0])`` of a stored ``[N, K]`` tensor.
 
-``find_linear_sites`` returns the sites and, for anchors that are not linear layers (a
-matmul of two activations, an integer or fp16 input), the reason why not.
+:func:`find_linear_sites` returns the sites and, for anchors that are not linear layers (a
+matmul of two activations, an integer or fp16 input), a :class:`NotLinear` saying why not.
+Quantization, clustering's calibration-aware coding and anything else that treats "the
+linear layers" alike read this one analysis.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.fx as fx
 
 from graphopt.program import Program, module_path
 from graphopt.rewrite import NoMatch, fake
+from graphopt.surgery import get_tensor
 
 aten = torch.ops.aten
 
@@ -46,32 +49,34 @@ class LinearSite:
     def bias(self, gm: fx.GraphModule) -> torch.Tensor | None:
         return get_tensor(gm, self.bias_name).detach() if self.bias_name else None
 
-    def to_dict(self) -> dict:
-        return {"node": self.node, "module_path": self.module_path, "shape": [self.out_features, self.in_features]}
+
+@dataclass(frozen=True)
+class NotLinear:
+    """An anchor (linear / addmm / mm / matmul) that is not a linear layer, and why."""
+
+    node: str
+    module_path: str
+    check: str
+    reason: str
 
 
-def get_tensor(gm: torch.nn.Module, name: str) -> torch.Tensor:
-    value = gm
-    for part in name.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def find_linear_sites(program: Program) -> tuple[list[LinearSite], list[dict]]:
-    """(sites in graph order, [{node, module_path, reason}] for anchors that are not sites)."""
-    sites, rejected = [], []
+def find_linear_sites(program: Program) -> tuple[list[LinearSite], list[NotLinear]]:
+    """(sites in graph order, the anchors that are not sites with the failed check)."""
+    sites: list[LinearSite] = []
+    rejected: list[NotLinear] = []
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in LINEAR_ANCHORS:
             continue
         site = match_linear(node)
         if isinstance(site, NoMatch):
-            rejected.append({"node": node.name, "module_path": module_path(node), "reason": str(site)})
+            rejected.append(NotLinear(node.name, module_path(node), site.check, str(site)))
         else:
             sites.append(site)
     return sites, rejected
 
 
 def match_linear(node: fx.Node) -> LinearSite | NoMatch:
+    """The linear layer ``node`` computes, or which check it fails."""
     if node.target is aten.linear.default:
         x, w = node.args[:2]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -101,10 +106,10 @@ def _matmul_site(node: fx.Node, x, w, bias) -> LinearSite | NoMatch:
 
 def _site(node: fx.Node, x, weight_node: fx.Node, transposed: bool, bias) -> LinearSite | NoMatch:
     gm = node.graph.owning_module
-    weight = get_tensor(gm, weight_node.target)
+    weight = get_tensor(gm, str(weight_node.target))
     if weight.dim() != 2:
         return NoMatch("weight_rank", f"'{node.name}' weight is {weight.dim()}-D, not a 2-D matrix")
-    if not weight.dtype.is_floating_point or weight.dtype != torch.float32:
+    if weight.dtype != torch.float32:
         return NoMatch("dtype", f"'{node.name}' weight is {weight.dtype}; only float32 weights are quantized")
     x_val = fake(x)
     if x_val is None or x_val.dtype != torch.float32:
@@ -115,14 +120,14 @@ def _site(node: fx.Node, x, weight_node: fx.Node, transposed: bool, bias) -> Lin
     bias_name = bias_node = None
     if bias is not None:
         stored = _constant(bias)
-        b = get_tensor(gm, stored.target) if stored is not None else None
+        b = get_tensor(gm, str(stored.target)) if stored is not None else None
         if b is not None and b.dim() == 1 and b.shape[0] == out_features:
-            bias_name = stored.target
+            bias_name = str(stored.target)
         elif isinstance(bias, fx.Node):
             bias_node = bias.name
         else:
             return NoMatch("bias", f"'{node.name}' bias is {_describe(bias)}")
-    return LinearSite(node.name, module_path(node), weight_node.target, transposed, bias_name, bias_node, int(in_features), int(out_features))
+    return LinearSite(node.name, module_path(node), str(weight_node.target), transposed, bias_name, bias_node, int(in_features), int(out_features))
 
 
 def _constant(value) -> fx.Node | None:
