@@ -3,7 +3,8 @@
     python benchmarks/prune_minilm.py [--importance l2] [--batch 1 --seq 128] [--threads 1]
 
 Every plan is captured once (eager attention → SDPA, exact), pruned with importance
-computed on training sentences only, exported to ONNX, checked against the PyTorch
+computed on training sentences only (the context's calibration batches; latency-aware
+plans time blocks on ONNX Runtime through the context's block timer), exported to ONNX, checked against the PyTorch
 program in ONNX Runtime, and timed in the same process as the unpruned model, in
 alternating rounds with one ORT session alive at a time (per-round ratios, so load from
 other processes hits both sides of a ratio alike). Fidelity is the
@@ -24,8 +25,10 @@ import numpy as np
 import torch
 
 import graphopt
-from graphopt.data import batches, heldout_sentences, train_sentences
-from graphopt.build import calibration_batches
+from graphopt.api import default_services
+from graphopt.context import PassContext
+from graphopt.data import batches, train_sentences
+from graphopt.datasets import load_splits, text_context
 from graphopt.export import alternating_latency, check_parity, make_session, to_onnx
 from graphopt.export.session import resolve_disabled_optimizers
 from graphopt.fidelity import compare_encoders
@@ -41,15 +44,15 @@ PLANS = {
 LATENCY_AWARE = {f"{name}, latency-aware": {**plan, "latency_aware": True} for name, plan in list(PLANS.items())[1:]}
 
 
-def build(loaded, plan: dict, importance: str, calib, fused: bool = False, fuse_gelu: bool = False) -> tuple[graphopt.Program, dict]:
+def build(loaded, plan: dict, importance: str, ctx: PassContext, fused: bool = False, fuse_gelu: bool = False) -> tuple[graphopt.Program, dict]:
     program = graphopt.capture(loaded.model, kwargs=example_inputs(loaded.tokenizer))
     AttentionToSDPA()(program)
     info: dict = {}
     if plan:
-        program.meta["calibration"] = calib
         start = time.perf_counter()
-        result = Prune(importance=importance, **plan)(program)
-        info = dict(result.info, prune_seconds=time.perf_counter() - start)
+        result = Prune(importance=importance, **plan)(program, ctx)
+        assert result.modified, result.reason
+        info = dict(result.info.model_dump(), prune_seconds=time.perf_counter() - start)
     if fused:  # after pruning: the fused op hides the head axis from the dependency analysis
         from graphopt.passes.fused_attention import FusedAttention
 
@@ -83,15 +86,17 @@ def main() -> None:
     print(f"load before: {os.getloadavg()}  cpu: {torch.backends.cpu.get_cpu_capability()}  threads: {args.threads}")
 
     loaded = load_model("minilm")
-    calib = calibration_batches(loaded, 128)  # training sentences, never the held-out ones
-    heldout = heldout_sentences(args.heldout)
+    splits = load_splits(calibration=128, heldout=args.heldout)
+    # Calibration batches from training sentences, never the held-out ones; ORT's block timer.
+    ctx = text_context(loaded.tokenizer, splits, list(loaded.example_kwargs or {}), services=default_services())
+    heldout = list(splits.heldout)
     feed = _timing_inputs(loaded.tokenizer, args.batch, args.seq)
     rows, sessions = [], {}
     with tempfile.TemporaryDirectory() as folder:
         plans = dict(PLANS) if args.no_latency_aware else {**PLANS, **LATENCY_AWARE}
         for name, plan in plans.items():
             plan = dict(plan, latency_tokens=args.batch * args.seq, latency_threads=args.threads) if plan.get("latency_aware") else plan
-            program, info = build(loaded, plan, args.importance, calib, args.fused_attention, args.fuse)
+            program, info = build(loaded, plan, args.importance, ctx, args.fused_attention, args.fuse)
             exported = to_onnx(program, Path(folder) / f"{len(sessions)}.onnx")
             check_parity(program, exported.path, atol=1e-4, rtol=1e-3)
             sessions[name] = exported.path
@@ -132,7 +137,7 @@ def main() -> None:
         for name, plan in list(PLANS.items())[1:]:
             cells = []
             for criterion in ("l1", "l2", "taylor", "activation"):
-                program, _ = build(loaded, plan, criterion, calib)
+                program, _ = build(loaded, plan, criterion, ctx)
                 cells.append(f"{compare_encoders(loaded.model, program, loaded.tokenizer, heldout)['mean_cosine']:.4f}")
             print(f"| {name} | " + " | ".join(cells) + " |")
 

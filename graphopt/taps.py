@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx import _pytree as fx_pytree
 from torch.fx.graph import CodeGen
 

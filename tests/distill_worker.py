@@ -12,7 +12,7 @@ import torch
 import graphopt
 from graphopt import zoo
 from graphopt.distill import DistillConfig, distill
-from graphopt.export.parity import random_inputs
+from graphopt.inputs import random_inputs
 
 
 def perturbed_pair():

@@ -12,15 +12,14 @@ class Damage(Pass):
     """Adds seeded noise to every matrix: a stand-in for a lossy compression."""
 
     name: ClassVar[str] = "test-damage"
-    exact: ClassVar[bool] = False
 
     class Config(PassConfig):
         scale: float = 0.05
 
-    def run(self, program):
+    def run(self, program, ctx):
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in program.module.parameters():
                 if p.dim() == 2:
                     p.add_(torch.randn(p.shape, generator=generator) * self.config.scale)
-        return PassResult(program, True, {})
+        return PassResult.applied(program)

@@ -12,10 +12,13 @@ from safetensors.torch import load_file
 
 import graphopt
 from graphopt import zoo
+from graphopt.context import PassContext
 from graphopt.distill import DistillConfig, DistillError, distill
+from graphopt.distill.stopping import EarlyStopping, stopping_point
+from graphopt.passes.distill import Distill, DistillInfo
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill_worker import perturbed_pair, tensor_data  # noqa: E402
+from distill_worker import perturbed_pair, tensor_data
 
 HERE = Path(__file__).parent
 
@@ -120,12 +123,32 @@ def test_distill_stage_in_a_pipeline():
     assert damage.status == "applied" and recovery.status == "applied"
     assert recovery.drift_total["cosine"] > damage.drift_total["cosine"]
     assert recovery.info["steps"] == 30
+    # no tokenizer: it trained on the context's calibration batches (seeded random inputs over the dynamic shapes)
+    assert "calibration batches" in recovery.info["data"] and "seeded random" in recovery.info["data"]
 
 
 def test_distill_on_an_undamaged_program_does_nothing():
     program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
-    result = graphopt.optimize(program, "distill{steps=5}")
-    assert result.report.passes[0].status == "skipped"
+    result = graphopt.optimize(program, "distill{steps=5}?")
+    record = result.report.passes[0]
+    assert record.status == "unchanged" and "nothing to recover" in record.reason and not result.report.failures
+
+
+def test_the_pass_needs_the_teacher_from_the_context():
+    _, student = perturbed_pair()
+    with pytest.raises(DistillError, match=r"needs the original program as teacher \(ctx.teacher\); graphopt.optimize sets it"):
+        Distill(steps=1, progress=False)(student)
+
+
+def test_the_pass_trains_on_the_context_calibration_batches_without_a_tokenizer():
+    teacher, student = perturbed_pair()
+    before = cosine0(teacher, student)
+    ctx = PassContext(teacher=teacher, calibration=tuple(((), kw) for kw in tensor_data(teacher)), calibration_source="test batches")
+    result = Distill(steps=40, lr=3e-3, progress=False)(student, ctx)
+    assert result.modified and isinstance(result.info, DistillInfo)
+    assert result.info.data == "4 calibration batches (test batches)" and result.info.steps == 40
+    assert result.info.best_val_mean_cosine is None  # tensor data: no validation, so no early stop
+    assert cosine0(teacher, student) > before + 0.3
 
 
 def test_clear_errors():
@@ -166,14 +189,18 @@ def test_cli_runs_distillation_on_two_processes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["dce", "test-damage", "distill"]
     distilled = report["passes"][2]
-    assert distilled["status"] == "applied" and distilled["info"]["distill"]["world_size"] == 2
+    assert distilled["status"] == "applied" and distilled["info"]["world_size"] == 2
     assert report["sections"]["parity"]["passed"]
 
 
 def test_gradients_pass_through_quantized_ops_straight_through():
     import graphopt.quant.training  # noqa: F401
     from graphopt.quant import ops
-    from graphopt.quant.packing import dequantize_nbits, quantize_nbits, quantize_per_channel_int8
+    from graphopt.quant.packing import (
+        dequantize_nbits,
+        quantize_nbits,
+        quantize_per_channel_int8,
+    )
 
     torch.manual_seed(0)
     weight = torch.randn(6, 16)  # [N, K]
@@ -235,13 +262,13 @@ def test_half_precision_codebooks_train_through_float32_masters():
 def test_cached_teacher_outputs_train_like_a_teacher_run_every_step(monkeypatch):
     # After the first epoch the teacher's outputs come from the per-sentence cache; the
     # student must train as it would with the teacher run on every batch.
-    import graphopt.distill as distill_module
     from graphopt.data import train_sentences
+    from graphopt.distill.cache import TeacherCache
 
     tokenizer, teacher, damaged = text_teacher_and_damaged_student()
     assembled = []
-    original = distill_module._TeacherCache._assemble
-    monkeypatch.setattr(distill_module._TeacherCache, "_assemble", lambda self, *a: assembled.append(1) or original(self, *a))
+    original = TeacherCache._assemble
+    monkeypatch.setattr(TeacherCache, "_assemble", lambda self, *a: assembled.append(1) or original(self, *a))
 
     def train(cache_mb: int):
         student = damaged.clone()
@@ -257,3 +284,67 @@ def test_cached_teacher_outputs_train_like_a_teacher_run_every_step(monkeypatch)
     assert len(assembled) == hits  # a 0 MB cache is off
     for name, tensor in plain.items():
         torch.testing.assert_close(cached[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---- early stopping ----------------------------------------------------------------------------
+def _curve(scores, every=50):
+    return [(every * (i + 1), score) for i, score in enumerate(scores)]
+
+
+def test_early_stopping_counts_patience_in_steps_not_evaluations():
+    flat = [0.5] + [0.5] * 40  # no improvement after the first evaluation, at step 50
+    assert stopping_point(_curve(flat, every=50), EarlyStopping(patience_steps=600)) == (650, "no validation improvement of more than 0 in 600 steps (best 0.5000 at step 50)")
+    # the same rule at another evaluation interval waits the same number of steps
+    assert stopping_point(_curve(flat, every=100), EarlyStopping(patience_steps=600))[0] == 700
+    assert stopping_point(_curve(flat, every=25), EarlyStopping(patience_steps=600))[0] == 625
+
+
+def test_early_stopping_never_stops_before_min_steps():
+    flat = [0.5] * 80
+    step, reason = stopping_point(_curve(flat), EarlyStopping(patience_steps=100, min_steps=2100))
+    assert step == 2100 and "in 2050 steps" in reason
+    assert stopping_point(_curve(flat[:41]), EarlyStopping(patience_steps=100, min_steps=2100)) is None
+
+
+def test_early_stopping_keeps_a_slowly_improving_run_and_ignores_noise():
+    # +2e-4 every 50 steps: each step is improvement beyond min_delta=1e-4, however small
+    rising = [0.8 + 2e-4 * i for i in range(200)]
+    assert stopping_point(_curve(rising), EarlyStopping(patience_steps=200, min_delta=1e-4)) is None
+    # +3e-5 per evaluation: below min_delta each time, but it adds up and counts every 4th evaluation
+    creeping = [0.8 + 3e-5 * i for i in range(200)]
+    assert stopping_point(_curve(creeping), EarlyStopping(patience_steps=250, min_delta=1e-4)) is None
+    # a plateau with +-5e-5 noise stops once patience is spent after the last real rise
+    noisy = [0.9] * 5 + [0.9 + (5e-5 if i % 2 else -5e-5) for i in range(100)]
+    step, reason = stopping_point(_curve(noisy), EarlyStopping(patience_steps=600, min_delta=1e-4))
+    assert step == 650 and "best 0.9000 at step 50" in reason
+    # a target stops the run as soon as it is reached
+    assert stopping_point(_curve(rising), EarlyStopping(patience_steps=10**6, target=0.81)) == (50 * 51, "target cosine 0.81 reached")
+
+
+def test_config_defaults_wait_half_the_run_on_256_training_side_sentences():
+    cfg = DistillConfig(steps=4200)
+    assert cfg.first_stop_step() == 2100 and cfg.patience_steps == 600 and cfg.eval_sentences == 256
+    assert DistillConfig(steps=4200, min_steps=0).first_stop_step() == 0
+    assert "patience" not in DistillConfig.model_fields  # counted in steps now: patience_steps
+
+
+def test_a_text_run_through_the_pass_validates_on_its_training_texts_and_stops_after_min_steps(tmp_path, monkeypatch):
+    import graphopt.distill.loop as loop
+    from graphopt.data import heldout_sentences, train_sentences
+
+    tokenizer, teacher, student = text_teacher_and_damaged_student()
+    texts = tuple(train_sentences(120))
+    validated = []
+    original = loop.Validation.__init__
+    monkeypatch.setattr(loop.Validation, "__init__", lambda self, t, tok, sentences, names: validated.extend(sentences) or original(self, t, tok, sentences, names))
+    ctx = PassContext(tokenizer=tokenizer, training_texts=texts, teacher=teacher, artifacts=tmp_path)
+    # min_delta=1 makes every evaluation after the first "no improvement": the rule alone decides the stop
+    options = dict(steps=30, eval_every=6, batch_size=8, max_length=32, eval_sentences=16, patience_steps=1, min_steps=18, min_delta=1.0, progress=False)
+    result = Distill(**options)(student, ctx)
+    info = result.info
+    assert result.modified and info.steps == 18 and "in 12 steps (best" in info.stopped
+    assert info.data == "120 training texts of the context"
+    assert len(validated) == 16 and set(validated) <= set(texts) and not set(validated) & set(heldout_sentences())
+    scores = [h["val_mean_cosine"] for h in info.history if "val_mean_cosine" in h]
+    assert len(scores) == 3 and info.best_val_mean_cosine == max(scores)
+    assert info.curve_png == str(tmp_path / "distill_curve.png") and Path(info.curve_png).is_file()

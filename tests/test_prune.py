@@ -15,7 +15,8 @@ from torch import nn
 import graphopt
 from graphopt import zoo
 from graphopt.analysis import dependency_groups
-from graphopt.passes.prune import Prune
+from graphopt.context import PassContext, Services
+from graphopt.passes.prune import Prune, PruneInfo
 
 LAYERS = 2
 HEAD_DIM = zoo.HIDDEN // zoo.HEADS
@@ -26,9 +27,13 @@ def _capture(arch: str, attn: str = "sdpa", **kwargs):
     return model, graphopt.capture(model, kwargs=zoo.example_inputs(arch, **kwargs))
 
 
-def _kept(info: dict, kind: str, path: str) -> list[int]:
-    (group,) = [g for g in info["groups"] if g["kind"] == kind and g["module_path"] == path]
-    return group["kept_indices"]
+def _kept(info: PruneInfo, kind: str, path: str) -> list[int]:
+    (group,) = [g for g in info.groups if g.kind == kind and g.module_path == path]
+    return group.kept_indices
+
+
+def _calibrated(batches) -> PassContext:
+    return PassContext(calibration=tuple(batches), calibration_source="test batches")
 
 
 def _rows(heads: list[int], dim: int = HEAD_DIM) -> torch.Tensor:
@@ -41,12 +46,14 @@ def _close(got, want, tol=1e-5):
 
 
 # ---- contract -------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{}, {"heads": 0.1, "ffn": 0.01}], ids=["zero", "rounds-to-nothing"])
-def test_nothing_to_cut_is_unmodified(options):
+@pytest.mark.parametrize(("options", "reason"), [({}, "all ratios are 0"), ({"heads": 0.1, "ffn": 0.01}, "nothing to cut after rounding")],
+                         ids=["zero", "rounds-to-nothing"])
+def test_nothing_to_cut_is_unchanged_with_the_reason(options, reason):
     _, program = _capture("bert")
     fingerprint = program.fingerprint()
     result = Prune(**options)(program)
-    assert not result.modified
+    assert not result.modified and result.status is graphopt.Status.UNCHANGED and result.reason == reason
+    assert isinstance(result.info, PruneInfo)
     assert program.fingerprint() == fingerprint
 
 
@@ -64,7 +71,7 @@ def test_text_form_round_trips_and_is_lossy():
 def test_bert_heads_and_ffn_equal_a_hand_sliced_smaller_bert():
     model, program = _capture("bert")
     result = Prune(heads=0.5, ffn=0.5, multiple=1, importance="l2")(program)
-    assert result.modified and result.info["params_after"] < result.info["params_before"]
+    assert result.modified and result.info.params_after < result.info.params_before
 
     small = tf.BertModel(tf.BertConfig(**{**model.config.to_dict(), "intermediate_size": zoo.FFN // 2}), add_pooling_layer=True).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -145,7 +152,7 @@ def test_llama_kv_heads_take_their_query_heads_along():
     model, program = _capture("llama")
     result = Prune(kv_heads=0.5, ffn=0.5, multiple=1)(program)
     info = result.info
-    kv = lambda i: _kept(info, "kv_heads", f"layers.{i}.self_attn")  # noqa: E731
+    kv = lambda i: _kept(info, "kv_heads", f"layers.{i}.self_attn")
     n_rep = zoo.HEADS // zoo.KV_HEADS
     small = _small_llama(model, num_attention_heads=2, num_key_value_heads=1, intermediate_size=zoo.FFN // 2)
     small.load_state_dict(_llama_state(
@@ -158,7 +165,7 @@ def test_llama_kv_heads_take_their_query_heads_along():
 def test_llama_query_heads_are_cut_alike_in_every_kv_group():
     model, program = _capture("llama")
     info = Prune(heads=0.5)(program).info
-    slot = lambda i: _kept(info, "heads", f"layers.{i}.self_attn")  # noqa: E731
+    slot = lambda i: _kept(info, "heads", f"layers.{i}.self_attn")
     n_rep = zoo.HEADS // zoo.KV_HEADS
     small = _small_llama(model, num_attention_heads=2, num_key_value_heads=2)
     small.load_state_dict(_llama_state(
@@ -183,7 +190,8 @@ def test_llama_hidden_width_through_embeddings_norms_and_residual():
 def test_hidden_width_needs_permission_to_change_the_output():
     _, program = _capture("llama")
     result = Prune(hidden=0.5)(program)
-    assert not result.modified and result.info["kinds_without_groups"] == ["hidden"]
+    assert not result.modified and result.info.kinds_without_groups == ["hidden"]
+    assert "allow_output_change=true" in result.reason
 
 
 # ---- importance ------------------------------------------------------------------------------
@@ -201,9 +209,9 @@ def test_dead_units_go_first_and_cutting_them_is_exact(criterion):
             layer.intermediate.dense.bias[:32] = 0  # GELU(0) = 0
             layer.output.dense.weight[:, :32] = 0
     program = graphopt.capture(model, kwargs=zoo.example_inputs("bert"))
-    program.meta["calibration"] = [((), zoo.example_inputs("bert", seed=s)) for s in range(2)]
+    ctx = _calibrated([((), zoo.example_inputs("bert", seed=s)) for s in range(2)])
     before = program.run()
-    result = Prune(heads=0.25, ffn=0.5, importance=criterion)(program)
+    result = Prune(heads=0.25, ffn=0.5, importance=criterion)(program, ctx)
     for i in range(LAYERS):
         assert 1 not in _kept(result.info, "heads", f"encoder.layer.{i}.attention")
         assert _kept(result.info, "ffn", f"encoder.layer.{i}") == list(range(32, 64))
@@ -243,7 +251,7 @@ def test_groups_the_analysis_cannot_follow_are_left_alone_and_listed():
     result = Prune(ffn=0.5)(program)
     assert result.modified
     assert program.module.up.weight.shape == (32, 16) and program.module.up2.weight.shape == (16, 16)
-    listed = {entry["module_path"]: entry["reason"] for entry in result.info["not_prunable"] if "cumsum" in entry["reason"]}
+    listed = {entry.module_path: entry.reason for entry in result.info.not_prunable if "cumsum" in entry.reason}
     assert sorted(listed) == ["down", "up"]  # the channels before and after the cumsum
 
 
@@ -258,16 +266,50 @@ def test_groups_are_cached_and_dropped_on_change():
 
 
 def test_latency_aware_widths_are_measured_and_never_below_the_plan():
+    from graphopt.api import default_services  # ONNX Runtime's block timer
+
     _, program = _capture("bert")
-    info = Prune(heads=0.5, ffn=0.5, latency_aware=True, latency_tokens=32)(program).info
-    for group in info["groups"]:
-        latency = group["latency_ms"]
-        assert group["kept"] >= latency["planned_width"]
-        assert str(group["kept"]) in latency["measured"] and str(group["size"]) in latency["measured"]
-        if group["kept"] < group["size"]:  # a cut is only made when it was measured to pay
-            assert latency["planned"] < latency["full"]
-    summary = info["latency"]
-    assert summary["provider"] == "cpu" and summary["predicted_chosen_ms"] > 0
+    info = Prune(heads=0.5, ffn=0.5, latency_aware=True, latency_tokens=32)(program, PassContext(services=default_services())).info
+    for group in info.groups:
+        latency = group.latency_ms
+        assert group.kept >= latency.planned_width
+        assert str(group.kept) in latency.measured and str(group.size) in latency.measured
+        if group.kept < group.size:  # a cut is only made when it was measured to pay
+            assert latency.planned < latency.full
+    summary = info.latency
+    assert summary.provider == "cpu" and summary.predicted_chosen_ms > 0
+
+
+class StepTimer:
+    """A block timer whose kernels run in tiles of 16 units: widths inside a tile cost alike."""
+
+    def __init__(self, provider, threads, tokens):
+        self.asked = (provider, threads, tokens)
+        self.calls = 0
+
+    def ms(self, block, units):
+        self.calls += 1
+        return sum(other * per for other, per, _ in block) * -(-units // 16) * 1e-3
+
+
+def test_latency_aware_keeps_the_units_a_tile_makes_free_with_any_timer_service():
+    timers = []
+    services = Services(block_timer=lambda *a: timers.append(StepTimer(*a)) or timers[-1])
+    _, program = _capture("bert")
+    info = Prune(ffn=0.6, multiple=4, latency_aware=True, latency_threads=2, latency_tokens=64)(program, PassContext(services=services)).info
+    assert [t.asked for t in timers] == [("cpu", 2, 64)] and timers[0].calls > 0
+    for group in info.groups:  # FFN 64 -> planned 24 (2 tiles): 32 costs the same, 36 a third tile
+        assert (group.latency_ms.planned_width, group.kept) == (24, 32)
+        assert group.latency_ms.planned == group.latency_ms.chosen < group.latency_ms.full
+
+
+def test_latency_aware_without_a_timer_service_is_skipped_with_the_reason():
+    _, program = _capture("bert")
+    fingerprint = program.fingerprint()
+    result = Prune(heads=0.5, latency_aware=True)(program)  # an empty context lends no timer
+    assert result.status is graphopt.Status.SKIPPED and not result.modified
+    assert "block timer" in result.reason and "ctx.services.block_timer" in result.reason
+    assert program.fingerprint() == fingerprint
 
 
 def test_in_a_pipeline_the_budget_decides():
@@ -285,10 +327,10 @@ def test_a_parameter_target_scales_the_ratios_to_meet_it():
     before = program.parameter_stats()["parameters"]
     result = Prune(heads=0.25, ffn=0.5, target_params=0.8, multiple=1)(program)  # proportions heads : ffn = 1 : 2
     after = program.parameter_stats()["parameters"]
-    target = result.info["target"]
-    assert target["reachable"] and target["predicted_params"] == after
+    target = result.info.target
+    assert target.reachable and target.predicted_params == after
     assert 0.75 * before < after <= 0.8 * before
-    assert target["ratios"]["ffn"] > target["ratios"]["heads"]
+    assert target.ratios["ffn"] > target.ratios["heads"]
 
 
 # ---- reconstruction ----------------------------------------------------------------------------
@@ -313,11 +355,10 @@ def test_reconstruction_brings_the_output_closer_on_calibration_and_heldout_inpu
     errors, shapes = {}, {}
     for reconstruct in (False, True):
         program = graphopt.capture(model, kwargs=zoo.example_inputs(arch))
-        program.meta["calibration"] = calibration
         references = {name: [program(**kw)["last_hidden_state"] for _, kw in batches]
                       for name, batches in (("calibration", calibration), ("heldout", heldout))}
         before = {name: (t, t.clone()) for name, t in program.tensors().items()}
-        info = Prune(**options, importance="activation", reconstruct=reconstruct)(program).info
+        info = Prune(**options, importance="activation", reconstruct=reconstruct)(program, _calibrated(calibration)).info
         for name, (t, values) in before.items():  # new tensors replace the old ones, never written in place
             assert torch.equal(t, values), name
         errors[reconstruct] = {name: _relative_error(program, references[name], batches)
@@ -327,10 +368,11 @@ def test_reconstruction_brings_the_output_closer_on_calibration_and_heldout_inpu
     assert shapes[True] == shapes[False]
     for name in ("calibration", "heldout"):
         assert errors[True][name] < 0.9 * errors[False][name], errors
-    assert info["reconstruction"]["data"] == "calibration"
-    for group in info["groups"]:
-        if group["kept"] < group["size"]:
-            assert group["reconstructed"] and group["reconstruction_error"] < group["pruning_error"]
+    assert info.reconstruction.data == "4 calibration batches (test batches)" and info.reconstruction.batches == 4
+    assert info.calibration == info.reconstruction.data
+    for group in info.groups:
+        if group.kept < group.size:
+            assert group.reconstructed and group.reconstruction_error < group.pruning_error
 
 
 def test_reconstruction_is_exact_when_the_cut_channels_duplicate_kept_ones():
@@ -345,16 +387,15 @@ def test_reconstruction_is_exact_when_the_cut_channels_duplicate_kept_ones():
     calibration, heldout = _calibration("bert", range(4)), _calibration("bert", range(100, 102))
     for reconstruct in (False, True):
         program = graphopt.capture(model, kwargs=zoo.example_inputs("bert"))
-        program.meta["calibration"] = calibration
         batches = calibration + heldout
         references = [program(**kw)["last_hidden_state"] for _, kw in batches]
-        info = Prune(ffn=0.5, importance="l2", reconstruct=reconstruct, reconstruct_damp=1e-9)(program).info
+        info = Prune(ffn=0.5, importance="l2", reconstruct=reconstruct, reconstruct_damp=1e-9)(program, _calibrated(calibration)).info
         for i in range(LAYERS):
             assert _kept(info, "ffn", f"encoder.layer.{i}") == list(range(half, zoo.FFN))
         error = max((program(**kw)["last_hidden_state"] - want).abs().max() for want, (_, kw) in zip(references, batches))
         if reconstruct:
             assert error < 1e-5
-            assert all(g["reconstruction_error"] < 1e-6 < g["pruning_error"] for g in info["groups"])
+            assert all(g.reconstruction_error < 1e-6 < g.pruning_error for g in info.groups)
         else:
             assert error > 1e-3
 
@@ -362,5 +403,46 @@ def test_reconstruction_is_exact_when_the_cut_channels_duplicate_kept_ones():
 def test_reconstruction_without_calibration_fits_on_the_example_inputs():
     _, program = _capture("bert", batch=4, seq=32)
     info = Prune(ffn=0.5, reconstruct=True)(program).info
-    assert info["reconstruction"] == {"data": "example inputs", "batches": 1, "damp": 0.01}
-    assert all(g["reconstructed"] for g in info["groups"])
+    assert info.reconstruction.model_dump() == {"data": "the example inputs (the context has no calibration data)", "batches": 1, "damp": 0.01}
+    assert all(g.reconstructed for g in info.groups)
+
+
+# ---- calibration comes from the context ----------------------------------------------------------
+class GatedFFN(nn.Module):
+    """FFN channels 0..15 fire on inputs with x[0] > 0, channels 16..31 on x[0] < 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.up.weight.zero_()
+            self.up.bias.zero_()
+            self.up.weight[:16, 0], self.up.weight[16:, 0] = 1.0, -1.0
+            self.down.weight.fill_(0.1)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _signed_batches(sign: float) -> list:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        x = torch.randn(4, 8, generator=generator)
+        x[:, 0] = sign * (1 + x[:, 0].abs())
+        batches.append(((x,), {}))
+    return batches
+
+
+def test_activation_importance_is_calibrated_on_the_context_batches():
+    kept = {}
+    for sign in (1.0, -1.0):
+        program = graphopt.capture(GatedFFN().eval(), (torch.randn(4, 8),))
+        result = Prune(ffn=0.5, importance="activation")(program, _calibrated(_signed_batches(sign)))
+        assert result.modified and result.info.calibration == "2 calibration batches (test batches)"
+        (group,) = result.info.groups
+        kept[sign] = group.kept_indices
+    assert kept == {1.0: list(range(16)), -1.0: list(range(16, 32))}
+    program = graphopt.capture(GatedFFN().eval(), (torch.randn(4, 8),))
+    result = Prune(ffn=0.5, importance="activation", calibration_batches=1)(program, _calibrated(_signed_batches(-1.0) + _signed_batches(1.0)))
+    assert result.info.calibration == "1 calibration batches (test batches)" and result.info.groups[0].kept_indices == list(range(16, 32))

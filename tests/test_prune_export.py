@@ -31,8 +31,8 @@ def test_pruned_model_exports_with_smaller_initializers_and_matches(arch, attn, 
     result = Prune(**plan, multiple=4, allow_output_change=True)(program)
 
     assert result.modified
-    kinds = {g["kind"] for g in result.info["groups"] if g["kept"] < g["size"]}
-    assert kinds == set(plan), result.info["groups"]
+    kinds = {g.kind for g in result.info.groups if g.kept < g.size}
+    assert kinds == set(plan), result.info.groups
     exported = to_onnx(program, tmp_path / f"{arch}.onnx")
     assert exported.initializer_bytes < before
     check_parity(program, exported.path, atol=1e-4, rtol=1e-4)  # example + 2 random (batch, seq) shapes

@@ -2,6 +2,12 @@
 dependency groups and importance scores. They read the program and change nothing."""
 
 from graphopt.analysis.channels import ChannelGraph, Space, build_channel_graph
-from graphopt.analysis.groups import DependencyAnalysis, Group, Member, analyse, dependency_groups
+from graphopt.analysis.groups import (
+    DependencyAnalysis,
+    Group,
+    Member,
+    analyse,
+    dependency_groups,
+)
 
-__all__ = ["ChannelGraph", "Space", "build_channel_graph", "DependencyAnalysis", "Group", "Member", "analyse", "dependency_groups"]
+__all__ = ["ChannelGraph", "DependencyAnalysis", "Group", "Member", "Space", "analyse", "build_channel_graph", "dependency_groups"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.analysis.channels import ChannelGraph, Space, build_channel_graph
 from graphopt.program import Program

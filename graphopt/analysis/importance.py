@@ -14,25 +14,28 @@ with one score per unit, higher = more important:
   channel's typical contribution to that matmul's output).
 
 Calibration batches are ``(args, kwargs)`` pairs; callers must draw them from training
-data only (``graphopt.data.train_sentences``), never from held-out text.
+data only (the prune pass takes them from ``ctx.calibration``), never from held-out text.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.analysis.groups import Group
+from graphopt.context import Batch
 from graphopt.program import Program, flatten_outputs
 
-Batch = tuple[tuple, dict]
 Scores = dict[int, torch.Tensor]
 CRITERIA = ("l1", "l2", "taylor", "activation")
 
 
 def importance(criterion: str, program: Program, groups: Sequence[Group], calibration: Sequence[Batch] = ()) -> Scores:
+    """Scores of every unit of ``groups`` by ``criterion`` (the example inputs when no
+    calibration batch is given)."""
     try:
         fn: Callable = _CRITERIA[criterion]
     except KeyError:
@@ -182,8 +185,6 @@ def input_moments(gm: fx.GraphModule, names: set[str], calibration) -> dict[str,
 def _record_inputs(gm: fx.GraphModule, names: set[str], record: Callable[[str, torch.Tensor], None], calibration) -> None:
     """Run an instrumented copy of ``gm`` on every batch; ``record(name, x)`` sees the input
     of each named matmul."""
-    import copy
-
     probe = copy.deepcopy(gm)
     for node in list(probe.graph.nodes):
         if node.name in names:

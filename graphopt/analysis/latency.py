@@ -1,25 +1,28 @@
-"""Measured latency of a group's matmuls at candidate widths, on an ONNX Runtime provider.
+"""A group's matmuls as a block, and the width to keep chosen from measured block latency.
 
 A group's 2-D weights are its block: every member ``W`` of shape ``[a, b]`` cut along
 ``dim`` is a ``[tokens, k] × [k, n]`` MatMul whose cut side has the candidate width (the
-other side is the weight's other dim). The block is built directly as a small ONNX graph,
-run on the target provider, and timed; equal blocks (every layer of a model alike) are
-measured once. That is what tells a width that ORT's kernels run faster (a multiple of
-their tile) from one that only has fewer FLOPs.
+other side is the weight's other dim). Timing the block on the target runtime is what
+tells a width that the kernels run faster (a multiple of their tile) from one that only
+has fewer FLOPs. The timing itself is not here: passes get a :class:`BlockTiming` from
+``ctx.services.block_timer`` (ONNX Runtime's is :class:`graphopt.export.latency.BlockTimer`),
+so this module and the prune pass import no runtime.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
-
-import numpy as np
-from onnx import TensorProto, helper
+from typing import Protocol
 
 from graphopt.analysis.groups import Group
 
 Block = tuple[tuple[int, int, bool], ...]  # (other dim, rows per unit, cut is the output side)
+
+
+class BlockTiming(Protocol):
+    """Milliseconds of ``block`` with ``units`` units kept, on some runtime."""
+
+    def ms(self, block: Block, units: int) -> float: ...
 
 
 def block_of(group: Group, shapes: dict[str, tuple[int, ...]]) -> Block:
@@ -34,53 +37,7 @@ def block_of(group: Group, shapes: dict[str, tuple[int, ...]]) -> Block:
     return tuple(sorted(entries))
 
 
-def block_model(block: Block, units: int, tokens: int) -> bytes:
-    rng = np.random.default_rng(0)
-    inputs, nodes, outputs, inits = [], [], [], []
-    for i, (other, per_unit, cut_is_output) in enumerate(block):
-        width = units * per_unit
-        k, n = (other, width) if cut_is_output else (width, other)
-        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [tokens, k]))
-        weight = rng.standard_normal((k, n), dtype=np.float32)
-        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [k, n], weight.tobytes(), raw=True))
-        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [tokens, n]))
-    graph = helper.make_graph(nodes, "block", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-class BlockTimer:
-    """Times blocks at given widths on one provider, caching equal measurements."""
-
-    def __init__(self, provider: str = "cpu", threads: int = 1, tokens: int = 128, runs: int = 30):
-        self.provider, self.threads, self.tokens, self.runs = provider, threads, tokens, runs
-        self.cache: dict[tuple[Block, int], float] = {}
-
-    def ms(self, block: Block, units: int) -> float:
-        key = (block, units)
-        if key not in self.cache:
-            self.cache[key] = self._measure(block, units)
-        return self.cache[key]
-
-    def _measure(self, block: Block, units: int) -> float:
-        from graphopt.export import make_session
-
-        session = make_session(block_model(block, units, self.tokens), provider=self.provider, threads=self.threads)
-        rng = np.random.default_rng(1)
-        feed = {i.name: rng.standard_normal(i.shape, dtype=np.float32) for i in session.get_inputs()}
-        for _ in range(3):
-            session.run(None, feed)
-        times = []
-        for _ in range(self.runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-
-def choose_width(timer: BlockTimer, block: Block, size: int, planned: int, multiple: int, tolerance: float,
+def choose_width(timer: BlockTiming, block: Block, size: int, planned: int, multiple: int, tolerance: float,
                  span: int = 3) -> tuple[int, dict[int, float]]:
     """The widest width, from ``planned`` up by steps of ``multiple`` (``span`` of them), that
     runs no slower than ``planned`` (within ``tolerance``): units the kernels make free are
@@ -95,5 +52,5 @@ def choose_width(timer: BlockTimer, block: Block, size: int, planned: int, multi
     return chosen, measured
 
 
-def measured_block_ms(timer: BlockTimer, blocks: Sequence[tuple[Block, int]]) -> float:
+def measured_block_ms(timer: BlockTiming, blocks: Sequence[tuple[Block, int]]) -> float:
     return sum(timer.ms(block, units) for block, units in blocks)

@@ -1,20 +1,35 @@
 """The distillation stage as a pipeline step: ``distill{steps=300,lr=1e-4}``.
 
 Not a graph rewrite: it trains the current program's parameters to reproduce the
-original program (the pipeline's input, kept as ``program.teacher``). Text models use
-the tokenizer in ``program.meta["tokenizer"]`` (the CLI sets it) and the standard
-library's training sentences. Lossy, so the manager verifies it against the budget like
+original program, ``ctx.teacher`` (``graphopt.optimize`` sets it to the pipeline's input).
+Text models train on ``ctx.training_texts`` with ``ctx.tokenizer`` (the standard library's
+training sentences when the context has a tokenizer but no texts), validating on a split
+of those; models without a tokenizer on the context's calibration batches (seeded random
+inputs over the dynamic shapes, :mod:`graphopt.datasets`, when the context has none). The
+curve goes to ``ctx.artifacts``. Lossy, so the manager verifies it against the budget like
 any other lossy pass, and rolls it back if it made things worse than allowed.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from graphopt.context import PassContext
 from graphopt.distill import DistillConfig, DistillError, distill
-from graphopt.passbase import Pass, PassConfig, PassResult, register_pass
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
 from graphopt.verify import EXACT_RTOL, drift
+
+
+class DistillInfo(PassInfo):
+    steps: int = 0
+    wall_s: float = 0.0
+    stopped: str = ""
+    world_size: int = 1
+    data: str = ""  # what the run trained on
+    best_val_mean_cosine: float | None = None
+    curve_png: str | None = None
+    history: list[dict[str, Any]] = []  # {"step", "loss", "val_mean_cosine"}
 
 
 @register_pass
@@ -23,28 +38,34 @@ class Distill(Pass):
     outputs, logits); AdamW, warm-up + cosine, clipping, early stop on a validation split."""
 
     name: ClassVar[str] = "distill"
-    exact: ClassVar[bool] = False
     Config: ClassVar[type[PassConfig]] = DistillConfig
-    needs_teacher: ClassVar[bool] = True
+    Info: ClassVar[type[PassInfo]] = DistillInfo
+    config: DistillConfig
 
-    def run(self, program: Program) -> PassResult:
-        if program.teacher is None:
-            raise DistillError("distill needs the original program as teacher; run it inside a pipeline (graphopt.optimize)")
-        if drift(program.teacher.run(), program.run()).max_rel <= EXACT_RTOL:
-            return PassResult(program, False, {"skipped": "the program computes what its teacher does: nothing to recover"})
-        result = distill(program, program.teacher, None if program.meta.get("tokenizer") else _tensor_data(program), self.config, report_dir=program.meta.get("report_dir"))
-        return PassResult(result.program, result.steps > 0, {"distill": result.to_dict(), "steps": result.steps, "wall_s": round(result.wall_s, 1), "stopped": result.stopped})
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        teacher = ctx.teacher
+        if teacher is None:
+            raise DistillError("distill needs the original program as teacher (ctx.teacher); graphopt.optimize sets it")
+        if drift(teacher.run(), program.run()).max_rel <= EXACT_RTOL:
+            return PassResult.unchanged(program, DistillInfo(), "the program computes what its teacher does: nothing to recover")
+        data, described = training_data(program, ctx, self.config)
+        result = distill(program, teacher, data, self.config, tokenizer=ctx.tokenizer, report_dir=ctx.artifacts)
+        scores = [h["val_mean_cosine"] for h in result.history if h.get("val_mean_cosine") is not None]
+        info = DistillInfo(steps=result.steps, wall_s=round(result.wall_s, 1), stopped=result.stopped, world_size=result.world_size,
+                           data=described, best_val_mean_cosine=max(scores) if scores else None, curve_png=result.curve_png,
+                           history=result.history)
+        return PassResult.of(result.program, result.steps > 0, info, "no training step ran")
 
 
-def _tensor_data(program: Program) -> list[dict]:
-    """Random batches shaped like the example inputs, for models without a tokenizer."""
-    import torch
+def training_data(program: Program, ctx: PassContext, config: DistillConfig) -> tuple[Any, str]:
+    """What :func:`graphopt.distill.distill` trains on, and its description."""
+    if ctx.tokenizer is not None:
+        if ctx.training_texts:
+            return list(ctx.training_texts), f"{len(ctx.training_texts)} training texts of the context"
+        return None, f"the standard library's training sentences ({config.data}): the context has no training texts"
+    if ctx.calibration:
+        return list(ctx.calibration), f"{len(ctx.calibration)} calibration batches ({ctx.calibration_source or 'given'})"
+    from graphopt.datasets import program_context
 
-    from graphopt.export.parity import random_inputs
-
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(32):
-        _args, kwargs = random_inputs(program, {}, generator)
-        batches.append(kwargs)
-    return batches
+    seeded = program_context(program)
+    return list(seeded.calibration), seeded.calibration_source
