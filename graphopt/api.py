@@ -33,13 +33,15 @@ class OptimizeResult:
     extras: dict = field(default_factory=dict)
 
     def export(self, path: str | Path, *, opset: int | None = None, parity: bool | None = None, external_data: bool | str | None = None):
-        """Export to ONNX (atomically), check it fully, and check ORT parity against the
-        optimized program on the example inputs and on other batch/sequence sizes.
+        """Export to ONNX (atomically) and check it fully; then, unless ``parity`` is False
+        (default: the recipe's ``[export] parity``), check ORT parity with
+        :meth:`check_parity` on the recipe's ``[runtime]`` session settings (``"auto"``
+        disabled optimizers: the provider's known slow fusions, unmeasured). The build step
+        exports with ``parity=False`` and checks parity on the settings it measured.
 
-        A parity failure raises :class:`ParityError` with the figures; the report records
-        export size and parity either way.
+        The report records the export either way; a parity failure raises :class:`ParityError`.
         """
-        from graphopt.export import check_parity, to_onnx
+        from graphopt.export import to_onnx
 
         settings = self.recipe.export
         exported = to_onnx(
@@ -61,21 +63,52 @@ class OptimizeResult:
             "export_seconds": round(exported.export_seconds, 2),
         }
         if parity if parity is not None else settings.parity:
-            try:
-                self.parity = check_parity(self.program, exported.path, atol=settings.parity_atol, rtol=settings.parity_rtol)
-            except ParityError as exc:
-                self.report.sections["parity"] = {"passed": False, "error": str(exc)}
-                self.report.failures.append(f"ORT parity failed: {exc}")
-                raise
-            worst = self.parity.worst
-            self.report.sections["parity"] = {
-                "passed": self.parity.passed,
-                "atol": self.parity.atol,
-                "rtol": self.parity.rtol,
-                "input_sets": sorted({r.input_set for r in self.parity.results}),
-                "worst": worst.describe() if worst else "",
-            }
+            runtime = self.recipe.runtime
+            disabled = list(runtime.disabled_optimizers) if isinstance(runtime.disabled_optimizers, tuple) else runtime.disabled_optimizers
+            self.check_parity(session={"provider": runtime.provider, "threads": runtime.threads, "graph_optimization": runtime.graph_optimization,
+                                       "disabled_optimizers": disabled})
         return exported
+
+    def check_parity(self, *, session: dict | None = None, original: Program | None = None):
+        """Check ORT parity of the exported model on exactly the session ``session`` describes
+        (:func:`graphopt.export.make_session` keywords: provider, threads, graph_optimization,
+        disabled_optimizers; default: ORT's), against the optimized program (end to end, op by
+        op and along the chain: :func:`graphopt.export.check_parity`) and, given ``original``,
+        against the original program.
+
+        Against the original: when every pass that changed the program is exact, ORT must be
+        within the pipeline's exact tolerance (the verification's ``exact_tolerance``, max rel
+        over every position) plus ORT's own deviation from the optimized program on that input
+        set (the two add; the second is held to atol/rtol by the first check). Else ORT must
+        be finite wherever the original is, and within the recipe budget's ``min_cosine`` on
+        the real positions of the example inputs (random sets: reported, not gated; see
+        graphopt.export.parity). Records the report's ``parity`` section either way; raises
+        :class:`ParityError` on failure.
+        """
+        from graphopt.export import check_parity
+
+        if self.exported is None:
+            raise ParityError("nothing was exported: call export() first")
+        settings = self.recipe.export
+        exact = all(record.exact for record in self.report.passes if record.status == "applied")
+        tolerance = self.report.verification.get("exact_tolerance") or self.recipe.budget.exact_tolerance()
+        try:
+            self.parity = check_parity(
+                self.program, self.exported.path, atol=settings.parity_atol, rtol=settings.parity_rtol, **(session or {}),
+                original=original, original_max_rel=tolerance if exact else None,
+                original_min_cosine=None if exact else self.recipe.budget.min_cosine,
+                op_sites=self.exported.op_sites, raise_on_failure=False,
+            )
+        except Exception as exc:
+            self.report.sections["parity"] = {"passed": False, "session": session or {}, "error": f"{type(exc).__name__}: {exc}"}
+            self.report.failures.append(f"ORT parity could not be checked: {type(exc).__name__}: {exc}")
+            raise
+        self.report.sections["parity"] = {**self.parity.summary(), "against_original": None if original is None else ("exact" if exact else "budget cosine")}
+        if not self.parity.passed:
+            message = self.parity.failure_message()
+            self.report.failures.append(f"ORT parity failed: {message.splitlines()[1].strip() if len(message.splitlines()) > 1 else message}")
+            raise ParityError(message)
+        return self.parity
 
 
 def optimize(

@@ -9,8 +9,8 @@ import onnx
 import onnxscript
 import pytest
 import torch
-import torch.nn as nn
 from onnxscript import FLOAT
+from torch import nn
 
 import graphopt
 from graphopt.errors import ConfigError, ExportError, ParityError
@@ -20,12 +20,12 @@ from graphopt.export import (
     check_parity,
     make_session,
     measure_latency,
+    onnx_export,
     random_inputs,
     run,
     to_onnx,
     validate_external_data_location,
 )
-from graphopt.export import onnx_export
 
 
 class MLP(nn.Module):
@@ -137,11 +137,13 @@ def test_bert_exports_with_names_axes_and_passes_parity(bert_program, bert_expor
 
     report = check_parity(bert_program, result.path)
     assert report.passed
-    assert {r.input_set for r in report.results} == {"example", "random[batch=1,seq=7]", "random[batch=3,seq=19]"}
+    padded = "padded[batch=3,seq=19,left+long]"
+    assert {r.input_set for r in report.results} == {"example", "random[batch=1,seq=7]", "random[batch=3,seq=19]", padded}
     shapes = {r.input_set: r.input_shapes["input_ids"] for r in report.results}
-    assert shapes["random[batch=1,seq=7]"] == (1, 7) and shapes["random[batch=3,seq=19]"] == (3, 19)
-    assert len(report.results) == 3 * 2
+    assert shapes["random[batch=1,seq=7]"] == (1, 7) and shapes["random[batch=3,seq=19]"] == (3, 19) and shapes[padded] == (3, 19)
+    assert len(report.results) == 4 * 2
     assert all(r.max_abs < 1e-4 and r.cosine > 0.99999 for r in report.results)
+    assert not report.ops and not report.quantized and all(r.rounding_floor is None and r.chain_rel is None for r in report.results)
 
 
 def test_plain_module_keeps_positional_name_and_dynamic_batch(mlp_program, tmp_path):
@@ -158,15 +160,26 @@ def test_plain_module_keeps_positional_name_and_dynamic_batch(mlp_program, tmp_p
 
 
 def test_random_inputs_are_seeded_and_follow_the_example(bert_program):
-    make = lambda seed: random_inputs(bert_program, {"batch": 4, "seq": 9}, torch.Generator().manual_seed(seed))  # noqa: E731
+    make = lambda seed: random_inputs(bert_program, {"batch": 4, "seq": 9}, torch.Generator().manual_seed(seed))
     (_, first), (_, again), (_, other) = make(0), make(0), make(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["input_ids"], other["input_ids"])
     ids, mask = first["input_ids"], first["attention_mask"]
     assert ids.shape == mask.shape == (4, 9) and ids.dtype == torch.int64
-    example = bert_program.kwargs["input_ids"]
-    assert example.min() <= ids.min() and ids.max() <= example.max()
+    assert 0 <= ids.min() and ids.max() < 100  # any row of the embedding table, not only the example's ids
     assert mask[0].all() and (mask[1:].sum(dim=1) < 9).all() and (mask.sum(dim=1) >= 1).all()
+
+
+def test_parity_input_sets_include_left_padding_and_rows_that_see_no_key(bert_program):
+    from graphopt.export import input_sets
+
+    sets = {label: kwargs for label, _, kwargs in input_sets(bert_program)}
+    mask = sets["padded[batch=3,seq=19,left+long]"]["attention_mask"]
+    assert mask[0].all()  # one full row
+    assert not mask[1, :15].any() and mask[1, 15:].all()  # left padding: causal rows 0-14 see no key
+    assert mask[2, 0] and not mask[2, 1:].any()  # one real token, then a padding run of 18
+    assert set(sets) == {"example", "random[batch=1,seq=7]", "random[batch=3,seq=19]", "padded[batch=3,seq=19,left+long]"}
+    assert "padded" not in " ".join(label for label, *_ in input_sets(graphopt.capture(MLP(), (torch.randn(2, 16),))))
 
 
 def test_parity_error_names_output_shape_and_figures(bert_program, bert_export):
@@ -416,3 +429,101 @@ def test_strip_metadata_drops_node_metadata_only(bert_program, tmp_path):
     assert not any(n.metadata_props for n in model.graph.node)
     assert stripped.bytes < kept.bytes and model.opset_import == with_meta.opset_import
     assert all(r.passed for r in check_parity(bert_program, stripped.path).results)
+
+
+# ---- the exporter's own lowerings and settings --------------------------------------------------
+class MaskedAttention(nn.Module):
+    """SDPA with a boolean key mask taken from an input: a row can see no key at all."""
+
+    def __init__(self, boolean: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+        self.boolean = boolean
+
+    def forward(self, x, keep):
+        q, k, v = self.proj(x).view(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+        mask = keep[:, None, :, :] if self.boolean else torch.where(keep, 0.0, float("-inf"))[:, None, :, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_with_a_boolean_mask_gives_zero_on_rows_that_see_no_key(tmp_path):
+    # torch_lib's lowering fills masked scores with the lowest float, not -inf: such a row
+    # got mean(V) in ORT where PyTorch gives 0 (graphopt/export/sdpa_lowering.py).
+    torch.manual_seed(0)
+    x, keep = torch.randn(2, 5, 8), torch.ones(2, 5, 5, dtype=torch.bool)
+    program = graphopt.capture(MaskedAttention(), (x, keep), dynamic_shapes=None)
+    exported = to_onnx(program, tmp_path / "sdpa.onnx")
+    keep = keep.clone()
+    keep[1, 2:] = False  # query rows 2-4 of the second sample see no key
+    want = program.run((x, keep))[0]
+    assert torch.equal(want[1, :, 2:], torch.zeros_like(want[1, :, 2:]))
+    got = run(make_session(exported.path), {"x": x, "keep": keep})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-6, rtol=0)
+    assert "ReduceMax" in _op_types(exported.path)
+    # float masks carry -inf themselves: their lowering is torch_lib's, untouched
+    floating = to_onnx(graphopt.capture(MaskedAttention(boolean=False), (x, torch.ones_like(keep)), dynamic_shapes=None), tmp_path / "float.onnx")
+    assert "ReduceMax" not in _op_types(floating.path)
+
+
+def test_export_turns_requires_grad_off_meanwhile_and_restores_it(mlp_program, tmp_path, monkeypatch):
+    # A tensor that requires grad switched SDPA's CPU backend between the exporter's phases
+    # (Swin after the sdpa pass: "Cannot view a tensor ..."); nothing needs gradients here.
+    seen = []
+    real_export = torch.onnx.export
+
+    def spying_export(module, *args, **kwargs):
+        seen.append([t.requires_grad for t in module.parameters()])
+        return real_export(module, *args, **kwargs)
+
+    before = [t.requires_grad for t in mlp_program.module.parameters()]
+    assert any(before)
+    monkeypatch.setattr(torch.onnx, "export", spying_export)
+    to_onnx(mlp_program, tmp_path / "mlp.onnx")
+    assert seen == [[False] * len(before)]
+    assert [t.requires_grad for t in mlp_program.module.parameters()] == before
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(ExportError, match="boom"):
+        to_onnx(mlp_program, tmp_path / "again.onnx")
+    assert [t.requires_grad for t in mlp_program.module.parameters()] == before
+
+
+@pytest.fixture(scope="module")
+def fused_bert(bert_program, tmp_path_factory):
+    result = graphopt.optimize(bert_program, "dce?,dedup?,sdpa?,fused-attention?,bias-gelu?,dce?")
+    assert result.report.ok, result.report.failures
+    result.export(tmp_path_factory.mktemp("fused") / "model.onnx", parity=False)
+    return result
+
+
+def test_op_sites_name_the_written_values_and_a_second_export_finds_the_same(fused_bert):
+    from graphopt.export.op_parity import sites_by_export
+
+    sites = fused_bert.exported.op_sites
+    assert {s.op for s in sites} == {"attention_qkv_biased", "bias_gelu"} and len(sites) == 4
+    graph = onnx.load(str(fused_bert.exported.path)).graph
+    names = {v for node in graph.node for v in node.output} | {i.name for i in graph.input}
+    assert all(name in names for s in sites for name in s.values())
+    assert all(s.output and any(a.kind == "tensor" for a in s.args) for s in sites)
+    assert tuple(sites_by_export(fused_bert.program)) == sites
+
+
+def test_parity_given_a_session_still_checks_every_op(fused_bert):
+    session = make_session(fused_bert.exported.path, threads=1)
+    report = check_parity(fused_bert.program, session, threads=1, random_shapes=((2, 5),))
+    assert report.passed and len(report.ops) == 4 and all(c.observable and c.max_rel <= 1e-5 for c in report.ops)
+    assert all(r.chain_rel is not None and r.chain_rel <= 1e-4 for r in report.results)
+    summary = report.summary()
+    assert summary["ops"]["bias_gelu"]["count"] == 2 and summary["unobservable"] == [] and summary["session"]["threads"] == 1
+
+
+def test_parity_never_passes_an_op_it_could_not_place(fused_bert):
+    import dataclasses
+
+    first, *rest = fused_bert.exported.op_sites
+    stale = [dataclasses.replace(first, node="no_such_node"), *rest]  # sites of another program
+    report = check_parity(fused_bert.program, fused_bert.exported.path, op_sites=stale, threads=1, random_shapes=(), raise_on_failure=False)
+    assert not report.passed
+    (failed,) = report.op_failures
+    assert failed.node == "no_such_node" and "describe another program" in failed.problems[0]
+    unplaced = next(c for c in report.ops if c.node == first.node)
+    assert not unplaced.observable and "no ONNX site names it" in unplaced.note and unplaced.passed

@@ -1,5 +1,6 @@
 """ONNX export, ONNX Runtime sessions and parity checks (installed as ``graphopt.export``)."""
 
+from .lowerings import lowering_table, register_lowering
 from .onnx_export import (
     ExportResult,
     UnsafeExternalDataError,
@@ -8,8 +9,15 @@ from .onnx_export import (
     validate_external_data_location,
     validate_model_external_data,
 )
-from .lowerings import lowering_table, register_lowering
-from .parity import OutputParity, ParityReport, check_parity, random_inputs
+from .op_parity import OpCheck, OpSite
+from .parity import (
+    OutputParity,
+    ParityReport,
+    check_parity,
+    input_sets,
+    quantizes_at_run_time,
+    random_inputs,
+)
 from .session import (
     KNOWN_SLOW_FUSIONS,
     ProviderError,
@@ -23,25 +31,29 @@ from .session import (
 )
 
 __all__ = [
-    "alternating_latency",
     "KNOWN_SLOW_FUSIONS",
-    "tune_disabled_optimizers",
-    "to_onnx",
-    "register_lowering",
-    "lowering_table",
     "ExportResult",
+    "OpCheck",
+    "OpSite",
+    "OutputParity",
+    "ParityReport",
+    "ProviderError",
+    "UnsafeExternalDataError",
+    "alternating_latency",
+    "available_providers",
     "check_model_file",
+    "check_parity",
+    "input_sets",
+    "interleaved_latency",
+    "lowering_table",
+    "make_session",
+    "measure_latency",
+    "quantizes_at_run_time",
+    "random_inputs",
+    "register_lowering",
+    "run",
+    "to_onnx",
+    "tune_disabled_optimizers",
     "validate_external_data_location",
     "validate_model_external_data",
-    "UnsafeExternalDataError",
-    "make_session",
-    "available_providers",
-    "run",
-    "measure_latency",
-    "interleaved_latency",
-    "ProviderError",
-    "check_parity",
-    "random_inputs",
-    "ParityReport",
-    "OutputParity",
 ]

@@ -12,7 +12,6 @@ Beyond ``torch.onnx.export`` this module:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import re
@@ -20,18 +19,21 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 import torch
 
 from graphopt.errors import ConfigError, ExportError
+from graphopt.inputs import dynamic_axis_names, input_names
 from graphopt.program import Program
 
 from .lowerings import lowering_table
+from .op_parity import OpSite, op_sites, rename_sites
 
 # A protobuf message cannot pass 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**26
@@ -60,6 +62,10 @@ class ExportResult:
     export_seconds: float
     external_data_path: Path | None = None
     deduplicated_initializers: int = 0  # initializers merged because their content was equal
+    # Where each graphopt op's output and activation inputs are in the written file (names
+    # as written; None where the ONNX optimizer removed the value): the per-op parity check
+    # reads it, so it needs no second export. See graphopt.export.op_parity.
+    op_sites: tuple[OpSite, ...] = ()
 
 
 def to_onnx(
@@ -98,13 +104,8 @@ def to_onnx(
     start = time.perf_counter()
     onnx_program = _run_exporter(program, opset, custom_translation_table)
     model = onnx_program.model
-    if optimize:
-        _optimize(model)
-    deduplicated = deduplicate_initializers(model)
-    if strip_metadata:
-        strip_metadata_props(model)
-    input_names = _rename_inputs(model.graph, program_input_names(program))
-    output_names = _rename_outputs(model.graph, program.output_names)
+    sites, deduplicated = finish_graph(program, onnx_program, optimize=optimize, strip_metadata=strip_metadata)
+    inputs, output_names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
     dynamic_axes = dynamic_axis_names(program)
     onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
 
@@ -118,7 +119,7 @@ def to_onnx(
         path=target,
         bytes=size,
         opset=opset,
-        input_names=input_names,
+        input_names=inputs,
         output_names=output_names,
         dynamic_axes=dynamic_axes,
         initializer_count=len(model.graph.initializers),
@@ -126,10 +127,28 @@ def to_onnx(
         export_seconds=seconds,
         external_data_path=written_data,
         deduplicated_initializers=deduplicated,
+        op_sites=tuple(sites),
     )
 
 
 # ---- exporting and rewriting the ONNX graph ----------------------------------------------
+def finish_graph(program: Program, onnx_program: torch.onnx.ONNXProgram, *, optimize: bool = True, strip_metadata: bool = False) -> tuple[list[OpSite], int]:
+    """What ``to_onnx`` does to the exporter's graph before writing it: optimize, store equal
+    tensors once, name inputs and outputs after the program's. Returns where the graphopt ops'
+    values are under the final names (:mod:`graphopt.export.op_parity`) and how many
+    initializers were merged."""
+    model = onnx_program.model
+    exported = onnx_program.exported_program
+    sites = op_sites(program, exported) if exported is not None else []  # under the exporter's names
+    if optimize:
+        _optimize(model)
+    deduplicated = deduplicate_initializers(model)
+    if strip_metadata:
+        strip_metadata_props(model)
+    survivors = _all_value_names(model.graph)
+    _rename_inputs(model.graph, input_names(program))
+    _rename_outputs(model.graph, program.output_names)
+    return rename_sites(sites, {old: str(value.name) for old, value in survivors.items()}), deduplicated
 
 
 def _run_exporter(program: Program, opset: int, custom_translation_table) -> torch.onnx.ONNXProgram:
@@ -147,7 +166,16 @@ def _run_exporter(program: Program, opset: int, custom_translation_table) -> tor
 
 
 def _export(program: Program, opset: int, custom_translation_table) -> torch.onnx.ONNXProgram:
+    # The exporter traces the module in several phases; a tensor that requires grad can make
+    # them disagree. Swin's SDPA mask comes from a Parameter (relative_position_bias_table),
+    # and requires_grad switches SDPA's CPU backend (math vs flash), hence its output layout,
+    # between phases: "Cannot view a tensor with shape ... and strides ..." after the sdpa
+    # pass. Nothing here needs gradients, so every tensor exports without them.
+    tensors = [*program.module.parameters(), *program.module.buffers()]
+    flags = [t.requires_grad for t in tensors]
     try:
+        for tensor in tensors:
+            tensor.requires_grad_(False)
         return torch.onnx.export(
             program.module,
             tuple(program.args),
@@ -160,10 +188,13 @@ def _export(program: Program, opset: int, custom_translation_table) -> torch.onn
             verbose=False,
             custom_translation_table=lowering_table(custom_translation_table) or None,
         )
-    except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         model_class = program.meta.get("model_class", type(program.module).__name__)
         raise ExportError(f"torch.onnx.export failed for {model_class}: {type(exc).__name__}: {first}") from exc
+    finally:
+        for tensor, flag in zip(tensors, flags):
+            tensor.requires_grad_(flag)
 
 
 def _optimize(model: ir.Model) -> None:
@@ -233,27 +264,6 @@ def deduplicate_initializers(model: ir.Model) -> int:
     return dropped
 
 
-def program_input_names(program: Program) -> list[str]:
-    """Names of the program's tensor inputs in call order: positional names, then kwargs."""
-    return [name for name, value in _named_inputs(program) if isinstance(value, torch.Tensor)]
-
-
-def positional_names(program: Program) -> list[str]:
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(program.module.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        params = []
-    return [params[i] if i < len(params) else f"arg{i}" for i in range(len(program.args))]
-
-
-def _named_inputs(program: Program) -> list[tuple[str, Any]]:
-    return list(zip(positional_names(program), program.args)) + list(program.kwargs.items())
-
-
 def _all_value_names(graph: ir.Graph) -> dict[str, ir.Value]:
     values = {v.name: v for v in graph.inputs if v.name}
     values.update({name: v for name, v in graph.initializers.items()})
@@ -318,46 +328,6 @@ def _set_name(value: ir.Value, name: str, taken: dict[str, ir.Value]) -> None:
 # ---- dynamic axes ------------------------------------------------------------------------
 
 
-def axis_name(input_name: str, axis: int, dim: Any) -> str:
-    """The ONNX name of a dynamic axis: a named Dim's name, else batch / seq / <input>_dim<k>."""
-    if isinstance(dim, torch.export.Dim):
-        return dim.__name__
-    if isinstance(dim, str):
-        return dim
-    return {0: "batch", 1: "seq"}.get(axis, f"{input_name}_dim{axis}")
-
-
-def dynamic_axes_by_input(program: Program) -> dict[str, dict[int, Any]]:
-    """``program.dynamic_shapes`` as {input name: {axis: Dim or hint}}, static axes left out."""
-    spec = program.dynamic_shapes
-    if spec is None:
-        return {}
-    if isinstance(spec, Mapping):
-        pairs = list(spec.items())
-    else:
-        names = [name for name, _ in _named_inputs(program)]
-        pairs = list(zip(names, spec))
-    result: dict[str, dict[int, Any]] = {}
-    for name, axes in pairs:
-        if isinstance(axes, Mapping):
-            items = axes.items()
-        elif isinstance(axes, (list, tuple)):
-            items = enumerate(axes)
-        else:
-            continue
-        dynamic = {int(a): d for a, d in items if d is not None and not isinstance(d, int) and isinstance(a, int)}
-        if dynamic:
-            result[name] = dynamic
-    return result
-
-
-def dynamic_axis_names(program: Program) -> dict[str, dict[int, str]]:
-    return {
-        name: {axis: axis_name(name, axis, dim) for axis, dim in axes.items()}
-        for name, axes in dynamic_axes_by_input(program).items()
-    }
-
-
 def _axis_rename_mapping(graph: ir.Graph, axes: dict[str, dict[int, str]]) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for value in graph.inputs:
@@ -413,7 +383,7 @@ def check_model_file(path: str | os.PathLike) -> None:
     """``onnx.checker`` full check on a file (works past 2 GB, with external data)."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types
+    except Exception as exc:
         raise ExportError(f"the ONNX checker rejected the exported model: {type(exc).__name__}: {exc}") from exc
 
 

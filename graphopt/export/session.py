@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,7 +16,11 @@ import torch
 
 from graphopt.errors import ConfigError, ExportError
 
-from .onnx_export import UnsafeExternalDataError, external_data_locations, validate_model_external_data
+from .onnx_export import (
+    UnsafeExternalDataError,
+    external_data_locations,
+    validate_model_external_data,
+)
 
 # Short names for the providers people ask for; full ORT names are accepted as well.
 PROVIDER_ALIASES = {
