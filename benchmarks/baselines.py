@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from graphopt.export import make_session, run as ort_run
+from graphopt.export import make_session
+from graphopt.export import run as ort_run
 from graphopt.quant.cpu import cpu_int8_support
 
 

@@ -8,8 +8,10 @@ Variants, all in one process on one machine:
 * ORT fp32 (plain export, ORT's default session), and ORT's own int8 path: its transformer
   optimizer on the TorchScript export, then ``quantize_dynamic`` with per-channel int8 weights;
 * every graphopt preset (presets with the same pipeline are built once and named together),
-  built as the deployment build step builds them: calibration on 64 training sentences, the
-  ORT session settings measured on the built model (``runtime.disabled_optimizers = "auto"``);
+  built as the deployment build step builds them: calibrated on 64 training texts and
+  verified on the verification texts of the three-way split (graphopt.datasets), the ORT
+  session settings measured on the built model (``runtime.disabled_optimizers = "auto"``)
+  and parity checked on those settings;
 * any bundle written by ``graphopt optimize`` (``--bundle NAME=DIR``), e.g. a pruned and
   distilled model, opened with the session settings its manifest records (a folder with
   only ``model.onnx``, as ``distill_minilm.py --export`` writes, gets them measured).
@@ -17,8 +19,9 @@ Variants, all in one process on one machine:
 Shapes: batch 1 and 8 × sequence 128 and 512, ``--threads`` intra-op threads. PyTorch
 variants are timed in interleaved rounds before any ORT session exists; ORT variants in
 alternating rounds with one session alive at a time (graphopt.export.alternating_latency).
-Fidelity: mean-pooled embeddings of held-out sentences (never calibrated or trained on)
-against PyTorch fp32. Peak RSS: a fresh process per variant that imports its runtime, loads
+Fidelity: mean-pooled embeddings of held-out texts (never calibrated, trained or verified
+on) against PyTorch fp32; the standard library's text, or ``--data`` (as ``graphopt
+optimize --data``). Peak RSS: a fresh process per variant that imports its runtime, loads
 the model and runs the largest shape twice (VmHWM). Also the cost of ``optimize()`` itself
 against model depth (tiny BERT configs, 2 → 24 layers).
 
@@ -41,17 +44,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from baselines import ort_int8_baseline, ort_variant, state_dict_bytes, torch_variant
 
 import graphopt
-from graphopt.build import benchmark_inputs, calibration_batches, session_settings
-from graphopt.data import heldout_sentences
+from graphopt.build import benchmark_inputs, export_and_check, session_settings
+from graphopt.datasets import load_splits, text_context
 from graphopt.export import alternating_latency, interleaved_latency, to_onnx
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
 from graphopt.quant.cpu import cpu_int8_support
 from graphopt.recipe import Recipe, presets
-
-from baselines import ort_int8_baseline, ort_variant, state_dict_bytes, torch_variant
 
 EAGER, COMPILE, TORCH_INT8 = "PyTorch eager fp32", "torch.compile fp32", "torch quantize_dynamic int8"
 ORT_FP32, ORT_INT8 = "ORT fp32", "ORT optimizer + quantize_dynamic int8"
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--rounds", type=int, default=6, help="timing rounds per shape")
     parser.add_argument("--runs-per-round", type=int, default=3)
-    parser.add_argument("--heldout", type=int, default=128, help="held-out sentences for fidelity")
-    parser.add_argument("--calibration", type=int, default=64, help="training sentences for calibrated passes")
+    parser.add_argument("--heldout", type=int, default=128, help="held-out texts for fidelity")
+    parser.add_argument("--calibration", type=int, default=64, help="training texts for calibrated passes")
+    parser.add_argument("--data", default="stdlib", help="text to calibrate, verify and measure fidelity on (as graphopt optimize --data)")
+    parser.add_argument("--data-column", default=None, help="JSONL field / CSV or dataset column of --data")
     parser.add_argument("--presets", nargs="*", default=None, help="presets to build (default: all)")
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=DIR", help="a graphopt bundle to include")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
@@ -101,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     names = list(loaded.example_kwargs)
     program = graphopt.capture(model, kwargs=loaded.example_kwargs)
-    program.meta["tokenizer"] = tokenizer
-    program.meta["calibration"] = calibration_batches(loaded, args.calibration)
+    splits = load_splits(args.data, args.data_column, calibration=args.calibration, heldout=args.heldout)
+    context = text_context(tokenizer, splits, names)
+    say(f"data: {context.calibration_source}; verification: {context.verification_source}; {len(splits.heldout)} held-out texts")
     tuning_inputs = benchmark_inputs(loaded, 1, 128)
 
     variants: dict[str, dict] = {}
@@ -122,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         label = f"graphopt {name}" + (f" (= {', '.join(aliases)})" if aliases else "")
         say(f"building {label}: {recipe.pipeline_text()}")
         start = time.perf_counter()
-        result = graphopt.optimize(program, recipe)
-        exported = result.export(out / "presets" / name / "model.onnx")
+        result = graphopt.optimize(program, recipe, context=context)
+        export_and_check(result, program, out / "presets" / name / "model.onnx", tuning_inputs, args.threads, say)
+        if result.exported is None or result.report.sections.get("parity", {}).get("passed") is False:
+            say(f"{label}: not exported or ORT parity failed; left out")
+            continue
+        exported = result.exported
         build_s = time.perf_counter() - start
-        disabled = session_settings(recipe.runtime, exported.path, tuning_inputs, args.threads)["disabled_optimizers"]
+        disabled = result.report.sections["session"]["disabled_optimizers"]
         variants[label] = {
             **ort_variant(exported.path, args.threads, disabled_optimizers=disabled),
             "kind": "graphopt", "build_s": build_s, "pipeline": recipe.pipeline_text(), "disabled_optimizers": disabled,
@@ -150,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             "rss": {"onnx": str(path), "disabled": disabled},
         }
 
-    say("fidelity on held-out sentences ...")
-    heldout = heldout_sentences(args.heldout)
+    say("fidelity on held-out texts ...")
+    heldout = list(splits.heldout)
     for name, variant in variants.items():
         if name == EAGER:
             variant["fidelity"] = {"mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0}

@@ -1,7 +1,19 @@
-"""The deployment build step: load → capture → optimize → export → measure → gate.
+"""The deployment build step: load → capture → data → optimize → export → parity → measure → gate.
 
 Shared by ``graphopt optimize`` and the demo. Everything it measures goes into the
 report; gates decide the exit code.
+
+The data: text models are calibrated and distilled on the training part, verified on the
+verification part and gated on the held-out part of the recipe's ``[data]`` source (the
+standard-library text, or the user's own: :mod:`graphopt.datasets`); models without a
+tokenizer on seeded random inputs over their dynamic shapes. The ORT session is measured
+first (:func:`session_settings`), and parity is checked on exactly those settings.
+
+A capture that fell back to ``torch.fx.symbolic_trace`` fails the build when the pipeline
+has a pass that needs the ATen graph, optional ones included: such a pass cannot run on
+the fallback graph at all, which is not what ``?`` ("may find nothing to do") allows. A
+pipeline of IR-independent passes (``dce,dedup``) loses nothing on that graph and is still
+verified and parity-checked, so it may go on; the report records the fallback either way.
 """
 
 from __future__ import annotations
@@ -9,17 +21,29 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from graphopt.api import OptimizeResult, optimize
 from graphopt.bundle import write_manifest
 from graphopt.capture import capture
-from graphopt.errors import ParityError
+from graphopt.context import PassContext, Target
+from graphopt.datasets import (
+    STDLIB,
+    TextSplits,
+    load_splits,
+    program_context,
+    text_context,
+)
+from graphopt.errors import ConfigError, ParityError
+from graphopt.program import Program
 from graphopt.recipe import Recipe
+
+OURS, EAGER = "graphopt → ORT", "PyTorch eager fp32"
 
 
 @dataclass
@@ -29,10 +53,12 @@ class BuildOptions:
     bench_batch: int = 1
     bench_seq: int = 128
     bench_repeat: int = 30
-    heldout: int = 64  # held-out sentences for fidelity (text models with a tokenizer)
-    calibration: int = 64  # training sentences for calibrated passes (quantize, prune importance)
+    heldout: int | None = None  # held-out texts for fidelity (None: the recipe's [data] heldout; 0: skip)
+    calibration: int | None = None  # training texts for calibrated passes (None: the recipe's [data] calibration)
     baseline_onnx: bool = True  # also export the unoptimized model, to compare in ORT
     progress: bool = True
+    print_after_change: str | Path | None = None  # folder for the program's code after every changing pass
+    heldout_halves: bool = False  # quote one half of the held-out texts, report the other as "selection" (search)
 
 
 @dataclass
@@ -41,6 +67,7 @@ class BuildResult:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> latency / size / fidelity
     gate_failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    splits: TextSplits | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,47 +80,65 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
     out.mkdir(parents=True, exist_ok=True)
     threads = options.threads or recipe.runtime.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    target = Target(provider=recipe.runtime.provider, threads=threads)
     timings: dict[str, float] = {}
-    example = loaded.example_kwargs or {}
-
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
-        say = lambda _msg: None  # noqa: E731 - one rank speaks
+        say = lambda _msg: None
+    for note in getattr(loaded, "notes", ()):
+        say(f"[graphopt] note: {note}")
+
+    splits = build_splits(loaded, recipe, options)  # before the capture: bad data fails fast
     with _step(say, "capture", timings):
-        program = capture(loaded.model, kwargs=example)
-    program.meta["tokenizer"] = loaded.tokenizer
-    program.meta["report_dir"] = str(out)
-    if loaded.tokenizer is not None and "calibration" not in program.meta:
-        program.meta["calibration"] = calibration_batches(loaded, options.calibration)
+        program = capture(loaded.model, kwargs=loaded.example_kwargs or {})
+    capture_failure = capture_problem(program, recipe)
+    if program.ir != "aten":
+        say(f"[graphopt] {'FAILED' if capture_failure else 'warning'}: capture fell back to torch.fx.symbolic_trace: {_first_line(program.meta.get('capture_fallback', ''))}")
+    with _step(say, "data", timings):
+        ctx = build_context(loaded, program, splits, recipe, target=target, artifacts=out)
+    say(f"[graphopt] data: calibration on {ctx.calibration_source}; verification on {ctx.verification_source}"
+        + (f"; held-out: {len(splits.heldout)} texts" if splits is not None else "; held-out: none (no tokenizer)"))
     with _step(say, f"optimize ({recipe.pipeline_text() or 'empty pipeline'})", timings):
-        result = optimize(program, recipe, reproducer_dir=out, progress=options.progress and rank == 0)
+        result = optimize(program, recipe, context=ctx, reproducer_dir=out, progress=options.progress and rank == 0, print_after_change=options.print_after_change)
     report = result.report
     report.model = loaded.name
-    build_result = BuildResult(result=result, timings=timings)
+    report.sections["target"] = target.to_dict()
+    report.sections["data"] = data_section(loaded, splits, ctx, recipe)
+    report.sections["capture"] = {"ir": program.ir, "fallback": program.meta.get("capture_fallback", "")}
+    if capture_failure:
+        report.failures.append(capture_failure)
+    build_result = BuildResult(result=result, timings=timings, splits=splits)
     if rank != 0:  # data-parallel helpers: they took part in training; rank 0 exports and measures
         return build_result
-    model_path = out / "model.onnx"
-    with _step(say, "export + ORT parity", timings):
-        try:
-            result.export(model_path)
-        except ParityError as exc:
-            say(f"  parity failed: {exc}")
 
+    inputs = benchmark_inputs(loaded, options.bench_batch, options.bench_seq, splits.heldout if splits else None)
+    # PyTorch is timed first, before any ORT session exists (session tuning and parity open
+    # several): ORT's intra-op threads spin after a run and would steal its cores.
+    eager = eager_latency(loaded.model, inputs, options.bench_repeat) if capture_failure is None else None
+    if capture_failure is None:
+        with _step(say, "export + session settings + ORT parity", timings):
+            export_and_check(result, program, out / "model.onnx", inputs, threads, say)
     if result.exported is not None:
         with _step(say, "measure latency and fidelity", timings):
-            build_result.rows = measure(loaded, result, options, threads)
+            build_result.rows = measure(loaded, result, options, threads, splits, inputs, eager=eager)
         report.sections["comparison"] = build_result.rows
+    _finish(build_result, loaded, recipe, out, threads, target)
+    return build_result
+
+
+def _finish(build_result: BuildResult, loaded, recipe: Recipe, out: Path, threads: int, target: Target) -> None:
+    result, report = build_result.result, build_result.result.report
     build_result.gate_failures = evaluate_gates(recipe, result, build_result.rows)
     report.sections["gates"] = {"passed": not build_result.gate_failures, "failures": build_result.gate_failures}
     report.failures.extend(f"gate: {g}" for g in build_result.gate_failures)
-    report.sections["timings (s)"] = {k: round(v, 2) for k, v in timings.items()}
+    report.sections["timings (s)"] = {k: round(v, 2) for k, v in build_result.timings.items()}
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out / "tokenizer")
     report.write(out)
     session = report.sections.get("session", {})
     write_manifest(out, recipe=recipe, figures=build_result.rows, provider=recipe.runtime.provider, threads=threads, model=loaded.name,
-                   disabled_optimizers=session.get("disabled_optimizers"))
-    return build_result
+                   disabled_optimizers=session.get("disabled_optimizers"), graph_optimization=recipe.runtime.graph_optimization,
+                   target=target.to_dict(), data=report.sections.get("data"))
 
 
 @contextlib.contextmanager
@@ -106,45 +151,121 @@ def _step(say, name: str, timings: dict[str, float]):
     say(f"[graphopt] {name}: {elapsed:.1f} s")
 
 
-def calibration_batches(loaded, sentences: int, batch_size: int = 16) -> list[tuple[tuple, dict]]:
-    """Training sentences (never the held-out ones), tokenized, as ``(args, kwargs)`` batches
-    for ``program.meta["calibration"]``: what quantize calibrates and prune ranks on."""
-    from graphopt.data import batches, train_sentences
-
-    names = set(loaded.example_kwargs or {})
-    return [((), {k: v for k, v in batch.items() if not names or k in names}) for batch in batches(loaded.tokenizer, train_sentences(sentences), batch_size=batch_size)]
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def benchmark_inputs(loaded, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    """Inputs of the benchmark shape: real text for tokenized models, else the example resized."""
+# ---- data and capture ------------------------------------------------------------------------
+def build_splits(loaded, recipe: Recipe, options: BuildOptions) -> TextSplits | None:
+    """The recipe's ``[data]`` split for a model with a tokenizer (``options`` may override
+    the calibration and held-out counts); None for a model without one, which is verified on
+    seeded random inputs, so a text source given for it is an error rather than ignored."""
+    settings = recipe.data
+    if loaded.tokenizer is None:
+        if settings.source != STDLIB:
+            raise ConfigError(f"the data source {settings.source} is text, but the model {loaded.name} has no tokenizer to read it with")
+        return None
+    calibration = settings.calibration if options.calibration is None else options.calibration
+    heldout = settings.heldout if options.heldout is None else options.heldout
+    return load_splits(settings.source, settings.field, calibration=calibration, verification=settings.verification, heldout=heldout,
+                       fractions=settings.fractions, seed=settings.seed)
+
+
+def build_context(loaded, program: Program, splits: TextSplits | None, recipe: Recipe, *, target: Target, artifacts: Path) -> PassContext:
+    """The pass context of a build: tokenized splits, or seeded random inputs over the
+    program's dynamic shapes when there is no tokenizer."""
+    if splits is None:
+        return program_context(program, artifacts=artifacts, target=target)
+    names = list(loaded.example_kwargs) if loaded.example_kwargs else None
+    return text_context(loaded.tokenizer, splits, names, max_length=recipe.data.max_length, artifacts=artifacts, target=target)
+
+
+def data_section(loaded, splits: TextSplits | None, ctx: PassContext, recipe: Recipe) -> dict[str, Any]:
+    """What the report's and the manifest's ``data`` sections say the build was fed."""
+    section: dict[str, Any] = {"calibration": ctx.calibration_source, "verification": ctx.verification_source}
+    if splits is None:
+        return {"source": "seeded random inputs over the declared dynamic shapes (no tokenizer)", **section, "heldout": "none", "notes": list(getattr(loaded, "notes", ()))}
+    return {**splits.to_dict(), **section, "max_length": recipe.data.max_length, "fractions": list(recipe.data.fractions), "seed": recipe.data.seed}
+
+
+def capture_problem(program: Program, recipe: Recipe) -> str | None:
+    """Why a capture that fell back to symbolic_trace fails this build (None: it does not;
+    see the module doc for why optional ATen passes count too)."""
+    if program.ir == "aten":
+        return None
+    needs = [p.text() for p in recipe.manager().leaves() if "aten" in p.requires_ir and program.ir not in p.requires_ir]
+    if not needs:
+        return None
+    why = _first_line(program.meta.get("capture_fallback", "")) or "torch.export failed"
+    return f"capture fell back to torch.fx.symbolic_trace ({why}), so the passes that need the ATen graph cannot run: {', '.join(needs)}"
+
+
+# ---- export and parity ---------------------------------------------------------------------
+def export_and_check(result: OptimizeResult, original: Program, path: Path, inputs: dict, threads: int, say: Callable[[str], None]) -> None:
+    """Export, measure the deployed session's settings, then check ORT parity on exactly
+    those settings against the optimized and the original program.
+
+    Until ``OptimizeResult.check_parity`` exists (the new parity interface), export checks
+    parity itself, on ORT's default session, before the settings are measured."""
+    runtime = result.recipe.runtime
+    deployed_parity = hasattr(result, "check_parity")
+    try:
+        result.export(path, parity=False if deployed_parity else None)
+    except ParityError as exc:
+        say(f"  parity failed: {exc}")
+    if result.exported is None:
+        return
+    section = session_settings(runtime, result.exported.path, inputs, threads)
+    result.report.sections["session"] = section
+    if not deployed_parity:
+        return
+    session = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization, "disabled_optimizers": section["disabled_optimizers"]}
+    try:
+        result.check_parity(session=session, original=original)
+    except ParityError as exc:
+        say(f"  parity failed: {exc}")
+
+
+def benchmark_inputs(loaded, batch: int, seq: int, sentences: list[str] | tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Inputs of the benchmark shape: real text (``sentences``, default the standard
+    library's held-out ones) for tokenized models, else the example resized."""
     from graphopt.data import heldout_sentences, tokenize
 
     if loaded.tokenizer is not None:
-        sentences = (heldout_sentences(batch) * 1000)[:batch]
+        sentences = (list(sentences or heldout_sentences(batch)) * 1000)[:batch]
         long_text = [" ".join([s] * 40) for s in sentences]
         inputs = tokenize(loaded.tokenizer, long_text, max_length=seq, padding="max_length")
         return {k: v for k, v in inputs.items() if k in (loaded.example_kwargs or inputs)}
     return dict(loaded.example_kwargs or {})
 
 
-def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int) -> dict[str, dict[str, Any]]:
-    """Latency (PyTorch eager fp32 vs ORT), file size and held-out fidelity, in one process."""
-    from graphopt.export import make_session, measure_latency, run as ort_run, to_onnx
-    from graphopt.fidelity import compare_encoders
-
-    inputs = benchmark_inputs(loaded, options.bench_batch, options.bench_seq)
-    model = loaded.model
-    rows: dict[str, dict[str, Any]] = {}
-    runtime = result.recipe.runtime
+# ---- measurement -----------------------------------------------------------------------------
+def eager_latency(model: torch.nn.Module, inputs: dict, repeat: int) -> dict[str, float]:
+    """PyTorch eager fp32 latency on ``inputs``: time it before any ORT session exists."""
+    from graphopt.export import measure_latency
 
     def eager():
         with torch.inference_mode():
             return model(**inputs)
 
-    # PyTorch first, before any ORT session exists: ORT's intra-op threads spin after a
-    # run and would steal the cores PyTorch is being timed on.
-    eager_latency = measure_latency(eager, repeat=options.bench_repeat)
-    rows["PyTorch eager fp32"] = {**_latency(eager_latency), "size_mb": _state_dict_mb(model)}
+    return measure_latency(eager, repeat=repeat)
+
+
+def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int, splits: TextSplits | None = None, inputs: dict | None = None,
+            *, eager: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Latency (PyTorch eager fp32 vs ORT), file size and held-out fidelity, in one process;
+    the ORT session of the built model has the settings in the report's ``session`` section.
+    ``eager``: PyTorch's latency, timed earlier (default: now, which is only right while no
+    ORT session has run in this process)."""
+    from graphopt.export import make_session, measure_latency, to_onnx
+    from graphopt.export import run as ort_run
+
+    inputs = inputs if inputs is not None else benchmark_inputs(loaded, options.bench_batch, options.bench_seq)
+    model = loaded.model
+    rows: dict[str, dict[str, Any]] = {}
+    runtime = result.recipe.runtime
+    eager = eager if eager is not None else eager_latency(model, inputs, options.bench_repeat)
+    rows[EAGER] = {**_latency(eager), "size_mb": _state_dict_mb(model)}
 
     # name -> (session factory, bytes). Sessions are opened one at a time: an idle ORT
     # session's spinning threads slow the one being timed (graphopt.export.alternating_latency).
@@ -153,8 +274,8 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
         baseline_program = capture(model, kwargs=loaded.example_kwargs or {})
         baseline = to_onnx(baseline_program, Path(options.out_dir) / "baseline" / "model.onnx")
         sessions["ORT fp32 (plain export)"] = (lambda: make_session(baseline.path, provider=runtime.provider, threads=threads), baseline.bytes)
-    disabled = session_tuning(result, inputs, threads)
-    sessions["graphopt → ORT"] = (
+    disabled = result.report.sections.get("session", {}).get("disabled_optimizers")
+    sessions[OURS] = (
         lambda: make_session(result.exported.path, provider=runtime.provider, threads=threads, graph_optimization=runtime.graph_optimization, disabled_optimizers=disabled),
         result.exported.bytes,
     )
@@ -166,26 +287,41 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int)
         rows[name] = {**_latency(latency), "size_mb": size / 1e6}
         del session
     for row in rows.values():
-        row["speedup_vs_eager"] = eager_latency["p50_ms"] / row["p50_ms"]
+        row["speedup_vs_eager"] = eager["p50_ms"] / row["p50_ms"]
 
-    if loaded.tokenizer is not None and options.heldout > 0:
-        from graphopt.data import heldout_sentences
-
-        sentences = heldout_sentences(options.heldout)
-        names = list(loaded.example_kwargs or {})
-        for name, (open_session, _size) in sessions.items():
-            fidelity = compare_encoders(model, _session_encoder(open_session()), loaded.tokenizer, sentences, input_names=names)
-            rows[name].update({"heldout_mean_cos": fidelity["mean_cosine"], "heldout_min_cos": fidelity["min_cosine"], "spearman": fidelity["spearman"]})
-        rows["PyTorch eager fp32"].update({"heldout_mean_cos": 1.0, "heldout_min_cos": 1.0, "spearman": 1.0})
+    if loaded.tokenizer is not None and splits is not None and splits.heldout:
+        heldout_fidelity(loaded, {name: open_session for name, (open_session, _) in sessions.items()}, list(splits.heldout), rows, halves=options.heldout_halves)
     return rows
 
 
-def session_tuning(result: OptimizeResult, inputs: dict, threads: int) -> list[str]:
-    """The ORT transformers the deployed session leaves out (:func:`session_settings` for the
-    built model), recorded in the report's ``session`` section and in the manifest."""
-    section = session_settings(result.recipe.runtime, result.exported.path, inputs, threads)
-    result.report.sections["session"] = section
-    return section["disabled_optimizers"]
+def heldout_fidelity(loaded, sessions: dict[str, Callable[[], Any]], sentences: list[str], rows: dict[str, dict[str, Any]], *, halves: bool = False) -> None:
+    """Held-out fidelity of every ORT session against the PyTorch model, into ``rows``.
+
+    With ``halves`` (recipe search) the held-out texts are split in two
+    (:func:`graphopt.data.halves`): ``selection_*`` figures come from the half a search
+    chooses on, the quoted ``heldout_*`` ones from the other half, which no choice saw."""
+    from graphopt.data import halves as split_halves
+    from graphopt.fidelity import embedding_fidelity, encode
+
+    names = list(loaded.example_kwargs or {}) or None
+    reference = encode(loaded.model, loaded.tokenizer, sentences, input_names=names)
+    selection, quoted = split_halves(sentences) if halves else ([], sentences)
+    index = {s: i for i, s in enumerate(sentences)}
+    parts = {"heldout": [index[s] for s in quoted], "selection": [index[s] for s in selection]}
+    for name, open_session in sessions.items():
+        candidate = encode(_session_encoder(open_session()), loaded.tokenizer, sentences, input_names=names)
+        for prefix, rows_of in parts.items():
+            if rows_of:
+                rows[name].update(_fidelity_row(prefix, embedding_fidelity(reference[rows_of], candidate[rows_of])))
+    for prefix, rows_of in parts.items():
+        if rows_of:  # the reference against itself
+            rows[EAGER].update(_fidelity_row(prefix, {"mean_cosine": 1.0, "min_cosine": 1.0, "spearman": 1.0, "n": len(rows_of)}))
+
+
+def _fidelity_row(prefix: str, figures: dict[str, Any]) -> dict[str, Any]:
+    row = {f"{prefix}_mean_cos": figures.get("mean_cosine"), f"{prefix}_min_cos": figures.get("min_cosine"), f"{prefix}_n": figures.get("n")}
+    row["spearman" if prefix == "heldout" else f"{prefix}_spearman"] = figures.get("spearman")
+    return row
 
 
 def session_settings(runtime, path: str | os.PathLike, inputs: dict, threads: int) -> dict[str, Any]:
@@ -234,7 +370,7 @@ def _state_dict_mb(model: torch.nn.Module) -> float:
 def evaluate_gates(recipe: Recipe, result: OptimizeResult, rows: dict[str, dict[str, Any]]) -> list[str]:
     gates = recipe.gates
     failures: list[str] = []
-    ours = rows.get("graphopt → ORT", {})
+    ours = rows.get(OURS, {})
     final = result.report.final_drift or {}
     if gates.require_parity and result.report.sections.get("parity", {}).get("passed") is False:
         failures.append("ORT parity failed (see parity section)")
@@ -261,14 +397,30 @@ def _gate_min(failures: list[str], key: str, value: float | None, bound: float |
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    headers = ["", "p50 ms", "p90 ms", "speed-up vs eager", "size MB", "held-out mean cos", "min cos", "spearman"]
-    keys = ["p50_ms", "p90_ms", "speedup_vs_eager", "size_mb", "heldout_mean_cos", "heldout_min_cos", "spearman"]
-    fmts = [".2f", ".2f", ".2f", ".1f", ".6f", ".6f", ".6f"]
-    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    columns = [("p50 ms", "p50_ms", ".2f"), ("p90 ms", "p90_ms", ".2f"), ("speed-up vs eager", "speedup_vs_eager", ".2f"), ("size MB", "size_mb", ".1f"),
+               ("held-out mean cos", "heldout_mean_cos", ".6f"), ("min cos", "heldout_min_cos", ".6f"), ("spearman", "spearman", ".6f")]
+    if any("selection_mean_cos" in row for row in rows.values()):  # search: the half it chose on, beside the quoted half
+        columns.append(("selection-half mean cos", "selection_mean_cos", ".6f"))
+    lines = ["| | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = [format(row[k], f) if isinstance(row.get(k), (int, float)) else "" for k, f in zip(keys, fmts)]
+        cells = [format(row[k], f) if isinstance(row.get(k), (int, float)) else "" for _, k, f in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["BuildOptions", "BuildResult", "build", "measure", "evaluate_gates", "format_table"]
+__all__ = [
+    "BuildOptions",
+    "BuildResult",
+    "benchmark_inputs",
+    "build",
+    "build_context",
+    "build_splits",
+    "capture_problem",
+    "eager_latency",
+    "evaluate_gates",
+    "export_and_check",
+    "format_table",
+    "heldout_fidelity",
+    "measure",
+    "session_settings",
+]

@@ -1,8 +1,10 @@
 """The deployment bundle: model, tokenizer, report and a manifest that pins them.
 
 ``manifest.json`` lists every file with its size and SHA-256, the library versions, the
-recipe, the measured figures and the execution provider and CPU the figures were
-measured on, so a deployment can check what it ships against what was tuned.
+recipe, the measured figures, the target they were measured on (provider, threads, CPU
+ISA, precision), the ORT session settings the model is deployed with, and the data the
+build calibrated, verified and was gated on, so a deployment can check what it ships
+against what was tuned.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 from graphopt.report import atomic_write_text
 
 MANIFEST = "manifest.json"
+# Folders a build writes beside the bundle that are not part of it.
+_SCRATCH = ("baseline/", "candidates/", "graphopt-repro-", "ir/")
 _VERSIONED = ("graphopt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir")
 
 
@@ -42,17 +46,31 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(
-    out_dir: str | os.PathLike, *, recipe: Any, figures: dict, provider: str, threads: int, model: str, disabled_optimizers: list[str] | None = None
+    out_dir: str | os.PathLike,
+    *,
+    recipe: Any,
+    figures: dict,
+    provider: str,
+    threads: int,
+    model: str,
+    disabled_optimizers: list[str] | None = None,
+    graph_optimization: str = "all",
+    target: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Hash every file of the bundle (all files under ``out_dir`` except the manifest and
-    scratch folders) and write ``manifest.json`` atomically."""
+    scratch folders) and write ``manifest.json`` atomically.
+
+    ``target`` is :meth:`graphopt.context.Target.to_dict` of the build; ``data`` what the
+    build's data section records (source, counts); ``session`` is what :func:`open_session`
+    opens the model with."""
     import torch
 
     out = Path(out_dir)
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         relative = path.relative_to(out).as_posix()
-        if relative == MANIFEST or relative.startswith(("baseline/", "candidates/", "graphopt-repro-")) or path.name.startswith("."):
+        if relative == MANIFEST or relative.startswith(_SCRATCH) or path.name.startswith("."):
             continue
         files[relative] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
     manifest = {
@@ -62,7 +80,9 @@ def write_manifest(
         "versions": versions(),
         "recipe": recipe.model_dump(mode="json") if hasattr(recipe, "model_dump") else recipe,
         "tuned_for": {"provider": provider, "threads": threads, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()},
-        "session": {"provider": provider, "threads": threads, "disabled_optimizers": list(disabled_optimizers or [])},
+        "target": target or {"provider": provider, "threads": threads},
+        "session": {"provider": provider, "threads": threads, "graph_optimization": graph_optimization, "disabled_optimizers": list(disabled_optimizers or [])},
+        "data": data or {},
         "figures": figures,
     }
     path = out / MANIFEST
@@ -101,5 +121,6 @@ def open_session(out_dir: str | os.PathLike, *, threads: int | None = None, veri
         out / "model.onnx",
         provider=session.get("provider", "cpu"),
         threads=threads if threads is not None else session.get("threads"),
+        graph_optimization=session.get("graph_optimization", "all"),
         disabled_optimizers=session.get("disabled_optimizers") or None,
     )

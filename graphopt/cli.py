@@ -1,7 +1,9 @@
 """The ``graphopt`` command line: optimize, passes, inspect, repro.
 
-Exit codes: 0 success; 1 a gate, a pass (with on_failure=stop/raise) or ORT parity
-failed; 2 bad usage (unknown pass, wrong recipe key, model not found).
+Exit codes: 0 success; 1 the build failed: a gate, a pass, a requested pass that changed
+nothing, a capture that fell back to symbolic_trace under passes that need ATen, or ORT
+parity; 2 bad usage (unknown pass, wrong recipe key, model or data not found, a tokenizer
+that does not load, data too small to split).
 """
 
 from __future__ import annotations
@@ -49,9 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--bench-batch", type=int, default=1)
     opt.add_argument("--bench-seq", type=int, default=128)
     opt.add_argument("--bench-repeat", type=int, default=30)
-    opt.add_argument("--heldout", type=int, default=64, help="held-out sentences for fidelity (0: skip)")
-    opt.add_argument("--calibration", type=int, default=64,
-                     help="training sentences for calibrated passes (quantize, prune importance and reconstruction)")
+    opt.add_argument("--data", metavar="PATH",
+                     help="the user's text to calibrate, verify and gate on, overriding the recipe's [data] source: a .txt file "
+                          "(one text per line), .jsonl (field 'text' unless --data-column), .csv/.tsv (column 'text' unless "
+                          "--data-column) or a folder written by datasets' save_to_disk (needs `pip install datasets`); "
+                          "split by content hash into training / verification / held-out. Default: the recipe's, else the "
+                          "standard-library text ('stdlib')")
+    opt.add_argument("--data-column", "--data-field", dest="data_column", metavar="NAME", help="JSONL field, CSV column or dataset column of --data (default: 'text')")
+    opt.add_argument("--heldout", type=int, help="held-out texts for fidelity (default: the recipe's [data] heldout, 64; 0: skip)")
+    opt.add_argument("--calibration", type=int,
+                     help="training texts for calibrated passes: quantize, prune importance and reconstruction (default: the recipe's [data] calibration, 64)")
+    opt.add_argument("--print-after-change", nargs="?", const="", metavar="DIR",
+                     help="write the program's code after every pass that changed it to DIR (default DIR: <out>/ir)")
     opt.add_argument("--no-baseline", action="store_true", help="skip exporting the unoptimized model for comparison")
     opt.add_argument("--min-fidelity", type=float, help="search the candidate recipes for the fastest with held-out mean cosine >= this")
     opt.add_argument("--max-latency-ms", type=float, help="search the candidate recipes for the most faithful with ORT p50 <= this")
@@ -64,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="optimize with a recipe that has a distill stage (data-parallel with --nproc)")
     dis.set_defaults(func=_cmd_distill)
 
-    lst = sub.add_parser("passes", help="list every pass with its config fields and docs")
+    lst = sub.add_parser("passes", help="list every pass: what it does, exact or lossy, its options")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_cmd_passes)
 
@@ -74,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_cmd_inspect)
 
-    rep = sub.add_parser("repro", help="re-run the pass recorded in a crash reproducer folder")
+    rep = sub.add_parser("repro", help="re-run the pass recorded in a crash reproducer folder (the original error surfaces again)")
     rep.add_argument("folder")
     rep.set_defaults(func=_cmd_repro)
 
@@ -128,9 +139,7 @@ def _cmd_optimize(args) -> int:
     from graphopt.recipe import Recipe
 
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    recipe = Recipe.load(args.recipe)
-    if args.pipeline is not None:
-        recipe = Recipe.from_dict(recipe.model_dump(exclude={"passes"}) | {"pipeline": args.pipeline}, source="--pipeline")
+    recipe = _recipe(args, Recipe.load(args.recipe))
     loaded = load_model(args.model, attn_implementation=args.attn)
     if args.min_fidelity is not None or args.max_latency_ms is not None:
         return _search(args, loaded)
@@ -149,9 +158,23 @@ def _cmd_optimize(args) -> int:
     return EXIT_OK
 
 
+def _recipe(args, recipe):
+    """The recipe with the command line's overrides: ``--pipeline``, ``--data``/``--data-column``."""
+    from graphopt.recipe import Recipe
+
+    if args.pipeline is not None:
+        recipe = Recipe.from_dict(recipe.model_dump(exclude={"passes"}) | {"pipeline": args.pipeline}, source="--pipeline")
+    if args.data is not None or args.data_column is not None:
+        recipe = recipe.with_data(args.data, args.data_column)
+    return recipe
+
+
 def _build_options(args):
     from graphopt.build import BuildOptions
 
+    print_after_change = args.print_after_change
+    if print_after_change == "":
+        print_after_change = Path(args.out) / "ir"
     return BuildOptions(
         out_dir=Path(args.out),
         threads=args.threads,
@@ -162,6 +185,7 @@ def _build_options(args):
         calibration=args.calibration,
         baseline_onnx=not args.no_baseline,
         progress=not args.quiet,
+        print_after_change=print_after_change,
     )
 
 
@@ -170,10 +194,10 @@ def _search(args, loaded) -> int:
     from graphopt.recipe import Recipe, presets
     from graphopt.search import search
 
-    if args.min_fidelity is not None and (loaded.tokenizer is None or args.heldout <= 0):
+    if args.min_fidelity is not None and (loaded.tokenizer is None or args.heldout == 0):
         raise ConfigError("--min-fidelity is measured on held-out sentences: it needs a text model with a tokenizer and --heldout > 0")
     names = args.candidates.split(",") if args.candidates else [p for p in presets() if p != "default"]
-    candidates = [Recipe.load(name.strip()) for name in names]
+    candidates = [_recipe(args, Recipe.load(name.strip())) for name in names]
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     result = search(loaded, candidates, _build_options(args), min_fidelity=args.min_fidelity, max_latency_ms=args.max_latency_ms, say=say)
     print(result.to_markdown(args.min_fidelity, args.max_latency_ms))
@@ -185,24 +209,60 @@ def _search(args, loaded) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from graphopt.passbase import registered_passes
+    from graphopt.pipeline import registered_passes
 
     described = []
     for name, cls in registered_passes().items():
         fields = {}
         for key, field in cls.Config.model_fields.items():
             fields[key] = {"type": _type_name(field.annotation), "default": field.default, "doc": field.description or ""}
-        described.append({"name": name, "exact": cls.exact, "doc": " ".join((cls.__doc__ or "").split()), "options": fields})
+        kind = exactness(cls)
+        described.append({"name": name, "exact": kind == "exact", "exactness": kind, "summary": " ".join(cls.summary().split()),
+                          "doc": " ".join((cls.__doc__ or "").split()), "options": fields})
     if args.json:
         print(json.dumps(described, indent=2, default=str))
         return EXIT_OK
     for item in described:
-        print(f"{item['name']}  ({'exact' if item['exact'] else 'lossy'})")
-        print(f"    {item['doc']}")
+        print(f"{item['name']}  ({item['exactness']})")
+        print(f"    {item['summary']}")
         for key, field in item["options"].items():
             doc = f"  {field['doc']}" if field["doc"] else ""
             print(f"    {key}: {field['type']} = {field['default']!r}{doc}")
     return EXIT_OK
+
+
+def exactness(cls) -> str:
+    """What ``graphopt passes`` says of a pass: ``exact`` or ``lossy`` under the default
+    options, or ``lossy (exact for some options)`` when changing one option at a time (a
+    bool flipped, another value of a choice) makes ``is_exact`` say so: cheap, and enough
+    for the options that decide it."""
+    default = cls.Config()
+    if cls.is_exact(default):
+        return "exact"
+    for key, field in cls.Config.model_fields.items():
+        if any(_exact_with(cls, default, key, value) for value in _alternatives(field.annotation, getattr(default, key))):
+            return "lossy (exact for some options)"
+    return "lossy"
+
+
+def _exact_with(cls, config, key: str, value) -> bool:
+    try:
+        return bool(cls.is_exact(config.model_copy(update={key: value})))
+    except Exception:  # noqa: BLE001 - an alternative the pass does not accept is not exact
+        return False
+
+
+def _alternatives(annotation, current) -> list:
+    import enum
+    import typing
+
+    if annotation is bool:
+        return [not current]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return [m for m in annotation if m != current]
+    if typing.get_origin(annotation) is typing.Literal:
+        return [v for v in typing.get_args(annotation) if v != current]
+    return []
 
 
 def _type_name(annotation) -> str:
@@ -235,10 +295,18 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_repro(args) -> int:
-    from graphopt.reproducer import rerun_reproducer
+    import traceback
 
-    result = rerun_reproducer(args.folder)
-    print(f"pass ran without error: modified={result.modified} info={result.info}")
+    from graphopt.repro import rerun_reproducer
+
+    try:
+        result = rerun_reproducer(args.folder)
+    except Exception:  # noqa: BLE001 - the failure the reproducer was written for: show it whole
+        traceback.print_exc()
+        print(f"graphopt repro: the pass recorded in {args.folder} failed again (traceback above)", file=sys.stderr)
+        return EXIT_FAILED
+    reason = f" ({result.reason})" if result.reason else ""
+    print(f"the pass ran without error this time: {result.status}{reason}; info: {result.info.model_dump(mode='json')}")
     return EXIT_OK
 
 

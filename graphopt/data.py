@@ -1,13 +1,16 @@
-"""English sentences for calibration, distillation and held-out evaluation.
+"""English sentences for calibration, distillation, verification and held-out evaluation.
 
 Everything comes from the Python standard library, so it is offline and deterministic:
 the reference text of ``pydoc_data.topics`` (the language reference as plain text) and,
 for more volume, the docstrings of a fixed list of standard-library modules.
 
-Which side of the train / held-out split a sentence falls on is decided by hashing the
-sentence alone (SHA-256, not ``hash()``), so it is the same in every process, on every
-machine and whatever list the sentence arrived in: nothing a model was calibrated or
-distilled on can leak into the sentences its fidelity is measured on.
+A text's part of the three-way split (training / verification / held-out) is decided by
+the SHA-256 of its :func:`normalise`-d form alone (case, punctuation and whitespace folded),
+not ``hash()``: it is the same in every process, on every machine and whatever list the
+text arrived in, and two texts that differ only in case or punctuation always land in
+the same part. So nothing a model was calibrated or distilled on, and nothing the
+verification budget was spent on, can leak into the texts its fidelity is quoted on.
+:mod:`graphopt.datasets` splits a user's own data the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import importlib
 import inspect
 import io
 import re
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -64,8 +68,15 @@ STDLIB_MODULES = (
 )  # fmt: skip
 
 
+PARTS = ("train", "verification", "heldout")
+# Held-out takes the lowest keys, verification the next: a part keeps its texts when a later
+# part's share changes, and held-out ones never move when the verification share does.
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train, verification, held-out
+
+
 class Split(NamedTuple):
     train: list[str]
+    verification: list[str]
     heldout: list[str]
 
 
@@ -81,7 +92,7 @@ def corpus(source: str = "all") -> list[str]:
     return list(_corpus(source))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _corpus(source: str) -> tuple[str, ...]:
     if source == "topics":
         return _topics_sentences()
@@ -209,35 +220,103 @@ def is_prose_sentence(sentence: str) -> bool:
     return len(_PROSE_CHARS.findall(sentence)) >= 0.97 * len(sentence)
 
 
-# ---- train / held-out split --------------------------------------------------------------
+# ---- the three-way split ----------------------------------------------------------------
+_PUNCTUATION_OR_SYMBOL = ("P", "S")
+
+
+def normalise(text: str) -> str:
+    """``text`` with case, punctuation and whitespace folded: the form the split hashes.
+
+    Unicode compatibility forms are unified (NFKC), letters case-folded, every punctuation
+    or symbol character becomes a space and runs of whitespace one space, so "Return the
+    value." and "return  the value!" are one text to the split."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    spaced = "".join(" " if unicodedata.category(c)[0] in _PUNCTUATION_OR_SYMBOL else c for c in folded)
+    return " ".join(spaced.split())
+
+
 def heldout_key(sentence: str, seed: int | str = 0) -> float:
-    """A number in [0, 1) fixed by the sentence and the seed alone (SHA-256)."""
+    """A number in [0, 1) fixed by the string and the seed alone (SHA-256 of exactly ``sentence``)."""
     digest = hashlib.sha256(f"{seed}\x00{sentence}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def is_heldout(sentence: str, heldout_fraction: float = 0.2, seed: int = 0) -> bool:
-    return heldout_key(sentence, seed) < heldout_fraction
+def split_key(text: str, seed: int | str = 0) -> float:
+    """The split's key of ``text``: :func:`heldout_key` of its :func:`normalise`-d form."""
+    return heldout_key(normalise(text), seed)
 
 
-def split(sentences: Iterable[str], heldout_fraction: float = 0.2, seed: int = 0) -> Split:
-    """Train and held-out sentences, each in input order; a sentence's side depends on it alone."""
-    if not 0.0 <= heldout_fraction <= 1.0:
-        raise ConfigError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-    result = Split([], [])
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(f) for f in fractions)
+    if len(values) != 3 or any(not 0.0 <= f <= 1.0 for f in values) or abs(sum(values) - 1.0) > 1e-9:
+        raise ConfigError(f"split fractions must be three shares (train, verification, held-out) in [0, 1] summing to 1, got {list(fractions)}")
+    return values  # type: ignore[return-value]
+
+
+def part_of(text: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> str:
+    """Which of :data:`PARTS` ``text`` belongs to."""
+    _, verification, heldout = check_fractions(fractions)
+    key = split_key(text, seed)
+    if key < heldout:
+        return "heldout"
+    return "verification" if key < heldout + verification else "train"
+
+
+def is_heldout(sentence: str, heldout_fraction: float = DEFAULT_FRACTIONS[2], seed: int = 0) -> bool:
+    return split_key(sentence, seed) < heldout_fraction
+
+
+def split(sentences: Iterable[str], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> Split:
+    """Training, verification and held-out texts, each in input order; a text's part
+    depends on its normalised form alone (duplicates are kept, on one side)."""
+    fractions = check_fractions(fractions)
+    result = Split([], [], [])
     for sentence in sentences:
-        (result.heldout if is_heldout(sentence, heldout_fraction, seed) else result.train).append(sentence)
+        getattr(result, part_of(sentence, fractions, seed)).append(sentence)
     return result
 
 
-def heldout_sentences(n: int | None = None, *, source: str = "all", heldout_fraction: float = 0.2, seed: int = 0) -> list[str]:
-    """Held-out sentences (never trained or calibrated on); ``n`` of them if given."""
-    return _sample(split(corpus(source), heldout_fraction, seed).heldout, n, seed)
+def halves(sentences: Sequence[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    """Two disjoint halves of ``sentences`` (the first gets the odd one), each in input order,
+    chosen by hash under their own salt: independent of the list's order and of the split.
+    Recipe search chooses on the first and quotes the second."""
+    distinct = list(dict.fromkeys(sentences))
+    ranked = sorted(distinct, key=lambda s: (split_key(s, seed=f"halves-{seed}"), s))
+    first = set(ranked[: (len(ranked) + 1) // 2])
+    return [s for s in distinct if s in first], [s for s in distinct if s not in first]
 
 
-def train_sentences(n: int | None = None, *, source: str = "all", heldout_fraction: float = 0.2, seed: int = 0) -> list[str]:
-    """Sentences for calibration and distillation, disjoint from :func:`heldout_sentences`."""
-    return _sample(split(corpus(source), heldout_fraction, seed).train, n, seed)
+@functools.lru_cache(maxsize=8)
+def _corpus_split(source: str, fractions: tuple[float, float, float], seed: int) -> Split:
+    return split(_corpus(source), fractions, seed)
+
+
+def _part(part: str, n: int | None, source: str, fractions: Sequence[float], seed: int) -> list[str]:
+    if source not in SOURCES:
+        corpus(source)  # raises the ConfigError naming the sources
+    sentences = getattr(_corpus_split(source, check_fractions(fractions), seed), part)
+    return _sample(list(sentences), n, seed)
+
+
+def heldout_sentences(n: int | None = None, *, source: str = "all", fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> list[str]:
+    """Held-out sentences (never trained, calibrated or verified on): what reports and gates
+    quote; ``n`` of them if given."""
+    return _part("heldout", n, source, fractions, seed)
+
+
+def verification_sentences(n: int | None = None, *, source: str = "all", fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> list[str]:
+    """Sentences the verification budget is measured on, disjoint from the other two parts."""
+    return _part("verification", n, source, fractions, seed)
+
+
+def train_sentences(n: int | None = None, *, source: str = "all", fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> list[str]:
+    """Sentences for calibration and distillation, disjoint from the other two parts."""
+    return _part("train", n, source, fractions, seed)
+
+
+def sample(sentences: Sequence[str], n: int | None, seed: int = 0) -> list[str]:
+    """``n`` of ``sentences`` (all when ``n`` is None or larger), chosen by hash, in input order."""
+    return _sample(list(sentences), n, seed)
 
 
 def _sample(sentences: list[str], n: int | None, seed: int) -> list[str]:

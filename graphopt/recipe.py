@@ -19,16 +19,31 @@ disabled_optimizers = "auto"         # or ["SkipLayerNormFusion"], or [] for ORT
 [gates]                              # a build step fails (exit code 1) when one is missed
 min_heldout_cosine = 0.999
 min_speedup = 1.0
+
+[data]                               # what the build calibrates, verifies and gates on
+source = "reviews.jsonl"             # "stdlib" (default), a .txt / .jsonl / .csv file or a
+field = "body"                       #   datasets save_to_disk folder; field: JSONL field / column
+calibration = 64                     # training texts for calibrated passes
+verification = 64                    # texts the budget is measured on (at least 32)
+heldout = 64                         # texts the report and the gates quote
+max_length = 128                     # tokens per text
 ```
 """
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import tomllib
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from graphopt.errors import ConfigError
 from graphopt.instrument import Instrumentation, default_instrumentations
@@ -82,6 +97,38 @@ class Gates(_Strict):
     require_parity: bool = True
 
 
+class Measured(_Strict):
+    """What a preset's description quotes, as numbers: a slow test rebuilds the preset and
+    holds it to them (tests/test_presets.py), so the description cannot drift from the code."""
+
+    heldout_mean_cosine: float = Field(..., ge=-1.0, le=1.0, description="held-out mean cosine of mean-pooled embeddings on MiniLM")
+    heldout_texts: int = Field(256, ge=8, description="held-out texts it was measured on")
+    source: str = Field("", description="the command and date of the measurement")
+
+
+class DataSettings(_Strict):
+    """The text a build calibrates and distills on, verifies on and gates on (text models).
+
+    Split three ways by content hash (:func:`graphopt.data.split`), the standard library's
+    text or the user's own file; ``graphopt optimize --data`` overrides ``source``/``field``."""
+
+    source: str = Field("stdlib", min_length=1, description="'stdlib', or a .txt (one text per line), .jsonl, .csv/.tsv file or a datasets save_to_disk folder; relative to the recipe file")
+    field: str | None = Field(None, min_length=1, validation_alias=AliasChoices("field", "column"), description="JSONL field, CSV column or dataset column (default 'text'; also spelled 'column')")
+    calibration: int = Field(64, ge=1, description="training texts the calibrated passes see (quantize ranges, prune importance)")
+    verification: int = Field(64, ge=32, description="verification texts the budget is measured on (at most; at least 32)")
+    heldout: int = Field(64, ge=8, description="held-out texts the report and the gates quote (at most)")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per text (longer texts are truncated)")
+    fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="shares of the training, verification and held-out parts")
+    seed: int = Field(0, description="salt of the split hash: another seed, another split")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value):
+        if any(not 0.0 <= f <= 1.0 for f in value) or abs(sum(value) - 1.0) > 1e-9 or min(value[1:]) <= 0.0:
+            raise ValueError("three shares (training, verification, held-out) in [0, 1] that sum to 1, verification and held-out above 0")
+        return value
+
+
 class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
@@ -94,6 +141,8 @@ class Recipe(_Strict):
     runtime: RuntimeSettings = RuntimeSettings()
     instrument: InstrumentSettings = InstrumentSettings()
     gates: Gates = Gates()
+    data: DataSettings = DataSettings()
+    measured: Measured | None = None
 
     @field_validator("passes")
     @classmethod
@@ -154,7 +203,26 @@ class Recipe(_Strict):
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(_data_source_beside(data, path.parent), source=str(path))
+
+    def with_data(self, source: str | Path | None = None, field: str | None = None, **counts: Any) -> Recipe:
+        """This recipe with its ``[data]`` source (and field) replaced, e.g. by ``--data``."""
+        settings = self.data.model_dump()
+        if source is not None:
+            settings.update(source=str(source), field=field)
+        elif field is not None:
+            settings["field"] = field
+        settings.update({k: v for k, v in counts.items() if v is not None})
+        return Recipe.from_dict(self.model_dump() | {"data": settings}, source="--data")
+
+
+def _data_source_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A relative ``[data] source`` is read beside the recipe file, as a user writing one expects."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not isinstance(section.get("source"), str) or section["source"] in ("stdlib", ""):
+        return data
+    source = Path(section["source"]).expanduser()
+    return data if source.is_absolute() else data | {"data": section | {"source": str(folder / source)}}
 
 
 def _user_instrumentation(spec: str) -> Instrumentation:

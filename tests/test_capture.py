@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.fx as fx
+from torch import fx
 
 import graphopt
 from graphopt import CaptureError
@@ -137,6 +137,23 @@ def test_fallback_to_symbolic_trace():
     result = graphopt.optimize(program, "sdpa")
     assert result.report.passes[0].status == "skipped"
     assert "aten" in result.report.passes[0].reason
+    # ... and a requested pass that could not run is a failure of the run, not a quiet skip
+    assert any("pass 'sdpa' was requested but was skipped" in f for f in result.report.failures)
+
+
+def test_a_fallback_fails_the_build_when_its_passes_need_aten():
+    from graphopt.build import capture_problem
+    from graphopt.recipe import Recipe
+
+    with pytest.warns(UserWarning, match="fell back"):
+        program = graphopt.capture(NumpyNet(), (torch.randn(3, 4),))
+    # optional ATen passes count too: '?' allows finding nothing to do, not being unable to run
+    problem = capture_problem(program, Recipe.from_dict({"pipeline": "dce,sdpa?,fused-attention"}))
+    assert problem.startswith("capture fell back to torch.fx.symbolic_trace (could not capture NumpyNet")
+    assert problem.endswith("cannot run: sdpa?, fused-attention")
+    assert capture_problem(program, Recipe.from_dict({"pipeline": "dce,dedup"})) is None  # nothing requested needs ATen
+    aten = graphopt.capture(Net(), kwargs=text_inputs())
+    assert capture_problem(aten, Recipe.from_dict({"pipeline": "sdpa"})) is None
 
 
 def test_no_fallback_when_disabled():

