@@ -31,6 +31,7 @@ class OptimizeResult:
     exported: Any = None  # export.ExportResult once export() ran
     parity: Any = None  # export.ParityReport once export() ran with parity
     extras: dict = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget)  # what the run's lossy passes were held to
 
     def export(self, path: str | Path, *, opset: int | None = None, parity: bool | None = None, external_data: bool | str | None = None):
         """Export to ONNX (atomically) and check it fully; then, unless ``parity`` is False
@@ -80,7 +81,7 @@ class OptimizeResult:
         within the pipeline's exact tolerance (the verification's ``exact_tolerance``, max rel
         over every position) plus ORT's own deviation from the optimized program on that input
         set (the two add; the second is held to atol/rtol by the first check). Else ORT must
-        be finite wherever the original is, and within the recipe budget's ``min_cosine`` on
+        be finite wherever the original is, and within the run's budget ``min_cosine`` on
         the real positions of the example inputs (random sets: reported, not gated; see
         graphopt.export.parity). Records the report's ``parity`` section either way; raises
         :class:`ParityError` on failure.
@@ -91,12 +92,12 @@ class OptimizeResult:
             raise ParityError("nothing was exported: call export() first")
         settings = self.recipe.export
         exact = all(record.exact for record in self.report.passes if record.status == "applied")
-        tolerance = self.report.verification.get("exact_tolerance") or self.recipe.budget.exact_tolerance()
+        tolerance = self.report.verification.get("exact_tolerance") or self.budget.exact_tolerance()
         try:
             self.parity = check_parity(
                 self.program, self.exported.path, atol=settings.parity_atol, rtol=settings.parity_rtol, **(session or {}),
                 original=original, original_max_rel=tolerance if exact else None,
-                original_min_cosine=None if exact else self.recipe.budget.min_cosine,
+                original_min_cosine=None if exact else self.budget.min_cosine,
                 op_sites=self.exported.op_sites, raise_on_failure=False,
             )
         except Exception as exc:
@@ -156,7 +157,7 @@ def optimize(
     ctx = ctx.replace(teacher=ctx.teacher or program, services=ctx.services if ctx.services.block_timer else default_services())
     result = manager(program.clone(), ctx)
     assert isinstance(result.info, ManagerInfo)
-    return OptimizeResult(program=result.program, report=result.info.report, recipe=recipe)
+    return OptimizeResult(program=result.program, report=result.info.report, recipe=recipe, budget=manager.budget)
 
 
 def _complete(ctx: PassContext, program: Program) -> PassContext:

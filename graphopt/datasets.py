@@ -27,7 +27,7 @@ from typing import Any
 from graphopt import data
 from graphopt.context import Batch, PassContext
 from graphopt.errors import ConfigError
-from graphopt.inputs import dynamic_axis_names, random_batches
+from graphopt.inputs import dynamic_axis_names, padded_inputs, random_batches
 from graphopt.program import Program
 
 CALIBRATION_SEED = 7
@@ -55,13 +55,27 @@ def program_context(program: Program, *, calibration_batches: int = CALIBRATION_
     calibration = [(tuple(program.args), dict(program.kwargs)), *random_batches(program, calibration_batches, seed=CALIBRATION_SEED, shapes=shapes)]
     verification = random_batches(program, verification_batches, seed=VERIFICATION_SEED, shapes=shapes)
     described = describe_shapes(shapes)
+    padded = _runnable(program, padded_inputs(program, seed=VERIFICATION_SEED))
+    if padded is not None:  # left padding and long padding runs: rows that see no key at all
+        verification.append(padded[1:])
+        described += f", and {padded[0]}"
     return PassContext(
         calibration=tuple(calibration),
-        calibration_source=f"the example and {calibration_batches} seeded random batches ({described})",
+        calibration_source=f"the example and {calibration_batches} seeded random batches ({describe_shapes(shapes)})",
         verification=tuple(verification),
-        verification_source=f"{verification_batches} seeded random batches ({described})",
+        verification_source=f"{len(verification)} seeded random batches ({described})",
         **fields,
     )
+
+
+def _runnable(program: Program, inputs: tuple[str, tuple, dict] | None) -> tuple[str, tuple, dict] | None:
+    if inputs is None:
+        return None
+    try:
+        program.run(inputs[1], inputs[2])
+    except Exception:  # noqa: BLE001 - sizes outside the program's range: leave the set out
+        return None
+    return inputs
 
 
 def runnable_shapes(program: Program) -> tuple[dict[str, int], ...] | None:

@@ -185,3 +185,43 @@ def _padding_mask(shape: list[int], generator: torch.Generator) -> torch.Tensor:
             length = int(torch.randint(1, seq, (1,), generator=generator))
         mask[row, :length] = 1
     return mask
+
+
+# ---- padding patterns -------------------------------------------------------------------
+PADDED_SIZES = {"batch": 3, "seq": 19}
+
+
+def padded_inputs(program: Program, seed: int = 0) -> tuple[str, tuple, dict] | None:
+    """A random set whose padding masks have, row by row: no padding; left padding (only the
+    last quarter real: the padded query rows of a causal model see no key); right padding
+    after one real token (a padding run longer than a sliding window, whose rows then see no
+    key either). None when the program takes no 2-D 0/1 mask named ``*mask*``."""
+    named = named_inputs(program)
+    masks = [n for n, v in named.items() if isinstance(v, torch.Tensor) and "mask" in n.lower() and v.dim() == 2 and _binary(v)]
+    if not masks:
+        return None
+    declared = {label for axes in dynamic_axis_names(program).values() for label in axes.values()}
+    sizes = {k: v for k, v in PADDED_SIZES.items() if k in declared}
+    args, kwargs = random_inputs(program, sizes, torch.Generator().manual_seed(seed + 1000))
+    named = named_inputs(program, args, kwargs)
+    for name in masks:
+        named[name] = _padding_patterns(tuple(named[name].shape)).to(named[name].dtype)
+    label = "padded[" + ",".join(f"{k}={v}" for k, v in sizes.items()) + ",left+long]"
+    return (label, *split_inputs(program, named))
+
+
+def _padding_patterns(shape: tuple[int, int]) -> torch.Tensor:
+    batch, seq = shape
+    mask = torch.ones(shape, dtype=torch.int64)
+    patterns = ("left", "right") if batch < 3 else ("full", "left", "right")
+    for row in range(batch):
+        kind = patterns[row % len(patterns)]
+        if kind == "left":
+            mask[row, : seq - max(1, seq // 4)] = 0
+        elif kind == "right":
+            mask[row, 1:] = 0
+    return mask
+
+
+def _binary(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bool or bool(((t == 0) | (t == 1)).all())

@@ -38,7 +38,7 @@ from graphopt.datasets import program_context
 from graphopt.passbase import Pass, PassResult
 from graphopt.program import Program
 from graphopt.report import PassRecord, ProgramStats, Report
-from graphopt.verify import Budget, Drift, Outputs, drift_many, real_positions
+from graphopt.verify import Budget, Drift, Outputs, drift_many, perturbed, real_positions
 
 
 class PassRejected(VerificationError):
@@ -105,10 +105,21 @@ class Verify(Instrumentation):
         batches = self.batches
         self.reference = self._outputs(program)
         self.current = self.reference
-        run.report.verification = {"source": self.source, "batches": len(batches), "samples": _samples(batches)}
+        self.floor = self.rounding_floor(program)
+        run.report.verification = {"source": self.source, "batches": len(batches), "samples": _samples(batches),
+                                   "rounding_floor": self.floor, "exact_tolerance": run.budget.exact_tolerance(self.floor)}
 
     def _outputs(self, program: Program) -> list[Outputs]:
         return [program.run(args, kwargs) for args, kwargs in [self.example, *self.batches]]
+
+    def rounding_floor(self, program: Program, copies: int = 2) -> float:
+        """max_rel of the program against copies whose fp32 tensors moved by one ulp, on the
+        same data: how far rounding alone moves these outputs (see verify.EXACT_FLOOR_FACTOR)."""
+        floor = 0.0
+        for seed in range(copies):
+            moved = drift_many(self.reference, self._outputs(perturbed(program, seed)))
+            floor = max(floor, moved.max_rel if not moved.problem else 0.0)
+        return floor
 
     def after_pass(self, p: Pass, result: PassResult, run: RunState, record: PassRecord) -> None:
         if not result.modified:
@@ -122,7 +133,7 @@ class Verify(Instrumentation):
         record.drift_step, record.drift_total = step.to_dict(), total.to_dict()
         # Lossy passes are measured on real positions, but a value that turned non-finite
         # anywhere (padding included: a masked mean-pool still turns NaN into NaN) is no drift.
-        reason = run.budget.check_exact(step) if record.exact else (run.budget.check(total) or step.problem)
+        reason = run.budget.check_exact(step, self.floor) if record.exact else (run.budget.check(total) or step.problem)
         if reason:
             kind = "exact pass" if record.exact else "lossy pass"
             raise PassRejected(f"{kind} '{p.name}' broke its tolerance: {reason}")

@@ -105,6 +105,7 @@ class PassManager(Pass):
         report = Report(pipeline=self.text(), model=program.meta.get("model_class", ""), environment=environment())
         hooks = self.instrumentations if self.instrumentations is not None else default_instrumentations()
         run = RunState(ctx=ctx, report=report, budget=self.budget, instrumentations=hooks)
+        report.budget = self.budget.model_dump(mode="json")
         for hook in hooks:
             hook.before_pipeline(program, run)
         result = self._run_passes(program, run, self)

@@ -138,7 +138,7 @@ class Pass:
     @classmethod
     def summary(cls) -> str:
         """The first line of the docstring: what ``graphopt passes`` shows."""
-        return (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ").strip()
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

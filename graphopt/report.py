@@ -69,6 +69,7 @@ class Report:
     final: ProgramStats | None = None
     final_drift: dict | None = None
     verification: dict = field(default_factory=dict)  # what the budget was measured on
+    budget: dict = field(default_factory=dict)  # what lossy passes were held to
     sections: dict[str, Any] = field(default_factory=dict)  # export, parity, latency, fidelity, gates
     failures: list[str] = field(default_factory=list)
 

@@ -9,9 +9,10 @@ converted in the graph, once per attention node, to ``where(mask, 0, finfo(dtype
 That is exact wherever a query row keeps at least one key: ``finfo.min + s − max``
 underflows ``exp`` to exactly 0 in fp32, the same 0 SDPA's ``-inf`` gives (measured: zero
 difference on random q, k, v). A row that keeps no key differs: SDPA returns 0 there, the
-additive form the mean of v, which is what HF's eager attention returns. Such a row is a
-query at no real position (a sequence of padding only), which neither verification nor
-the parity checks count.
+additive form the mean of v (what HF's eager attention returns). Such rows are the padded
+queries of a causal model with left padding, and exact passes are held to every position
+(verification has a left-padded batch), so :func:`zero_unattended` multiplies the fused
+output by whether its row keeps any key: then the rewrite is exact there too.
 """
 
 from __future__ import annotations
@@ -45,3 +46,18 @@ def additive_mask(graph: fx.Graph, mask: fx.Node, dtype: torch.dtype) -> fx.Node
     # The same two nodes HF's eager attention builds, which the exporter lowers to one Where.
     zero = emit(graph, aten.scalar_tensor.default, (0.0,), {"dtype": dtype, "device": fake(mask).device})
     return emit(graph, MASK_CONVERSION, (mask, zero, torch.finfo(dtype).min))
+
+
+def zero_unattended(graph: fx.Graph, out: fx.Node, mask: fx.Node | None, *, merged_heads: bool) -> fx.Node:
+    """``out`` with the rows whose boolean ``mask`` keeps no key set to 0, as SDPA returns
+    them (a float mask is left alone: SDPA itself gives the additive form's answer).
+
+    ``out`` is ``(batch, heads, q, d)``, or with ``merged_heads`` ``(batch, q, heads * d)``,
+    which needs a mask with one head (axis 1 of size 1)."""
+    if not is_boolean(mask):
+        return out
+    keeps = emit(graph, aten.any.dim, (mask, -1, True))  # (batch, 1 | heads, q, 1)
+    if merged_heads:
+        keeps = emit(graph, aten.squeeze.dim, (emit(graph, aten.transpose.int, (keeps, 1, 2)), -1))  # (batch, q, 1)
+    keeps = emit(graph, aten._to_copy.default, (keeps,), {"dtype": fake(out).dtype})
+    return emit(graph, aten.mul.Tensor, (out, keeps))

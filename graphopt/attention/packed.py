@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.attention.analysis import heads_merged_output, projection_of
-from graphopt.attention.masks import additive_mask
+from graphopt.attention.masks import additive_mask, zero_unattended
 from graphopt.attention.reference import exact_attention
 from graphopt.program import module_path
 from graphopt.rewrite import Match, NoMatch, RewriteRule, emit, fake
@@ -113,7 +113,8 @@ def packed_attention_rule(gm: fx.GraphModule) -> RewriteRule:
         if b["mask"] is None:
             return emit(graph, torch.ops.graphopt.attention_qkv.default, (x, w_node, b_node, b["scale"], b["causal"], b["heads"], sizes))
         mask = additive_mask(graph, b["mask"], torch.float32)
-        return emit(graph, torch.ops.graphopt.attention_qkv_biased.default, (x, w_node, b_node, mask, b["scale"], b["causal"], b["heads"], sizes))
+        out = emit(graph, torch.ops.graphopt.attention_qkv_biased.default, (x, w_node, b_node, mask, b["scale"], b["causal"], b["heads"], sizes))
+        return zero_unattended(graph, out, b["mask"], merged_heads=True)
 
     return RewriteRule("attention_qkv", frozenset({aten.scaled_dot_product_attention.default}), match, replace)
 
@@ -134,4 +135,6 @@ def _check_options(sdpa: fx.Node) -> tuple[fx.Node | None, bool, int, int] | NoM
             return NoMatch("mask", f"'{sdpa.name}' mask is not a 4-D float32 bias or boolean mask (or comes with is_causal)")
         if str(m_val.shape[1]) not in ("1", str(q_val.shape[1])):
             return NoMatch("mask", f"mask {tuple(m_val.shape)} has neither 1 nor one head count on axis 1")
+        if m_val.dtype == torch.bool and str(m_val.shape[1]) != "1":
+            return NoMatch("mask", f"a boolean mask per head {tuple(m_val.shape)}: its unattended rows cannot be zeroed on merged heads")
     return mask, causal, int(q_val.shape[1]), int(q_val.shape[3])

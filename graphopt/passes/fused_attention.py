@@ -37,7 +37,7 @@ from pydantic import Field
 
 import graphopt.attention  # noqa: F401  (registers the custom ops, declares their lowerings)
 from graphopt.attention.analysis import SDPA, SDPASite
-from graphopt.attention.masks import MASK_CONVERSION, additive_mask
+from graphopt.attention.masks import MASK_CONVERSION, additive_mask, zero_unattended
 from graphopt.attention.packed import packed_attention_rule
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
@@ -143,7 +143,8 @@ def _replace_site(graph: fx.Graph, m: Match) -> fx.Node:
     if site.mask is None:
         return emit(graph, torch.ops.graphopt.fused_attention.default, (q, k, v, site.scale(), site.is_causal, heads))
     mask = additive_mask(graph, site.mask, fake(q).dtype)
-    return emit(graph, torch.ops.graphopt.fused_attention_biased.default, (q, k, v, mask, site.scale(), site.is_causal, heads))
+    out = emit(graph, torch.ops.graphopt.fused_attention_biased.default, (q, k, v, mask, site.scale(), site.is_causal, heads))
+    return zero_unattended(graph, out, site.mask, merged_heads=False)
 
 
 FUSED_ATTENTION = RewriteRule("fused_attention", frozenset({SDPA}), _match_site, _replace_site)
