@@ -110,7 +110,7 @@ def run_in_fresh_process(model: Path, inputs: list[np.ndarray], repeat: int, thr
     data = workdir / "inputs.npz"
     np.savez(data, *inputs)
     done = subprocess.run([sys.executable, "-c", _RUNNER, str(model), str(data), str(repeat), str(threads)],
-                          capture_output=True, text=True, timeout=1800)
+                          check=False, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}, None
     return json.loads(done.stdout.strip().splitlines()[-1]), np.load(str(data) + ".out.npy")

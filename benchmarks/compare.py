@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 compile_s[shape] = time.perf_counter() - start
             stats = interleaved_latency(torch_fns, args.rounds, args.runs_per_round)
             ort_names = [n for n in variants if n not in TORCH_VARIANTS]
-            stats.update(alternating_latency({n: (lambda n=n: variants[n]["fn_for"](inputs)) for n in ort_names}, args.rounds, args.runs_per_round))
+            stats.update(alternating_latency({n: (lambda n=n, inputs=inputs: variants[n]["fn_for"](inputs)) for n in ort_names}, args.rounds, args.runs_per_round))
             latency[shape] = {name: {"p50_ms": s["p50_ms"], "p90_ms": s["p90_ms"]} for name, s in stats.items()}
             for row in latency[shape].values():
                 row["x_eager"] = latency[shape][EAGER]["p50_ms"] / row["p50_ms"]
@@ -280,7 +280,7 @@ def _peak_rss(spec: dict, inputs: dict, threads: int, out: Path) -> dict | None:
     if "torch" in spec:
         spec = {**spec, "path": str(_minilm_path())}
     done = subprocess.run([sys.executable, "-c", _RSS_RUNNER, json.dumps(spec), str(data), str(threads)],
-                          capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                          check=False, capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if done.returncode != 0:
         say(f"peak RSS run failed for {spec}: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
         return None
@@ -455,7 +455,7 @@ def _scatter(ax, points: dict[str, tuple[float, float]], variants: dict) -> None
         ax.scatter([x], [y], marker="o" if ours else "s", color="tab:blue" if ours else "tab:gray", zorder=3)
         ax.annotate(name.replace("graphopt ", ""), (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     front, best = [], -1.0
-    for name, (x, y) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
+    for _name, (x, y) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
         if y > best:
             front.append((x, y))
             best = y

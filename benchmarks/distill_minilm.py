@@ -25,7 +25,7 @@ import torch
 def heldout_fidelity(reference, candidate, tokenizer, sentences, names):
     from graphopt.fidelity import compare_encoders
 
-    return compare_encoders(reference, lambda **kw: candidate(**kw), tokenizer, sentences, input_names=names)
+    return compare_encoders(reference, candidate, tokenizer, sentences, input_names=names)
 
 
 def main() -> None:

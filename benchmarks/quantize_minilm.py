@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         # ORT: one session alive at a time (idle sessions' spinning thread pools would slow
         # the one being timed); per-round session creation is not timed.
         ort_names = [n for n in variants if n not in TORCH_VARIANTS]
-        stats = alternating_latency({name: (lambda n=name: variants[n]["fn_for"](inputs)) for name in ort_names}, args.rounds, args.runs_per_round)
+        stats = alternating_latency({name: (lambda n=name, inputs=inputs: variants[n]["fn_for"](inputs)) for name in ort_names}, args.rounds, args.runs_per_round)
         latency.update(stats)
         for name, stats in latency.items():
             rows[name][f"b{batch}_p50"] = stats["p50_ms"]

@@ -74,7 +74,7 @@ def main() -> None:
     start = time.perf_counter()
     result = graphopt.optimize(program, args.compress, budget=budget, context=ctx)
     summary["compress"] = {"pipeline": args.compress, "seconds": round(time.perf_counter() - start, 1), "passes": _pass_info(result)}
-    summary["compress"]["heldout"] = fidelity(lambda **kw: result.program(**kw))
+    summary["compress"]["heldout"] = fidelity(result.program)
     say(f"after {args.compress}: held-out {_fmt(summary['compress']['heldout'])}")
     current = result.program
 
@@ -87,7 +87,7 @@ def main() -> None:
         current = recovered.program
         summary["distill"] = {"pipeline": distill, "minutes": round((time.perf_counter() - start) / 60, 1),
                               "steps": info.get("steps"), "stopped": info.get("stopped"), "curve_png": info.get("curve_png")}
-        summary["distill"]["heldout"] = fidelity(lambda **kw: current(**kw))
+        summary["distill"]["heldout"] = fidelity(current)
         say(f"after distillation ({summary['distill']['minutes']} min, {info.get('steps')} steps): held-out {_fmt(summary['distill']['heldout'])}")
     if args.after:
         after = graphopt.optimize(current, args.after, budget=budget, context=ctx)

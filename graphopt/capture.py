@@ -9,7 +9,7 @@ import warnings
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils import _pytree as pytree
 
 from graphopt.errors import CaptureError
@@ -43,7 +43,7 @@ def capture(
     try:
         with torch.no_grad():
             reference = work(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__} failed on the example inputs, before any capture: {type(exc).__name__}: {exc}"
         ) from exc
@@ -58,7 +58,7 @@ def capture(
         exported = torch.export.export(work, trace_args, trace_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         module = exported.module()
         ir = "aten"
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a CaptureError that names the place
+    except Exception as exc:  # every failure becomes a CaptureError that names the place
         export_error = exc
         if not fallback:
             raise CaptureError(describe_capture_failure(work, exc)) from exc

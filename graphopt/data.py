@@ -124,7 +124,7 @@ def _import_quietly(name: str) -> Any:
         warnings.simplefilter("ignore")
         try:
             return importlib.import_module(name)
-        except Exception:  # a platform without the module, or one that fails to import
+        except Exception:  # noqa: BLE001 - a platform without the module, or one that fails to import
             return None
 
 

@@ -179,10 +179,9 @@ def _padding_mask(shape: list[int], generator: torch.Generator) -> torch.Tensor:
     batch, seq = shape
     mask = torch.zeros(shape, dtype=torch.int64)
     for row in range(batch):
-        if seq <= 1 or (row == 0 and batch > 1):
-            length = seq  # keep one full row so the longest sequence is exercised
-        else:
-            length = int(torch.randint(1, seq, (1,), generator=generator))
+        # keep one full row so the longest sequence is exercised
+        full = seq <= 1 or (row == 0 and batch > 1)
+        length = seq if full else int(torch.randint(1, seq, (1,), generator=generator))
         mask[row, :length] = 1
     return mask
 

@@ -33,8 +33,8 @@ from typing import ClassVar
 import torch
 
 from graphopt.context import Batch, PassContext
-from graphopt.errors import VerificationError
 from graphopt.datasets import program_context
+from graphopt.errors import VerificationError
 from graphopt.passbase import Pass, PassResult
 from graphopt.program import Program
 from graphopt.report import PassRecord, ProgramStats, Report
@@ -126,7 +126,7 @@ class Verify(Instrumentation):
             return
         try:
             outputs = self._outputs(result.program)
-        except Exception as exc:  # noqa: BLE001 - a program that no longer runs is a rejected pass
+        except Exception as exc:  # a program that no longer runs is a rejected pass
             raise PassRejected(f"the program no longer runs after the pass: {type(exc).__name__}: {exc}") from exc
         step = drift_many(self.current, outputs)
         total = self.total(outputs)

@@ -147,9 +147,7 @@ def _selection(c: Candidate) -> float:
 def _meets(c: Candidate, min_fidelity: float | None, max_latency_ms: float | None) -> bool:
     if min_fidelity is not None and (c.selection_mean_cos is None or c.selection_mean_cos < min_fidelity):
         return False
-    if max_latency_ms is not None and (c.p50_ms is None or c.p50_ms > max_latency_ms):
-        return False
-    return True
+    return not (max_latency_ms is not None and (c.p50_ms is None or c.p50_ms > max_latency_ms))
 
 
 def _promote(folder: Path, out: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 # Node metadata a replacement inherits from the node it replaces: where it came from in the
 # model, so reports, near-miss lists and the exporter's metadata keep pointing at the source.

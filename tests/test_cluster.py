@@ -93,7 +93,7 @@ def test_three_bit_codes_and_float16_codebooks_export_with_parity(tmp_path):
     program = graphopt.capture(Wide(), (torch.randn(3, 256),))
     result = Cluster(bits=3, granularity="tensor", codebook_dtype="float16")(program)
     assert all(t.bits == 3 and t.codebooks == 1 for t in result.info.tensors.values())
-    exported, session, _, after_load = _exported_ops(result.program, tmp_path, "m")
+    _exported, session, _, after_load = _exported_ops(result.program, tmp_path, "m")
     assert not DECODE_OPS & set(after_load)
     assert check_parity(result.program, session, atol=1e-5, rtol=1e-5).passed
 
@@ -146,7 +146,7 @@ def test_cluster_after_quantize_clusters_the_int8_codes(tmp_path):
     assert books and all(b.dtype == torch.int8 for b in books)  # integer centroids: still int8 weights
     cos = torch.nn.functional.cosine_similarity(result.program.run()[0].flatten(), int8_before[0].flatten(), dim=0)
     assert cos > 0.99
-    exported, session, _, after_load = _exported_ops(result.program, tmp_path, "q")
+    _exported, session, _, after_load = _exported_ops(result.program, tmp_path, "q")
     assert "DynamicQuantizeMatMul" in after_load and not DECODE_OPS & set(after_load)
     assert check_parity(result.program, session, atol=2e-2, rtol=2e-2).passed
 

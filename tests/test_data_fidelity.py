@@ -94,7 +94,7 @@ def test_split_is_deterministic_disjoint_and_complete():
 def test_split_part_depends_on_the_normalised_text_alone():
     sentences = data.corpus("topics")[:300]
     whole = data.split(sentences)
-    reordered = data.split(list(reversed(sentences)) + ["An unrelated sentence that nobody wrote before."])
+    reordered = data.split([*list(reversed(sentences)), "An unrelated sentence that nobody wrote before."])
     for part in data.PARTS:
         assert set(getattr(whole, part)) <= set(getattr(reordered, part))
     for sentence in sentences[:20]:
@@ -257,7 +257,7 @@ def test_encode_accepts_any_encoder_output(minilm):
     ]
     for wrapper in wrappers:
         assert torch.equal(fidelity.encode(wrapper, minilm.tokenizer, sentences, batch_size=3), expected)
-    only_two = fidelity.encode(lambda input_ids, attention_mask: hidden(input_ids, attention_mask), minilm.tokenizer, sentences, input_names=["input_ids", "attention_mask"])
+    only_two = fidelity.encode(hidden, minilm.tokenizer, sentences, input_names=["input_ids", "attention_mask"])
     assert torch.equal(only_two, expected)
     with pytest.raises(TypeError, match="hidden state"):
         fidelity.encode(lambda **kw: kw["input_ids"].float(), minilm.tokenizer, sentences)
@@ -305,7 +305,7 @@ def test_load_model_from_a_directory_spec(minilm):
 def test_load_model_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "missing"))
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config.json"):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="cannot import module 'no_such_module_xyz'"):
         load_model("no_such_module_xyz:make")
@@ -365,5 +365,5 @@ def test_load_model_from_a_factory(tmp_path, monkeypatch):
     assert plain.name == "my_factories:plain"
     with_inputs = load_model("my_factories:with_inputs")
     assert with_inputs.model(**with_inputs.example_kwargs).shape == (1, 2)
-    with pytest.raises(ModelLoadError, match="must return an nn.Module"):
+    with pytest.raises(ModelLoadError, match=r"must return an nn.Module"):
         load_model("my_factories:not_a_module")

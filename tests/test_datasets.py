@@ -37,7 +37,7 @@ def test_text_file_is_one_text_per_non_empty_line(tmp_path):
     path = tmp_path / "texts.txt"
     path.write_text("  First text here.  \n\n\nSecond text here.\n   \n")
     assert load_texts(path) == ["First text here.", "Second text here."]
-    with pytest.raises(ConfigError, match="plain text .* no field or column 'body'"):
+    with pytest.raises(ConfigError, match=r"plain text .* no field or column 'body'"):
         load_texts(path, "body")
 
 
@@ -49,7 +49,7 @@ def test_jsonl_field_default_and_named(tmp_path):
     with pytest.raises(ConfigError, match=r"rows.jsonl, line 1: no field 'title' \(found: text, body\)"):
         load_texts(path, "title")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(ConfigError, match="bad.jsonl, line 2: not JSON"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl, line 2: not JSON"):
         load_texts(tmp_path / "bad.jsonl")
     (tmp_path / "numbers.jsonl").write_text('{"text": 3}\n')
     with pytest.raises(ConfigError, match="line 1, field 'text': expected text, got int"):
@@ -71,7 +71,7 @@ def test_unknown_kind_and_missing_path(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"\0")
     with pytest.raises(ConfigError, match=r"model.bin: unknown kind '.bin'"):
         load_texts(tmp_path / "model.bin")
-    with pytest.raises(ConfigError, match="nope.jsonl does not exist"):
+    with pytest.raises(ConfigError, match=r"nope.jsonl does not exist"):
         load_texts(tmp_path / "nope.jsonl")
 
 

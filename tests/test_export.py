@@ -166,7 +166,7 @@ def test_random_inputs_are_seeded_and_follow_the_example(bert_program):
     assert not torch.equal(first["input_ids"], other["input_ids"])
     ids, mask = first["input_ids"], first["attention_mask"]
     assert ids.shape == mask.shape == (4, 9) and ids.dtype == torch.int64
-    assert 0 <= ids.min() and ids.max() < 100  # any row of the embedding table, not only the example's ids
+    assert ids.min() >= 0 and ids.max() < 100  # any row of the embedding table, not only the example's ids
     assert mask[0].all() and (mask[1:].sum(dim=1) < 9).all() and (mask.sum(dim=1) >= 1).all()
 
 
@@ -352,10 +352,10 @@ def test_custom_translation_table_reaches_the_exporter(tmp_path):
 
 
 def test_unknown_or_missing_provider_lists_installed_ones(bert_export):
-    with pytest.raises(ProviderError, match="unknown execution provider 'warp-drive'.*CPUExecutionProvider"):
+    with pytest.raises(ProviderError, match=r"unknown execution provider 'warp-drive'.*CPUExecutionProvider"):
         make_session(bert_export.path, provider="warp-drive")
     if "CUDAExecutionProvider" not in graphopt.export.available_providers():
-        with pytest.raises(ProviderError, match="not installed.*CPUExecutionProvider"):
+        with pytest.raises(ProviderError, match=r"not installed.*CPUExecutionProvider"):
             make_session(bert_export.path, provider="cuda")
     with pytest.raises(ConfigError):
         make_session(bert_export.path, graph_optimization="max")

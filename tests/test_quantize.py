@@ -151,7 +151,7 @@ def test_weight_range_follows_the_cpu():
     info = Quantize()(program).info
     assert info.cpu is not None and info.cpu.model_dump() == cpu_int8_support().to_dict()
     expected = 63 if cpu_int8_support().saturates_u8s8 else 127
-    codes = [t for name, t in program.tensors().items() if name.endswith("w_q")][0]
+    codes = next(t for name, t in program.tensors().items() if name.endswith("w_q"))
     assert int(codes.abs().max()) == expected
 
 
@@ -329,7 +329,7 @@ def test_target_cosine_plan_meets_its_target_on_calibration_data():
     quantize = Quantize(mode="weight_only", bits=4, group_size=16, target_cosine=0.99995, fallback="int8_weight_only")
     plan = quantize(program, _calibration("gpt2", 2)).info.plan
     assert plan is not None
-    assert plan.probes and plan.probes[-1].mean_cosine >= 0.99995 or plan.kept_at_fallback == []
+    assert (plan.probes and plan.probes[-1].mean_cosine >= 0.99995) or plan.kept_at_fallback == []
     kept = len(plan.kept_at_fallback)
     below = [p for p in plan.probes if p.kept < kept]
     assert all(p.mean_cosine < 0.99995 for p in below)

@@ -65,7 +65,7 @@ def test_bad_recipes_name_the_key(tmp_path, text, fragment):
 def test_unknown_pass_in_recipe_fails_at_load(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[[passes]]\nname = "prune-everything"\n')
-    with pytest.raises(UnknownPassError, match="available passes: .*dce"):
+    with pytest.raises(UnknownPassError, match=r"available passes: .*dce"):
         Recipe.load(path)
 
 
@@ -81,7 +81,7 @@ def test_invalid_toml_and_missing_file(tmp_path):
     path.write_text("pipeline = [unclosed\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         Recipe.load(path)
-    with pytest.raises(ConfigError, match="not found .*presets: .*default"):
+    with pytest.raises(ConfigError, match=r"not found .*presets: .*default"):
         Recipe.load(tmp_path / "missing.toml")
 
 

@@ -53,7 +53,7 @@ def test_a_calibrated_quantize_crash_reruns_from_its_saved_calibration(program, 
     assert pass_obj(loaded_program, PassContext()).modified  # without the context it would not crash
 
     # and with one command, as the report says
-    run = subprocess.run([sys.executable, "-m", "graphopt.cli", "repro", str(folder)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "graphopt.cli", "repro", str(folder)], check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1 and "mat1 and mat2 shapes cannot be multiplied" in run.stderr
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, only_user
 
@@ -126,7 +126,7 @@ class _MaskedAttention(torch.nn.Module):
     """SDPA with a boolean mask, heads merged the way transformers' SDPA attention does."""
 
     def forward(self, q, k, v, keep):
-        b, h, s, d = q.shape
+        b, _h, s, d = q.shape
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return out.reshape(b, -1, s, d).transpose(1, 2).contiguous().reshape(b, s, -1)
 

@@ -145,7 +145,7 @@ def _coords(graph: ChannelGraph, sid: int, memo: dict, stack: tuple) -> dict[int
         memo[sid] = {sid: torch.arange(size)}
         return memo[sid]
     kind, parts = space.relation
-    part_coords = [_coords(graph, p, memo, stack + (sid,)) for p in parts]
+    part_coords = [_coords(graph, p, memo, (*stack, sid)) for p in parts]
     sizes = [graph.spaces[p].static_size for p in parts]
     if any(c is None for c in part_coords):
         return None

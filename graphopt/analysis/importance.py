@@ -121,7 +121,7 @@ def activation(program: Program, groups: Sequence[Group], calibration) -> Scores
     for g in groups:
         scores = torch.zeros(g.size, dtype=torch.float64)
         for member in g.members:
-            for node_name, in_dim in readers.get((member.attr, member.dim), ()):
+            for node_name, _in_dim in readers.get((member.attr, member.dim), ()):
                 weight = tensors[member.attr].detach()
                 col_norm = _row_reduce(weight, member.dim, lambda m: m.pow(2).sum(1).sqrt())
                 rows = means[node_name] * col_norm.double()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.program import Program, module_path
 from graphopt.rewrite import NoMatch, fake

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.attention.masks import additive_values
 from graphopt.program import Program, module_path

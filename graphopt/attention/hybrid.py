@@ -85,6 +85,20 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[..., None].expand(*index.shape, x.shape[-1]))
 
 
+def _padded_key_bias(key_bias, b: int, h: int, m: int, m_pad: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Key bias per (batch*head, key), padded to ``m_pad`` with invalid keys."""
+    low = torch.finfo(dtype).min
+    bias = torch.zeros(b, m, dtype=dtype, device=device) if key_bias is None else key_bias.to(dtype).expand(b, 1, 1, m).reshape(b, m)
+    bias = torch.cat([bias, torch.full((b, m_pad - m), low, dtype=dtype, device=device)], 1)
+    return bias[:, None].expand(b, h, m_pad).reshape(b * h, m_pad)
+
+
+def _padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(b, h, n, d) as (b*h, rows, d), zero rows appended."""
+    b, h, n, d = x.shape
+    return torch.cat([x.reshape(b * h, n, d), x.new_zeros(b * h, rows - n, d)], 1)
+
+
 def hybrid_attention(
     q,
     k,
@@ -113,22 +127,11 @@ def hybrid_attention(
         return exact_attention(q, k, v, key_bias, scale)
     n_pad = -(-n // block) * block
     H, dv = b * h, v.shape[-1]
-    dtype, device = q.dtype, q.device
-    low = torch.finfo(dtype).min
-
-    # key bias / validity per (batch*head, key), padded to m_pad with invalid keys
-    if key_bias is None:
-        bias = torch.zeros(b, m, dtype=dtype, device=device)
-    else:
-        bias = key_bias.to(dtype).expand(b, 1, 1, m).reshape(b, m)
-    bias = torch.cat([bias, torch.full((b, m_pad - m), low, dtype=dtype, device=device)], 1)
-    bias = bias[:, None].expand(b, h, m_pad).reshape(H, m_pad)
+    dtype, device, low = q.dtype, q.device, torch.finfo(q.dtype).min
+    bias = _padded_key_bias(key_bias, b, h, m, m_pad, dtype, device)
     valid = bias > PADDING_BIAS
     weight = valid.to(dtype)
-
-    qf = torch.cat([q.reshape(H, n, d), q.new_zeros(H, n_pad - n, d)], 1)
-    kf = torch.cat([k.reshape(H, m, d), k.new_zeros(H, m_pad - m, d)], 1)
-    vf = torch.cat([v.reshape(H, m, dv), v.new_zeros(H, m_pad - m, dv)], 1)
+    qf, kf, vf = _padded_rows(q, n_pad), _padded_rows(k, m_pad), _padded_rows(v, m_pad)
 
     # 1. cluster keys; sort keys and queries by (cluster, position); padded keys go last
     centroids = _kmeans_centroids(kf, weight, clusters, iterations)

@@ -18,7 +18,7 @@ output by whether its row keeps any key: then the rewrite is exact there too.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.rewrite import emit, fake
 

@@ -40,7 +40,7 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 20, seed: int = 0,
         return Clustering(codebook, codes)
 
     data = values.detach().float()
-    rows, n = data.shape
+    _rows, n = data.shape
     weight = torch.ones_like(data) if importance is None else importance.float().expand_as(data)
     fit, fit_weight = data, weight
     if n > _FIT_SAMPLE:

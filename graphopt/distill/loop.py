@@ -155,12 +155,12 @@ class Validation:
         lengths = tokenizer(list(sentences), truncation=True, max_length=128)["input_ids"]
         order = sorted(range(len(sentences)), key=lambda i: len(lengths[i]))
         self.tokenizer, self.sentences, self.input_names = tokenizer, [sentences[i] for i in order], list(input_names)
-        self.reference = encode(lambda **kw: teacher(**kw), tokenizer, self.sentences, input_names=self.input_names).double()
+        self.reference = encode(teacher, tokenizer, self.sentences, input_names=self.input_names).double()
 
     def __call__(self, student: Program) -> float:
         from graphopt.fidelity import encode
 
-        candidate = encode(lambda **kw: student(**kw), self.tokenizer, self.sentences, input_names=self.input_names).double()
+        candidate = encode(student, self.tokenizer, self.sentences, input_names=self.input_names).double()
         return float(torch.nn.functional.cosine_similarity(self.reference, candidate, dim=-1).clamp(-1.0, 1.0).mean())
 
 

@@ -266,7 +266,7 @@ def deduplicate_initializers(model: ir.Model) -> int:
 
 def _all_value_names(graph: ir.Graph) -> dict[str, ir.Value]:
     values = {v.name: v for v in graph.inputs if v.name}
-    values.update({name: v for name, v in graph.initializers.items()})
+    values.update(dict(graph.initializers.items()))
     for node in graph:
         values.update({v.name: v for v in node.outputs if v.name})
     return values

@@ -146,7 +146,7 @@ class ParityReport:
         return max(self.results, key=lambda r: r.tolerance_ratio, default=None)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, **{k: v for k, v in asdict(self).items()}}
+        return {"passed": self.passed, **dict(asdict(self).items())}
 
     def summary(self) -> dict[str, Any]:
         """What the build report's ``parity`` section shows."""

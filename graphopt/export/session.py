@@ -145,7 +145,7 @@ def make_session(
     disabled = resolve_disabled_optimizers(disabled_optimizers, provider_name)
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=providers, disabled_optimizers=disabled)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+    except Exception as exc:  # ORT raises its own exception types
         raise ExportError(f"onnxruntime could not load the model on {provider_name}: {exc}") from exc
     if provider_name not in session.get_providers():
         # ORT falls back to CPU with only a log line when a provider fails to initialise.

@@ -1,16 +1,16 @@
 """Built-in graph passes; importing this package registers them."""
 
+from graphopt.passes.approx_attention import ApproxAttention
+from graphopt.passes.bias_gelu import BiasGelu
+from graphopt.passes.cluster import Cluster
 from graphopt.passes.dce import DeadCodeElimination
 from graphopt.passes.dedup import Deduplicate
 from graphopt.passes.distill import Distill
-from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.fused_attention import FusedAttention
-from graphopt.passes.bias_gelu import BiasGelu
-from graphopt.passes.approx_attention import ApproxAttention
+from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
-from graphopt.passes.int8_attention import Int8Attention
-from graphopt.passes.cluster import Cluster
+from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.share_layers import ShareLayers
 
-__all__ = ["DeadCodeElimination", "Deduplicate", "Distill", "AttentionToSDPA", "FusedAttention", "BiasGelu", "ApproxAttention", "Prune", "Quantize", "Int8Attention", "Cluster", "ShareLayers"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers"]

@@ -26,8 +26,8 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import fx
 
 import graphopt.attention  # noqa: F401  (registers the custom ops, declares their lowerings)
 from graphopt.attention import reference

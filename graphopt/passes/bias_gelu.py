@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 import graphopt.quant  # noqa: F401  (graphopt::bias_gelu and the quantized linears; declares their lowerings)
 from graphopt.context import PassContext

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, Field
+from torch import fx
 
 from graphopt.analysis.interpret import run_calibration
 from graphopt.analysis.linear import find_linear_sites

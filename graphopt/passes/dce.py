@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass

@@ -32,8 +32,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.fx as fx
 from pydantic import Field
+from torch import fx
 
 import graphopt.attention  # noqa: F401  (registers the custom ops, declares their lowerings)
 from graphopt.attention.analysis import SDPA, SDPASite

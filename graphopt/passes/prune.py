@@ -41,6 +41,7 @@ from graphopt.analysis.groups import DependencyAnalysis, Group, dependency_group
 from graphopt.analysis.importance import importance
 from graphopt.context import Batch, PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
+from graphopt.program import Program
 from graphopt.pruning.apply import apply_plan
 from graphopt.pruning.config import (
     GroupLatency,
@@ -53,7 +54,6 @@ from graphopt.pruning.config import (
 from graphopt.pruning.latency import latency_widths
 from graphopt.pruning.plan import Keep, fit_params, plan
 from graphopt.pruning.reconstruct import reconstruct
-from graphopt.program import Program
 
 _DATA_CRITERIA = ("taylor", "activation")
 

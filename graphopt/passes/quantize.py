@@ -30,8 +30,8 @@ import fnmatch
 from typing import ClassVar, Literal
 
 import torch
-import torch.fx as fx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import fx
 
 from graphopt.analysis.interpret import run_calibration
 from graphopt.analysis.linear import LINEAR_ANCHORS, LinearSite, NotLinear, find_linear_sites

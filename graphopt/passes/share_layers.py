@@ -27,8 +27,8 @@ import re
 from typing import ClassVar, Literal
 
 import torch
-import torch.fx as fx
 from pydantic import Field, model_validator
+from torch import fx
 
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass

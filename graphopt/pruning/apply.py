@@ -17,8 +17,8 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt.analysis.groups import DependencyAnalysis
-from graphopt.pruning.plan import Keep
 from graphopt.program import Program
+from graphopt.pruning.plan import Keep
 from graphopt.surgery import get_tensor, set_tensor
 
 aten = torch.ops.aten

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from graphopt.analysis.groups import DependencyAnalysis
 from graphopt.analysis.latency import BlockTiming, block_of, choose_width
+from graphopt.program import Program
 from graphopt.pruning.config import GroupLatency, LatencySummary, PruneConfig
 from graphopt.pruning.plan import Keep, Scores, top, unit_multiple
-from graphopt.program import Program
 
 
 def latency_widths(program: Program, analysis: DependencyAnalysis, keep: Keep, scores: Scores, cfg: PruneConfig,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from graphopt.analysis.groups import DependencyAnalysis, Group
-from graphopt.pruning.config import PruneConfig, TargetFit
 from graphopt.program import Program
+from graphopt.pruning.config import PruneConfig, TargetFit
 from graphopt.surgery import get_tensor
 
 Scores = dict[int, torch.Tensor]

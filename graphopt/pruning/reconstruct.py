@@ -19,8 +19,8 @@ from torch import fx
 from graphopt.analysis.groups import DependencyAnalysis
 from graphopt.analysis.importance import input_moments, matmul_readers
 from graphopt.context import Batch
-from graphopt.pruning.plan import Keep
 from graphopt.program import Program
+from graphopt.pruning.plan import Keep
 from graphopt.surgery import get_tensor, set_tensor
 
 aten = torch.ops.aten

@@ -20,7 +20,7 @@ data: every failed check says why.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.attention.analysis import heads_merged_output, projection_of
 from graphopt.quant import ops  # noqa: F401  (defines torch.ops.graphopt)

@@ -177,7 +177,7 @@ def embedding_nbits(
     ``scales [V, D/block_size]``, packed zero points; dequantized to float32."""
     from graphopt.quant.packing import unpack_nbits, unpack_zero_points
 
-    V, blocks = scales.shape
+    _V, blocks = scales.shape
     rows = table_packed[indices.reshape(-1)]
     codes = unpack_nbits(rows, bits, blocks * block_size).reshape(-1, blocks, block_size)
     flat = indices.reshape(-1)

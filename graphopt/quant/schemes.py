@@ -93,7 +93,7 @@ def activation_qparams(low: float, high: float) -> tuple[torch.Tensor, torch.Ten
     """uint8 asymmetric (scale, zero point) covering [low, high] widened to include 0."""
     low, high = min(low, 0.0), max(high, 0.0)
     scale = (high - low) / 255.0 if high > low else 1.0
-    zero_point = int(round(min(max(-low / scale, 0.0), 255.0)))
+    zero_point = round(min(max(-low / scale, 0.0), 255.0))
     return torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point, dtype=torch.uint8)
 
 

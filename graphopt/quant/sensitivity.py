@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from graphopt.analysis.interpret import activation_of, run_batch
 from graphopt.context import Batch
