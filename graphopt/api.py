@@ -143,8 +143,7 @@ def optimize(
         budget = Budget(**budget)
     program = model if isinstance(model, Program) else capture(model, args, kwargs, dynamic_shapes)
     explicit = isinstance(pipeline, (PassManager, Pass, list, tuple))
-    settings = dict(reproducer_dir=reproducer_dir, progress=progress, print_after_change=print_after_change)
-    manager = as_manager(pipeline) if explicit else recipe.manager(**settings)
+    manager = as_manager(pipeline) if explicit else recipe.manager(reproducer_dir=reproducer_dir, progress=progress, print_after_change=print_after_change)
     if budget is not None:
         manager.budget = budget
     if on_failure is not None:
@@ -152,7 +151,7 @@ def optimize(
     if instrumentations is not None:
         manager.instrumentations = list(instrumentations)
     elif manager.instrumentations is None:
-        manager.instrumentations = default_instrumentations(**settings)
+        manager.instrumentations = default_instrumentations(reproducer_dir=reproducer_dir, progress=progress, print_after_change=print_after_change)
     ctx = _complete(context if context is not None else PassContext(), program)
     ctx = ctx.replace(teacher=ctx.teacher or program, services=ctx.services if ctx.services.block_timer else default_services())
     result = manager(program.clone(), ctx)

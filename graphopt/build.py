@@ -19,6 +19,7 @@ verified and parity-checked, so it may go on; the report records the fallback ei
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -283,7 +284,7 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int,
     for name, (open_session, size) in sessions.items():
         session = open_session()
         feed = {k: v for k, v in inputs.items() if k in {i.name for i in session.get_inputs()}}
-        latency = measure_latency(lambda s=session, f=feed: ort_run(s, f), repeat=options.bench_repeat)
+        latency = measure_latency(functools.partial(ort_run, session, feed), repeat=options.bench_repeat)
         rows[name] = {**_latency(latency), "size_mb": size / 1e6}
         del session
     for row in rows.values():

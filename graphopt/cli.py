@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -211,7 +212,7 @@ def _search(args, loaded) -> int:
 def _cmd_passes(args) -> int:
     from graphopt.pipeline import registered_passes
 
-    described = []
+    described: list[dict[str, Any]] = []
     for name, cls in registered_passes().items():
         fields = {}
         for key, field in cls.Config.model_fields.items():

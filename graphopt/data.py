@@ -169,7 +169,7 @@ _WORD_PUNCTUATION = ".,;:()'\"\u2019\u201c\u201d?!"
 
 def sentences_from_text(text: str) -> list[str]:
     """Prose sentences of a plain-text or reST document, in order, duplicates kept."""
-    sentences = []
+    sentences: list[str] = []
     for paragraph in _paragraphs(text):
         paragraph = _LITERAL.sub(lambda m: m.group(1) or m.group(2) or "", _ROLE.sub(r"\1", paragraph))
         paragraph = _EMPHASIS.sub(r"\1", _FOOTNOTE.sub("", paragraph))
@@ -250,7 +250,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(f) for f in fractions)
     if len(values) != 3 or any(not 0.0 <= f <= 1.0 for f in values) or abs(sum(values) - 1.0) > 1e-9:
         raise ConfigError(f"split fractions must be three shares (train, verification, held-out) in [0, 1] summing to 1, got {list(fractions)}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def part_of(text: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> str:

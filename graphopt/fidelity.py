@@ -141,7 +141,6 @@ def compare_encoders(
     input_names: Sequence[str] | None = None,
 ) -> dict[str, float | int]:
     """:func:`embedding_fidelity` of two encoders on the same sentences and tokenization."""
-    options = dict(batch_size=batch_size, max_length=max_length, input_names=input_names)
-    reference = encode(reference_fn, tokenizer, sentences, **options)
-    candidate = encode(candidate_fn, tokenizer, sentences, **options)
+    reference = encode(reference_fn, tokenizer, sentences, batch_size=batch_size, max_length=max_length, input_names=input_names)
+    candidate = encode(candidate_fn, tokenizer, sentences, batch_size=batch_size, max_length=max_length, input_names=input_names)
     return embedding_fidelity(reference, candidate)

@@ -50,6 +50,7 @@ class PassManager(Pass):
     name: ClassVar[str] = "pipeline"
     Config: ClassVar[type[PassConfig]] = ManagerConfig
     Info: ClassVar[type[PassInfo]] = ManagerInfo
+    config: ManagerConfig  # Pass.__init__ makes it an instance of Config
 
     def __init__(
         self,

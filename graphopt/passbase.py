@@ -182,7 +182,7 @@ class Pass:
         return f"<pass {self}>"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.config == other.config and self.optional == other.optional  # type: ignore[attr-defined]
+        return type(self) is type(other) and self.config == other.config and self.optional == other.optional
 
     def __hash__(self) -> int:
         return hash((type(self), self.config, self.optional))

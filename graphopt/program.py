@@ -94,13 +94,13 @@ class Program:
     # ---- statistics used by instrumentation -------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer the graph owns, by qualified name (shared ones repeated)."""
-        named = dict(self.module.named_parameters(remove_duplicate=False))
+        named: dict[str, torch.Tensor] = dict(self.module.named_parameters(remove_duplicate=False))
         named.update(dict(self.module.named_buffers(remove_duplicate=False)))
         return named
 
     def parameter_stats(self) -> dict[str, int]:
         """Counts over distinct storages, so a tensor stored once counts once."""
-        seen: set[tuple[int, int]] = set()
+        seen: set[tuple[int, int | torch.SymInt]] = set()
         count = nbytes = 0
         for tensor in self.tensors().values():
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
@@ -144,7 +144,12 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 def node_target_name(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, str):
-        return target if node.op != "call_module" else f"module:{type(node.graph.owning_module.get_submodule(target)).__name__}"
+        if node.op != "call_module":
+            return target
+        owner = node.graph.owning_module
+        if owner is None:
+            raise ValueError(f"call_module node {node.name} is in a graph that no module owns")
+        return f"module:{type(owner.get_submodule(target)).__name__}"
     name = getattr(target, "name", None)
     if callable(name):  # OpOverload.name()
         return name()

@@ -99,13 +99,13 @@ def search(
     for c in measured:
         fidelity = _selection(c)
         c.pareto = not any(
-            o is not c and o.p50_ms <= c.p50_ms and _selection(o) >= fidelity and (o.p50_ms < c.p50_ms or _selection(o) > fidelity)
+            o is not c and _p50(o) <= _p50(c) and _selection(o) >= fidelity and (_p50(o) < _p50(c) or _selection(o) > fidelity)
             for o in measured
         )
     meeting = [c for c in measured if c.meets_gate]
     if meeting:
         # With a fidelity gate the fastest wins; with only a latency gate the most faithful.
-        key = (lambda c: c.p50_ms) if min_fidelity is not None else (lambda c: -_selection(c))
+        key = _p50 if min_fidelity is not None else (lambda c: -_selection(c))
         result.winner = min(meeting, key=key)
         _promote(folders[result.winner.name], out)
     atomic_write_text(out / "search.json", json.dumps({"min_fidelity": min_fidelity, "max_latency_ms": max_latency_ms, **halves,
@@ -138,6 +138,13 @@ def _build_candidate(loaded, recipe: Recipe, options: BuildOptions) -> tuple[Can
     if not candidate.ok:
         candidate.note = (problems[0] if problems else "not exported or ORT parity failed")[:200]
     return candidate, row
+
+
+def _p50(c: Candidate) -> float:
+    """The median latency of a measured candidate."""
+    if c.p50_ms is None:
+        raise ValueError(f"candidate '{c.name}' has no measured latency")
+    return c.p50_ms
 
 
 def _selection(c: Candidate) -> float:

@@ -10,11 +10,13 @@ module it came, and the clean-up after a change is the same for every pass.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.node import Argument
 
 # Node metadata a replacement inherits from the node it replaces: where it came from in the
 # model, so reports, near-miss lists and the exporter's metadata keep pointing at the source.
@@ -141,6 +143,130 @@ def replace_node(old: fx.Node, new: fx.Node, created_by: str) -> fx.Node:
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
     return new
+
+
+# ---- typed node arguments ------------------------------------------------------------------
+# torch.fx types every ``node.args[i]`` as ``Argument`` (any value a graph can hold). A rule
+# that knows what an argument of an op must be reads it through these: each checks the type
+# at run time and raises a TypeError naming the node and its target when the graph is not
+# what the rule expects (a ValueError when the argument is missing), instead of the rule
+# going on with a wrong value. ``name`` is the keyword the argument may be given as instead.
+def describe_node(node: fx.Node) -> str:
+    """``node 'name' (target)``, for error messages."""
+    target = node.target
+    if isinstance(target, str):
+        shown = target
+    elif isinstance(target, torch._ops.OpOverload):
+        shown = str(target)  # aten.view.default
+    else:
+        shown = getattr(target, "__name__", repr(target))
+    return f"node '{node.name}' ({shown})"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, fx.Node):
+        return f"node '{value.name}'"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _wrong_type(node: fx.Node, what: str, value: object, expected: str) -> TypeError:
+    return TypeError(f"{describe_node(node)}: {what} is {_shown(value)}, expected {expected}")
+
+
+def _what(i: int, name: str | None) -> str:
+    return f"argument {i}" + (f" ('{name}')" if name else "")
+
+
+def _has_arg(node: fx.Node, i: int, name: str | None) -> bool:
+    return i < len(node.args) or (name is not None and name in node.kwargs)
+
+
+def node_arg(node: fx.Node, i: int, name: str | None = None) -> Argument:
+    """Positional argument ``i`` of ``node``, else its keyword argument ``name``."""
+    if i < len(node.args):
+        return node.args[i]
+    if name is not None and name in node.kwargs:
+        return node.kwargs[name]
+    raise ValueError(f"{describe_node(node)} has no {_what(i, name)}")
+
+
+def as_node(node: fx.Node, value: object, what: str) -> fx.Node:
+    if not isinstance(value, fx.Node):
+        raise _wrong_type(node, what, value, "a node")
+    return value
+
+
+def as_int(node: fx.Node, value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _wrong_type(node, what, value, "an int")
+    return value
+
+
+def as_float(node: fx.Node, value: object, what: str) -> float:
+    """An int or float argument as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _wrong_type(node, what, value, "a number")
+    return float(value)
+
+
+def as_list(node: fx.Node, value: object, what: str) -> list[Argument]:
+    """A list or tuple argument (its items unchecked: sizes may be ints or nodes)."""
+    if not isinstance(value, (list, tuple)):
+        raise _wrong_type(node, what, value, "a list")
+    return list(value)
+
+
+def as_ints(node: fx.Node, value: object, what: str) -> list[int]:
+    return [as_int(node, item, f"{what}[{k}]") for k, item in enumerate(as_list(node, value, what))]
+
+
+def arg_node(node: fx.Node, i: int, name: str | None = None) -> fx.Node:
+    """Argument ``i`` (or keyword ``name``) of ``node``, which must be a node."""
+    return as_node(node, node_arg(node, i, name), _what(i, name))
+
+
+def arg_optional_node(node: fx.Node, i: int, name: str | None = None) -> fx.Node | None:
+    """Argument ``i`` (or keyword ``name``) of ``node``: a node, or None when it is None or not given."""
+    if not _has_arg(node, i, name):
+        return None
+    value = node_arg(node, i, name)
+    return None if value is None else as_node(node, value, _what(i, name))
+
+
+def arg_int(node: fx.Node, i: int, name: str | None = None, *, default: int | None = None) -> int:
+    """Argument ``i`` (or keyword ``name``) of ``node``, an int; ``default`` when it is not given
+    (required when ``default`` is None)."""
+    if default is not None and not _has_arg(node, i, name):
+        return default
+    return as_int(node, node_arg(node, i, name), _what(i, name))
+
+
+def arg_ints(node: fx.Node, i: int, name: str | None = None, *, default: Sequence[int] | None = None) -> list[int]:
+    """Argument ``i`` (or keyword ``name``) of ``node``, a list of ints (dims, a permutation)."""
+    if default is not None and not _has_arg(node, i, name):
+        return list(default)
+    return as_ints(node, node_arg(node, i, name), _what(i, name))
+
+
+def arg_float(node: fx.Node, i: int, name: str | None = None, *, default: float | None = None) -> float:
+    """Argument ``i`` (or keyword ``name``) of ``node``, an int or float, as a float."""
+    if default is not None and not _has_arg(node, i, name):
+        return default
+    return as_float(node, node_arg(node, i, name), _what(i, name))
+
+
+def arg_list(node: fx.Node, i: int, name: str | None = None) -> list[Argument]:
+    """Argument ``i`` (or keyword ``name``) of ``node``, a list or tuple (items unchecked)."""
+    return as_list(node, node_arg(node, i, name), _what(i, name))
+
+
+def owning_module(node: fx.Node) -> fx.GraphModule:
+    """The GraphModule whose graph holds ``node``."""
+    gm = node.graph.owning_module
+    if gm is None:
+        raise ValueError(f"{describe_node(node)} is in a graph that no module owns")
+    return gm
 
 
 # ---- clean-up ------------------------------------------------------------------------------

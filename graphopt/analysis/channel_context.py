@@ -20,6 +20,8 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from graphopt.surgery import arg_int, describe_node
+
 Slot = tuple[str, int, int]  # (node name or "attr:<target>", output index, dim)
 
 
@@ -105,7 +107,16 @@ class RuleContext:
         return (slot_key(node), index, dim % val.dim())
 
     def slots(self, node, index: int = 0) -> list[Slot]:
-        return [self.slot(node, d, index) for d in range(self.rank(node, index))]
+        # Every dim below the rank has a slot: the filter only drops what cannot occur.
+        return [s for d in range(self.rank(node, index)) if (s := self.slot(node, d, index)) is not None]
+
+    def known_slot(self, node, dim: int, index: int = 0) -> Slot:
+        """:meth:`slot` where the rule knows ``node`` has that dim (a relation's member)."""
+        slot = self.slot(node, dim, index)
+        if slot is None:
+            shown = describe_node(node) if isinstance(node, fx.Node) else repr(node)
+            raise ValueError(f"{shown} has no tensor dim {dim} (output {index}) for a channel relation")
+        return slot
 
     def rank(self, node, index: int = 0) -> int:
         val = value_of(node)
@@ -201,8 +212,9 @@ def apply_rule(ctx: RuleContext, node: fx.Node) -> None:
     """Run ``node``'s rule; a node with no rule blocks every dim it reads or writes."""
     target = node.target
     if target is operator.getitem:
-        source, index = node.args
+        source, _ = node.args
         if isinstance(value_of(source), (list, tuple)) and is_tensor(node):
+            index = arg_int(node, 1)
             for d, slot in enumerate(ctx.slots(node)):
                 ctx.b.union(slot, ctx.slot(source, d, index))
         return

@@ -16,6 +16,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from graphopt.analysis.channel_context import RuleContext, is_tensor, rule
+from graphopt.surgery import arg_int, arg_list, as_ints
 
 aten = torch.ops.aten
 
@@ -40,10 +41,11 @@ def _elementwise(ctx: RuleContext, node: fx.Node) -> None:
 def _reduce(ctx: RuleContext, node: fx.Node) -> None:
     src = node.args[0]
     r = ctx.rank(src)
-    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else node.kwargs.get("dim")
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-        dims = list(range(r))
-    dims = {d % r for d in ([dims] if isinstance(dims, int) else dims)}
+    given = node.args[1] if len(node.args) > 1 and node.args[1] is not None else node.kwargs.get("dim")
+    if given is None or (isinstance(given, (list, tuple)) and len(given) == 0):
+        given = list(range(r))
+    listed = [given] if isinstance(given, int) else as_ints(node, given, "dim")
+    dims = {d % r for d in listed}
     keep = ctx.rank(node) == r
     out_dim = 0
     for d in range(r):
@@ -59,12 +61,12 @@ def _reduce(ctx: RuleContext, node: fx.Node) -> None:
 def _softmax(ctx: RuleContext, node: fx.Node) -> None:
     src = node.args[0]
     ctx.broadcast(node, [src])
-    ctx.b.block(ctx.slot(src, node.args[1]), f"'{node.name}' normalises over it (softmax)")
+    ctx.b.block(ctx.slot(src, arg_int(node, 1)), f"'{node.name}' normalises over it (softmax)")
 
 
 @rule(aten.layer_norm, aten.rms_norm)
 def _norm(ctx: RuleContext, node: fx.Node) -> None:
-    x, shape = node.args[0], node.args[1]
+    x, shape = node.args[0], arg_list(node, 1)
     weight = node.args[2] if len(node.args) > 2 else None
     bias = node.args[3] if node.target is aten.layer_norm.default and len(node.args) > 3 else None
     ctx.broadcast(node, [x])

@@ -13,28 +13,30 @@ import torch
 from torch import fx
 
 from graphopt.analysis.channel_context import RuleContext, is_tensor, rule, value_of
+from graphopt.surgery import arg_int, arg_ints, arg_list, arg_node, describe_node
 
 aten = torch.ops.aten
 
 
 @rule(aten.view, aten.reshape, aten._unsafe_view)
 def _view(ctx: RuleContext, node: fx.Node) -> None:
-    ctx.reshape(node, node.args[0])
-    for position, value in enumerate(node.args[1]):
+    ctx.reshape(node, arg_node(node, 0))
+    for position, value in enumerate(arg_list(node, 1)):
         if isinstance(value, int) and value != -1:
             ctx.site(ctx.slot(node, position), node, 1, position)
 
 
 @rule(aten.unsqueeze, aten.squeeze, aten.flatten)
 def _regroup(ctx: RuleContext, node: fx.Node) -> None:
-    ctx.reshape(node, node.args[0])
+    ctx.reshape(node, arg_node(node, 0))
 
 
 @rule(aten.unflatten)
 def _unflatten(ctx: RuleContext, node: fx.Node) -> None:
-    ctx.reshape(node, node.args[0])
-    dim = node.args[1] % ctx.rank(node.args[0])
-    for position, value in enumerate(node.args[2]):
+    src = arg_node(node, 0)
+    ctx.reshape(node, src)
+    dim = arg_int(node, 1) % ctx.rank(src)
+    for position, value in enumerate(arg_list(node, 2)):
         if isinstance(value, int) and value != -1:
             ctx.site(ctx.slot(node, dim + position), node, 2, position)
 
@@ -45,10 +47,10 @@ def _permute(ctx: RuleContext, node: fx.Node) -> None:
     if node.target is aten.t.default:
         order = [1, 0] if r == 2 else list(range(r))
     elif node.target is aten.permute.default:
-        order = [d % r for d in node.args[1]]
+        order = [d % r for d in arg_ints(node, 1)]
     else:
         order = list(range(r))
-        a, c = node.args[1] % r, node.args[2] % r
+        a, c = arg_int(node, 1) % r, arg_int(node, 2) % r
         order[a], order[c] = order[c], order[a]
     for d, source_dim in enumerate(order):
         ctx.b.union(ctx.slot(node, d), ctx.slot(src, source_dim))
@@ -65,7 +67,7 @@ def _expand(ctx: RuleContext, node: fx.Node) -> None:
             ctx.b.union(a, o)
         else:
             ctx.b.flag(o, "expanded")
-        value = node.args[1][d]
+        value = arg_list(node, 1)[d]
         if isinstance(value, int) and value != -1:
             ctx.site(o, node, 1, d)
 
@@ -73,11 +75,13 @@ def _expand(ctx: RuleContext, node: fx.Node) -> None:
 @rule(aten.slice)
 def _slice(ctx: RuleContext, node: fx.Node) -> None:
     src = node.args[0]
-    dim = (node.args[1] if len(node.args) > 1 else 0) % ctx.rank(src)
+    dim = arg_int(node, 1, default=0) % ctx.rank(src)
     start = node.args[2] if len(node.args) > 2 else 0
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     whole = ctx.size(ctx.slot(src, dim))
+    if whole is None:  # dim is one of src's dims (its rank divided the index above)
+        raise ValueError(f"{describe_node(node)} slices a dim with no known size")
     full = start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and (end >= 2**62 or (whole.is_Integer and end >= int(whole)))))
     for d in range(ctx.rank(node)):
         if d == dim and not full:
@@ -90,7 +94,7 @@ def _slice(ctx: RuleContext, node: fx.Node) -> None:
 @rule(aten.select)
 def _select(ctx: RuleContext, node: fx.Node) -> None:
     src = node.args[0]
-    dim = node.args[1] % ctx.rank(src)
+    dim = arg_int(node, 1) % ctx.rank(src)
     ctx.b.block(ctx.slot(src, dim), f"'{node.name}' selects one index of it")
     kept = [d for d in range(ctx.rank(src)) if d != dim]
     for d, source_dim in enumerate(kept):
@@ -99,9 +103,9 @@ def _select(ctx: RuleContext, node: fx.Node) -> None:
 
 @rule(aten.cat)
 def _cat(ctx: RuleContext, node: fx.Node) -> None:
-    tensors = [t for t in node.args[0] if is_tensor(t)]
+    tensors = [t for t in arg_list(node, 0) if is_tensor(t)]
     r = ctx.rank(node)
-    dim = (node.args[1] if len(node.args) > 1 else 0) % r
+    dim = arg_int(node, 1, default=0) % r
     for t in tensors:
         if ctx.rank(t) != r:
             ctx.block_all(node, f"'{node.name}' concatenates tensors of different rank")
@@ -109,34 +113,37 @@ def _cat(ctx: RuleContext, node: fx.Node) -> None:
         for d in range(r):
             if d != dim:
                 ctx.b.union(ctx.slot(node, d), ctx.slot(t, d))
-    ctx.b.relations.append(("concat", ctx.slot(node, dim), [ctx.slot(t, dim) for t in tensors]))
+    ctx.b.relations.append(("concat", ctx.known_slot(node, dim), [ctx.known_slot(t, dim) for t in tensors]))
 
 
 @rule(aten.split, aten.split_with_sizes)
 def _split(ctx: RuleContext, node: fx.Node) -> None:
     src = node.args[0]
     r = ctx.rank(src)
-    dim = (node.args[2] if len(node.args) > 2 else 0) % r
-    parts = range(len(value_of(node)))
+    dim = arg_int(node, 2, default=0) % r
+    outputs = value_of(node)
+    if not isinstance(outputs, (list, tuple)):
+        raise TypeError(f"{describe_node(node)} has no list of tensors as its value")
+    parts = range(len(outputs))
     for i in parts:
         for d in range(r):
             if d != dim:
                 ctx.b.union(ctx.slot(node, d, i), ctx.slot(src, d))
-    ctx.b.relations.append(("concat", ctx.slot(src, dim), [ctx.slot(node, dim, i) for i in parts]))
+    ctx.b.relations.append(("concat", ctx.known_slot(src, dim), [ctx.known_slot(node, dim, i) for i in parts]))
     for i in parts:  # the sizes argument is rewritten from the parts' new sizes
         ctx.site(ctx.slot(node, dim, i), node, 1, ("split", i))
 
 
 @rule(aten.full, aten.zeros, aten.ones, aten.empty)
 def _create(ctx: RuleContext, node: fx.Node) -> None:
-    for position, value in enumerate(node.args[0]):
+    for position, value in enumerate(arg_list(node, 0)):
         if isinstance(value, int):
             ctx.site(ctx.slot(node, position), node, 0, position)
 
 
 @rule(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)
 def _create_like(ctx: RuleContext, node: fx.Node) -> None:
-    for position, value in enumerate(node.args[1]):
+    for position, value in enumerate(arg_list(node, 1)):
         if isinstance(value, int):
             ctx.site(ctx.slot(node, position), node, 1, position)
 
@@ -156,4 +163,4 @@ def _nothing(ctx: RuleContext, node: fx.Node) -> None:
 
 @rule(aten.sym_size)
 def _sym_size(ctx: RuleContext, node: fx.Node) -> None:
-    ctx.b.block(ctx.slot(node.args[0], node.args[1]), f"'{node.name}' reads its size")
+    ctx.b.block(ctx.slot(node.args[0], arg_int(node, 1)), f"'{node.name}' reads its size")

@@ -22,6 +22,7 @@ Kinds are read off the graph, not off module names:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import fx
@@ -145,10 +146,12 @@ def _coords(graph: ChannelGraph, sid: int, memo: dict, stack: tuple) -> dict[int
         memo[sid] = {sid: torch.arange(size)}
         return memo[sid]
     kind, parts = space.relation
-    part_coords = [_coords(graph, p, memo, (*stack, sid)) for p in parts]
-    sizes = [graph.spaces[p].static_size for p in parts]
-    if any(c is None for c in part_coords):
+    found = [_coords(graph, p, memo, (*stack, sid)) for p in parts]
+    part_coords = [c for c in found if c is not None]
+    if len(part_coords) != len(found):
         return None
+    # A part with coordinates has a static size: _coords returns None for one without.
+    sizes = [cast(int, graph.spaces[p].static_size) for p in parts]
     result: dict[int, torch.Tensor] = {}
     index = torch.arange(size)
     if kind == "product":
@@ -187,7 +190,7 @@ def _kind(graph: ChannelGraph, space: Space, parents: dict[int, list[int]]) -> s
         return "heads"
     for parent in parents.get(space.id, []):
         whole = graph.spaces[parent]
-        if "heads" in whole.flags and whole.relation[0] == "product":
+        if "heads" in whole.flags and whole.relation is not None and whole.relation[0] == "product":
             return "heads" if "expanded" in space.flags else "kv_heads"
     if space.flags & {"norm", "reduced", "embedding"}:
         return "hidden"

@@ -93,7 +93,10 @@ def taylor(program: Program, groups: Sequence[Group], calibration) -> Scores:
         for args, kwargs in calibration:
             with torch.enable_grad():
                 outputs = [o for o in flatten_outputs(program.module(*args, **kwargs)) if o.is_floating_point()]
-                loss = sum((o * torch.randn(o.shape, generator=generator)).sum() for o in outputs)
+                terms = [(o * torch.randn(o.shape, generator=generator)).sum() for o in outputs]
+                if not terms:
+                    raise ValueError("taylor importance needs a floating-point model output to differentiate")
+                loss = sum(terms[1:], terms[0])
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             products = {name: (t.detach() * g) if g is not None else None for (name, t), g in zip(params.items(), grads)}
             for g in groups:
@@ -148,7 +151,7 @@ def matmul_readers(gm: fx.GraphModule) -> dict[tuple[str, int], list[tuple[str, 
             continue
         weight = node.args[spec[1]]
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            readers.setdefault((weight.target, spec[2]), []).append((node.name, -1))
+            readers.setdefault((str(weight.target), spec[2]), []).append((node.name, -1))
     return readers
 
 

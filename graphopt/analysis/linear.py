@@ -22,7 +22,7 @@ from torch import fx
 
 from graphopt.program import Program, module_path
 from graphopt.rewrite import NoMatch, fake
-from graphopt.surgery import get_tensor
+from graphopt.surgery import arg_int, arg_ints, get_tensor, owning_module
 
 aten = torch.ops.aten
 
@@ -105,7 +105,7 @@ def _matmul_site(node: fx.Node, x, w, bias) -> LinearSite | NoMatch:
 
 
 def _site(node: fx.Node, x, weight_node: fx.Node, transposed: bool, bias) -> LinearSite | NoMatch:
-    gm = node.graph.owning_module
+    gm = owning_module(node)
     weight = get_tensor(gm, str(weight_node.target))
     if weight.dim() != 2:
         return NoMatch("weight_rank", f"'{node.name}' weight is {weight.dim()}-D, not a 2-D matrix")
@@ -121,7 +121,7 @@ def _site(node: fx.Node, x, weight_node: fx.Node, transposed: bool, bias) -> Lin
     if bias is not None:
         stored = _constant(bias)
         b = get_tensor(gm, str(stored.target)) if stored is not None else None
-        if b is not None and b.dim() == 1 and b.shape[0] == out_features:
+        if stored is not None and b is not None and b.dim() == 1 and b.shape[0] == out_features:
             bias_name = str(stored.target)
         elif isinstance(bias, fx.Node):
             bias_node = bias.name
@@ -139,9 +139,9 @@ def _swaps_2d(node: fx.Node) -> bool:
     if val is None or val.dim() != 2:
         return False
     if node.target is aten.transpose.int:
-        return {d % 2 for d in node.args[1:3]} == {0, 1}
+        return {arg_int(node, 1) % 2, arg_int(node, 2) % 2} == {0, 1}
     if node.target is aten.permute.default:
-        return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
+        return arg_ints(node, 1) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
     return True
 
 

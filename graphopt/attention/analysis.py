@@ -23,6 +23,7 @@ from torch import fx
 from graphopt.attention.masks import additive_values
 from graphopt.program import Program, module_path
 from graphopt.rewrite import NoMatch, fake, only_user
+from graphopt.surgery import arg_int, arg_node, arg_optional_node, as_float
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -40,8 +41,7 @@ class SDPASite:
 
     @property
     def mask(self) -> fx.Node | None:
-        node = self.node
-        return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        return arg_optional_node(self.node, 3, "attn_mask")
 
     def option(self, name: str, position: int, default):
         node = self.node
@@ -63,7 +63,7 @@ class SDPASite:
         scale = self.node.kwargs.get("scale")
         if scale is None:
             scale = self.node.args[6] if len(self.node.args) > 6 else None
-        return float(scale) if scale is not None else 1.0 / math.sqrt(self.node.args[0].meta["val"].shape[-1])
+        return as_float(self.node, scale, "scale") if scale is not None else 1.0 / math.sqrt(arg_node(self.node, 0).meta["val"].shape[-1])
 
 
 def sdpa_nodes(program: Program) -> list[SDPASite]:
@@ -137,7 +137,7 @@ def classify_mask(mask: torch.Tensor | None, seq_q: int, seq_k: int) -> MaskKind
 def projection_of(operand, projection, stored: tuple[int, ...] = (1, 2, 3), what: str = "a dynamic-int8 projection (fp32 layer, or another mode)") -> tuple[fx.Node, list[fx.Node]] | NoMatch:
     """transpose(view(p, [B, S, heads, d]), 1, 2) with p a ``projection`` node whose arguments at
     ``stored`` are stored tensors (get_attr; a missing optional one is fine), single users."""
-    if not (isinstance(operand, fx.Node) and operand.target is aten.transpose.int and sorted(d % 4 for d in operand.args[1:3]) == [1, 2]):
+    if not (isinstance(operand, fx.Node) and operand.target is aten.transpose.int and _swaps_heads(operand)):
         return NoMatch("head_split", f"{_name(operand)} is not transpose(·, 1, 2) of the heads view")
     view = operand.args[0]
     if not (isinstance(view, fx.Node) and view.target in RESHAPES):
@@ -152,7 +152,8 @@ def projection_of(operand, projection, stored: tuple[int, ...] = (1, 2, 3), what
     for i in stored:
         if i >= len(source.args) or source.args[i] is None:
             continue
-        if not (isinstance(source.args[i], fx.Node) and source.args[i].op == "get_attr"):
+        arg = source.args[i]
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
             return NoMatch("projection", f"{_name(source)} reads a computed weight")
     user = only_user(operand)
     if isinstance(user, NoMatch):
@@ -172,7 +173,7 @@ def heads_merged_output(sdpa: fx.Node) -> tuple[fx.Node, list[fx.Node]] | NoMatc
         user = only_user(user)
     if isinstance(user, NoMatch):
         return user
-    if not (user.target is aten.transpose.int and sorted(d % 4 for d in user.args[1:3]) == [1, 2]):
+    if not (user.target is aten.transpose.int and _swaps_heads(user)):
         return NoMatch("head_merge", f"attention output feeds {_name(user)}, not transpose(·, 1, 2)")
     chain.append(user)
     while True:
@@ -187,6 +188,11 @@ def heads_merged_output(sdpa: fx.Node) -> tuple[fx.Node, list[fx.Node]] | NoMatc
         return NoMatch("head_merge", f"heads are merged by {_name(user)}, not a reshape to [B, S, hidden]")
     chain.append(user)
     return user, chain
+
+
+def _swaps_heads(transpose: fx.Node) -> bool:
+    """Whether a 4-D ``aten.transpose.int`` swaps dims 1 and 2."""
+    return sorted(arg_int(transpose, i) % 4 for i in (1, 2)) == [1, 2]
 
 
 def _same_shape_reshape(node: fx.Node) -> bool:

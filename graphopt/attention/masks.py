@@ -17,6 +17,8 @@ output by whether its row keeps any key: then the rewrite is exact there too.
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import fx
 
@@ -31,6 +33,12 @@ def is_boolean(mask: fx.Node | None) -> bool:
     return value is not None and value.dtype == torch.bool
 
 
+@overload
+def additive_values(mask: torch.Tensor, dtype: torch.dtype = ...) -> torch.Tensor: ...
+@overload
+def additive_values(mask: None, dtype: torch.dtype = ...) -> None: ...
+@overload
+def additive_values(mask: torch.Tensor | None, dtype: torch.dtype = ...) -> torch.Tensor | None: ...
 def additive_values(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """A concrete mask as an additive bias (boolean: True -> 0, False -> finfo.min)."""
     if mask is None or mask.dtype != torch.bool:

@@ -36,7 +36,7 @@ from graphopt.attention.masks import additive_mask, zero_unattended
 from graphopt.attention.reference import exact_attention
 from graphopt.program import module_path
 from graphopt.rewrite import Match, NoMatch, RewriteRule, emit, fake
-from graphopt.surgery import add_constant, get_tensor
+from graphopt.surgery import add_constant, arg_node, arg_optional_node, as_float, get_tensor
 
 aten = torch.ops.aten
 
@@ -90,15 +90,15 @@ def packed_attention_rule(gm: fx.GraphModule) -> RewriteRule:
             projections.append(found[0])
         if len({p.args[0] for p in projections}) != 1:
             return NoMatch("same_input", "Q, K and V are projections of different tensors (cross-attention)")
-        weights = [get_tensor(gm, p.args[1].target) for p in projections]
+        weights = [get_tensor(gm, str(arg_node(p, 1).target)) for p in projections]
         if {tuple(w.shape) for w in weights} != {(heads * head_dim, weights[0].shape[1])} or any(w.dtype != torch.float32 for w in weights):
             return NoMatch("widths", f"projection weights {[tuple(w.shape) for w in weights]} are not three float32 [heads * d = {heads * head_dim}, hidden]")
         tail = heads_merged_output(sdpa)
         if isinstance(tail, NoMatch):
             return tail
         root, tail_nodes = tail
-        scale = sdpa.kwargs.get("scale")
-        scale = float(scale) if scale is not None else head_dim**-0.5
+        given_scale = sdpa.kwargs.get("scale")
+        scale = as_float(sdpa, given_scale, "scale") if given_scale is not None else head_dim**-0.5
         nodes = (*projections, *chain, sdpa, *tail_nodes)
         bindings = {"projections": projections, "mask": mask, "heads": heads, "scale": scale, "causal": causal, "site": module_path(sdpa) or sdpa.name}
         return Match(root=root, nodes=nodes, bindings=bindings)
@@ -121,7 +121,7 @@ def packed_attention_rule(gm: fx.GraphModule) -> RewriteRule:
 
 def _check_options(sdpa: fx.Node) -> tuple[fx.Node | None, bool, int, int] | NoMatch:
     """(mask, causal, heads, head_dim) of an SDPA node the packed kernel can compute."""
-    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+    mask = arg_optional_node(sdpa, 3, "attn_mask")
     extra = {k: v for k, v in sdpa.kwargs.items() if k not in ("scale", "attn_mask", "is_causal")}
     if any(extra.get(k) for k in ("dropout_p", "enable_gqa")) or (len(sdpa.args) > 4 and sdpa.args[4]):
         return NoMatch("sdpa_options", f"'{sdpa.name}' uses dropout or GQA")

@@ -53,17 +53,19 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 20, seed: int = 0,
     by_quantile = torch.quantile(fit, levels, dim=1).T.contiguous()  # [rows, k]
     low, high = fit.min(dim=1, keepdim=True).values, fit.max(dim=1, keepdim=True).values
     by_range = low + (high - low) * levels
-    best, best_error = None, None
+    best: torch.Tensor | None = None
+    best_error: torch.Tensor | None = None
     for start in (by_quantile, by_range):
         centroids = _lloyd(fit, fit_weight, start, iterations)
         codes = _assign(fit, centroids)
         error = (fit_weight * (fit - torch.gather(centroids, 1, codes)).square()).sum(dim=1)
-        if best is None:
+        if best is None or best_error is None:  # the first start
             best, best_error = centroids, error
         else:
             better = error < best_error
             best = torch.where(better[:, None], centroids, best)
             best_error = torch.minimum(error, best_error)
+    assert best is not None  # the loop above ran over two starts
     centroids = best
     if not values.is_floating_point():
         info = torch.iinfo(values.dtype)

@@ -27,17 +27,19 @@ class TeacherCache:
 
     def __call__(self, args: tuple, inputs: dict, keys: list[str] | None) -> tuple[tuple, list]:
         mask = inputs.get("attention_mask")
-        usable = (
+        usable: tuple[list[str], torch.Tensor] | None = None
+        if (
             keys is not None and self.limit > 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and len(keys) == mask.shape[0]
             # right padding only: a left-padded sentence's positions (and outputs) move with the batch
             and bool((mask[:, 1:] <= mask[:, :-1]).all())
-        )
-        if usable and self.layout is not None and all(k in self.rows for k in keys):
-            return self._assemble(keys, mask.bool())
+        ):
+            usable = (keys, mask)
+        if usable is not None and self.layout is not None and all(k in self.rows for k in usable[0]):
+            return self._assemble(usable[0], usable[1].bool())
         with torch.no_grad():
             t_out, t_taps = self.view(*self.view.flatten(args, inputs))
-        if usable and self.used < self.limit:
-            self._store(keys, mask.bool(), t_out, t_taps)
+        if usable is not None and self.used < self.limit:
+            self._store(usable[0], usable[1].bool(), t_out, t_taps)
         return t_out, t_taps
 
     def _store(self, keys: list[str], mask: torch.Tensor, t_out, t_taps) -> None:
@@ -61,6 +63,8 @@ class TeacherCache:
                 self.used += sum(r.numel() * r.element_size() for r in rows)
 
     def _assemble(self, keys: list[str], mask: torch.Tensor) -> tuple[tuple, list]:
+        if self.layout is None:
+            raise RuntimeError("TeacherCache._assemble called before any batch was stored")
         count, per_token = self.layout
         tensors = []
         for j, token in enumerate(per_token):

@@ -51,7 +51,8 @@ def load_checkpoint(folder: Path, student: Program, projections, optimizer, sche
 
 
 def named_tensors(program: Program) -> dict[str, torch.Tensor]:
-    seen, named = set(), {}
+    seen: set[int] = set()
+    named: dict[str, torch.Tensor] = {}
     for name, tensor in program.module.named_parameters():
         if id(tensor) not in seen:
             seen.add(id(tensor))

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -105,7 +105,7 @@ def to_onnx(
     onnx_program = _run_exporter(program, opset, custom_translation_table)
     model = onnx_program.model
     sites, deduplicated = finish_graph(program, onnx_program, optimize=optimize, strip_metadata=strip_metadata)
-    inputs, output_names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+    inputs, output_names = _value_names(model.graph.inputs), _value_names(model.graph.outputs)
     dynamic_axes = dynamic_axis_names(program)
     onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
 
@@ -176,7 +176,7 @@ def _export(program: Program, opset: int, custom_translation_table) -> torch.onn
     try:
         for tensor in tensors:
             tensor.requires_grad_(False)
-        return torch.onnx.export(
+        onnx_program = torch.onnx.export(
             program.module,
             tuple(program.args),
             kwargs=dict(program.kwargs) or None,
@@ -195,6 +195,9 @@ def _export(program: Program, opset: int, custom_translation_table) -> torch.onn
     finally:
         for tensor, flag in zip(tensors, flags):
             tensor.requires_grad_(flag)
+    if onnx_program is None:  # only the legacy (dynamo=False) exporter returns None
+        raise ExportError("torch.onnx.export returned no ONNXProgram")
+    return onnx_program
 
 
 def _optimize(model: ir.Model) -> None:
@@ -213,7 +216,7 @@ def strip_metadata_props(model: ir.Model) -> int:
     """Remove ``metadata_props`` from every node and value of the model and its functions;
     return how many entries went. The model's own metadata (producer, opsets) stays."""
     removed = 0
-    graphs = [model.graph, *model.functions.values()]
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     for graph in graphs:
         for node in ir.traversal.RecursiveGraphIterator(graph) if isinstance(graph, ir.Graph) else graph:
             removed += len(node.metadata_props)
@@ -244,9 +247,9 @@ def deduplicate_initializers(model: ir.Model) -> int:
     non-contiguous arrays, which the exporter produces (expanded buffers).
     """
     graph = model.graph
-    kept: dict[tuple, ir.Value] = {}
+    kept: dict[tuple, tuple[ir.Value, ir.TensorProtocol]] = {}  # the value kept, and its tensor
     dropped = 0
-    for value in tuple(graph.initializers.values()):
+    for name, value in tuple(graph.initializers.items()):
         tensor = value.const_value
         if tensor is None or value.is_graph_input() or value.is_graph_output() or tensor.dtype == ir.DataType.STRING:
             continue
@@ -254,12 +257,12 @@ def deduplicate_initializers(model: ir.Model) -> int:
         key = (tensor.dtype, tuple(tensor.shape.numpy()), hashlib.sha256(data).digest())
         keeper = kept.get(key)
         if keeper is None:
-            kept[key] = value
+            kept[key] = (value, tensor)
             continue
-        if keeper.const_value.tobytes() != data:  # a hash collision: keep both
+        if keeper[1].tobytes() != data:  # a hash collision: keep both
             continue
-        value.replace_all_uses_with(keeper)
-        graph.initializers.pop(value.name)
+        value.replace_all_uses_with(keeper[0])
+        graph.initializers.pop(name)
         dropped += 1
     return dropped
 
@@ -279,12 +282,12 @@ def _rename_inputs(graph: ir.Graph, names: list[str]) -> list[str]:
         taken = _all_value_names(graph)
         for value, name in zip(graph.inputs, names):
             _set_name(value, name, taken)
-    return [v.name for v in graph.inputs]
+    return _value_names(graph.inputs)
 
 
 def _rename_outputs(graph: ir.Graph, names: list[str]) -> list[str]:
     if not names:
-        return [v.name for v in graph.outputs]
+        return _value_names(graph.outputs)
     if len(names) != len(graph.outputs):
         raise ExportError(
             f"the ONNX graph has {len(graph.outputs)} outputs but the program names {len(names)}: {names}"
@@ -307,7 +310,17 @@ def _rename_outputs(graph: ir.Graph, names: list[str]) -> list[str]:
             graph.outputs[index] = value
         seen.add(id(value))
         _set_name(value, name, taken)
-    return [v.name for v in graph.outputs]
+    return _value_names(graph.outputs)
+
+
+def _value_names(values: Iterable[ir.Value]) -> list[str]:
+    """The names of graph inputs or outputs, which a graph always gives its values."""
+    names: list[str] = []
+    for value in values:
+        if value.name is None:
+            raise ExportError(f"the ONNX graph has an unnamed input or output: {value!r}")
+        names.append(value.name)
+    return names
 
 
 def _set_name(value: ir.Value, name: str, taken: dict[str, ir.Value]) -> None:
@@ -320,7 +333,8 @@ def _set_name(value: ir.Value, name: str, taken: dict[str, ir.Value]) -> None:
             suffix += 1
         holder.name = f"{name}_{suffix}"
         taken[holder.name] = holder
-    taken.pop(value.name, None)
+    if value.name is not None:
+        taken.pop(value.name, None)
     value.name = name
     taken[name] = value
 
@@ -328,10 +342,10 @@ def _set_name(value: ir.Value, name: str, taken: dict[str, ir.Value]) -> None:
 # ---- dynamic axes ------------------------------------------------------------------------
 
 
-def _axis_rename_mapping(graph: ir.Graph, axes: dict[str, dict[int, str]]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
+def _axis_rename_mapping(graph: ir.Graph, axes: dict[str, dict[int, str]]) -> dict[str | ir.SymbolicDim, str]:
+    mapping: dict[str | ir.SymbolicDim, str] = {}
     for value in graph.inputs:
-        if value.shape is None:
+        if value.shape is None or value.name is None:
             continue
         for axis, new_name in axes.get(value.name, {}).items():
             if axis >= len(value.shape):

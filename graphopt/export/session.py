@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -195,11 +196,11 @@ def tune_disabled_optimizers(
     for name in candidates:
         variants = {"with": chosen, "without": [*chosen, name]}
 
-        def maker(names):
+        def maker(names: list[str]) -> Callable[[], Any]:
             session = make_session(path, provider=provider, threads=threads, disabled_optimizers=names)
             return lambda: run(session, inputs)
 
-        stats = alternating_latency({key: (lambda n=names: maker(n)) for key, names in variants.items()}, rounds=rounds, runs_per_round=runs_per_round)
+        stats = alternating_latency({key: functools.partial(maker, names) for key, names in variants.items()}, rounds=rounds, runs_per_round=runs_per_round)
         with_ms, without_ms = stats["with"]["p50_ms"], stats["without"]["p50_ms"]
         gain = with_ms / without_ms - 1.0
         trials[name] = {"with_ms": with_ms, "without_ms": without_ms, "gain": gain}

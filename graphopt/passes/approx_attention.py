@@ -103,6 +103,7 @@ class ApproxAttention(Pass):
     Config: ClassVar[type[PassConfig]] = ApproxAttentionConfig
     Info: ClassVar[type[PassInfo]] = ApproxAttentionInfo
     requires_ir = ("aten",)
+    config: ApproxAttentionConfig  # the validated options (narrowed from PassConfig for type checkers)
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -177,7 +178,7 @@ class ApproxAttention(Pass):
                 row = emit(graph, aten.slice.Tensor, (emit(graph, aten.slice.Tensor, (site.mask, 1, 0, 1)), 2, -1, END))
                 key_bias = additive_mask(graph, row, dtype)
             if cfg.method == "nystrom":
-                args = (q, k, v, key_bias, site.scale(), cfg.landmarks, cfg.iterations, cfg.threshold)
+                args: tuple[object, ...] = (q, k, v, key_bias, site.scale(), cfg.landmarks, cfg.iterations, cfg.threshold)
                 return emit(graph, torch.ops.graphopt.nystrom_attention.default, args)
             rotations = add_constant(gm, f"approx_attention_rotations_{site.layer}", m.bindings["rotations"])
             args = (q, k, v, key_bias, rotations, site.scale(), cfg.chunk, bool(m.bindings["causal"]), cfg.threshold)

@@ -44,7 +44,7 @@ def bias_gelu_rule(gm: fx.GraphModule) -> RewriteRule:
         bias = source.args[index] if len(source.args) > index else None
         if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
             return NoMatch("bias", f"'{source.name}' has no stored bias")
-        value = get_tensor(gm, bias.target)
+        value = get_tensor(gm, str(bias.target))
         if value.dim() != 1 or value.dtype != torch.float32:
             return NoMatch("bias", f"'{source.name}' bias is not a float32 vector")
         return Match(root=node, nodes=(node,), bindings={"linear": source, "index": index, "bias": bias})

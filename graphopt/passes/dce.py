@@ -10,7 +10,7 @@ from torch import fx
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.surgery import remove_unused_tensors
+from graphopt.surgery import arg_float, arg_node, remove_unused_tensors
 
 aten = torch.ops.aten
 
@@ -33,12 +33,12 @@ def is_identity(node: fx.Node) -> bool:
     target, args, kwargs = node.target, node.args, node.kwargs
     if target is aten.dropout.default:
         train = args[2] if len(args) > 2 else kwargs.get("train", True)
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        p = arg_float(node, 1, "p", default=0.5)
         return train is False or p == 0
     if target in (aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default):
         return True
     if target in (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default):
-        source, result = args[0].meta.get("val"), node.meta.get("val")
+        source, result = arg_node(node, 0).meta.get("val"), node.meta.get("val")
         if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor):
             return False
         # A cast that keeps dtype, device and layout is an identity (copy semantics aside:
@@ -56,6 +56,7 @@ class DeadCodeElimination(Pass):
     name: ClassVar[str] = "dce"
     Config: ClassVar[type[PassConfig]] = DCEConfig
     Info: ClassVar[type[PassInfo]] = DCEInfo
+    config: DCEConfig  # the validated options (narrowed from PassConfig for type checkers)
 
     @classmethod
     def is_exact(cls, config: DCEConfig) -> bool:

@@ -47,6 +47,7 @@ class Deduplicate(Pass):
     name: ClassVar[str] = "dedup"
     Config: ClassVar[type[PassConfig]] = DedupConfig
     Info: ClassVar[type[PassInfo]] = DedupInfo
+    config: DedupConfig  # the validated options (narrowed from PassConfig for type checkers)
 
     @classmethod
     def is_exact(cls, config: DedupConfig) -> bool:

@@ -70,6 +70,7 @@ class FusedAttention(Pass):
     Config: ClassVar[type[PassConfig]] = FusedAttentionConfig
     Info: ClassVar[type[PassInfo]] = FusedAttentionInfo
     requires_ir = ("aten",)
+    config: FusedAttentionConfig  # the validated options (narrowed from PassConfig for type checkers)
 
     @classmethod
     def is_exact(cls, config: FusedAttentionConfig) -> bool:

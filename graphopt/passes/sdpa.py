@@ -36,7 +36,7 @@ from graphopt.rewrite import (
     fake,
     only_user,
 )
-from graphopt.surgery import get_tensor
+from graphopt.surgery import arg_int, arg_ints, arg_list, arg_node, get_tensor
 
 aten = torch.ops.aten
 
@@ -65,6 +65,7 @@ class AttentionToSDPA(Pass):
     Config: ClassVar[type[PassConfig]] = SDPAConfig
     Info: ClassVar[type[PassInfo]] = SDPAInfo
     requires_ir = ("aten",)
+    config: SDPAConfig  # the validated options (narrowed from PassConfig for type checkers)
 
     @classmethod
     def is_exact(cls, config: SDPAConfig) -> bool:
@@ -106,7 +107,7 @@ def match_attention(softmax: fx.Node) -> Match | NoMatch:
     out = user
     if out.args[0] is not probs:
         return NoMatch("second_matmul", f"'{out.name}' multiplies by the probabilities on the right, not the left")
-    scores = _split_scores(softmax.args[0])
+    scores = _split_scores(arg_node(softmax, 0))
     if isinstance(scores, NoMatch):
         return scores
     q, k_t, v = scores["q"], scores["k_t"], out.args[1]
@@ -159,10 +160,10 @@ def _split_scores(node: fx.Node) -> dict | NoMatch:
         if str(fake(node).shape) != str(fake(scores).shape):
             return NoMatch("mask_shape", f"mask op '{node.name}' broadcasts the scores to {tuple(fake(node).shape)}")
         chain.append(node)
-    split = _split_scale(scores)
-    if isinstance(split, NoMatch):
-        return split
-    scale, matmul, factor = split
+    scaled = _split_scale(scores)
+    if isinstance(scaled, NoMatch):
+        return scaled
+    scale, matmul, factor = scaled
     if matmul is not scores:
         chain.append(scores)
     if matmul.target not in MATMUL:
@@ -190,10 +191,10 @@ def _split_mask(node: fx.Node) -> tuple[tuple, fx.Node] | NoMatch:
                 return ("add", mask), scores
         return NoMatch("first_matmul", f"neither side of '{node.name}' comes from matmul(q, kᵀ)")
     if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        scores, cond, value = node.args[:3]
+        scores, cond, value = arg_node(node, 0), node.args[1], node.args[2]
         kind = "fill"
     else:
-        cond, scores, value = node.args[:3]
+        cond, scores, value = node.args[0], arg_node(node, 1), node.args[2]
         kind = "keep"
     if fake(cond) is None or fake(cond).dtype != torch.bool:
         return NoMatch("mask", f"'{node.name}' selects with a non-boolean condition {_describe(cond)}")
@@ -223,16 +224,19 @@ def _split_scale(node: fx.Node) -> tuple[float, fx.Node, fx.Node | None] | NoMat
 
 
 def _constant_scalar(value) -> float | None:
-    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, fx.Node):
-        if value.target is aten.full.default and tuple(value.args[0]) == () and isinstance(value.args[1], numbers.Number):
+        if value.target is aten.full.default and arg_list(value, 0) == [] and isinstance(value.args[1], numbers.Number):
             return float(value.args[1])
         if value.target is aten.scalar_tensor.default and isinstance(value.args[0], numbers.Number):
             return float(value.args[0])
         if value.op == "get_attr":
+            gm = value.graph.owning_module
+            if gm is None:  # get_tensor's AttributeError on None, as for a missing tensor
+                return None
             try:
-                tensor = get_tensor(value.graph.owning_module, str(value.target))
+                tensor = get_tensor(gm, str(value.target))
             except AttributeError:
                 return None
             if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 and tensor.dim() == 0:
@@ -246,10 +250,10 @@ def _untranspose(k_t: fx.Node) -> fx.Node | None:
     if val is None or not isinstance(k_t, fx.Node):
         return None
     n = val.dim()
-    if k_t.target is aten.transpose.int and {d % n for d in k_t.args[1:3]} == {n - 2, n - 1}:
-        return k_t.args[0]
-    if k_t.target is aten.permute.default and list(k_t.args[1]) == [*range(n - 2), n - 1, n - 2]:
-        return k_t.args[0]
+    if k_t.target is aten.transpose.int and {arg_int(k_t, 1) % n, arg_int(k_t, 2) % n} == {n - 2, n - 1}:
+        return arg_node(k_t, 0)
+    if k_t.target is aten.permute.default and arg_ints(k_t, 1) == [*range(n - 2), n - 1, n - 2]:
+        return arg_node(k_t, 0)
     return None
 
 
@@ -278,7 +282,7 @@ def _describe(value) -> str:
 def replace_attention(graph: fx.Graph, match: Match) -> fx.Node:
     b = match.bindings
     k = b["k"] if b["k"] is not None else emit(graph, aten.transpose.int, (b["k_t"], -2, -1))
-    args = (b["q"], k, b["v"])
+    args: tuple[fx.Node, ...] = (b["q"], k, b["v"])
     mask = _additive_mask(graph, b["mask"], fake(b["q"]))
     if mask is not None:
         args += (mask,)

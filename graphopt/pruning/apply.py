@@ -73,10 +73,12 @@ def _rewrite_sites(gm: fx.GraphModule, analysis: DependencyAnalysis, changed: di
             args = list(node.args)
             if position is None:
                 args[arg_index] = int(kept.numel())
-            else:
+            elif isinstance(position, int):
                 values = list(args[arg_index])
                 values[position] = int(kept.numel())
                 args[arg_index] = values
+            else:
+                raise TypeError(f"site position {position!r} of {node_name} is neither None, a split part nor a list index")
             node.args = tuple(args)
     for node_name, new_sizes in split_sizes.items():
         node = nodes[node_name]

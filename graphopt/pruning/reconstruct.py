@@ -24,7 +24,7 @@ from graphopt.pruning.plan import Keep
 from graphopt.surgery import get_tensor, set_tensor
 
 aten = torch.ops.aten
-_BIAS_ARG = {aten.linear.default: 2, aten.addmm.default: 0}
+_BIAS_ARG: dict[fx.node.Target, int] = {aten.linear.default: 2, aten.addmm.default: 0}
 Fit = tuple[str, int]  # (weight attribute, dim whose channels are cut)
 
 
@@ -47,6 +47,8 @@ def reconstruct(program: Program, analysis: DependencyAnalysis, keep: Keep, cali
     for (attr, dim), kept in fits.items():
         uses = [name for name, _ in readers[(attr, dim)]]
         sigma = sum(moments[n][0] for n in uses) / sum(moments[n][1] for n in uses)
+        if not isinstance(sigma, torch.Tensor):  # a fit has at least one use, so the sum is a tensor
+            raise TypeError(f"no input moments for the readers of {attr}")
         errors[(attr, dim)] = _refit_weight(program, attr, dim, kept, [nodes[n] for n in uses], sigma, damp)
     return _group_errors(analysis, keep, errors)
 
@@ -121,11 +123,12 @@ def _exclusive(program: Program, attr: str, names: set[str]) -> bool:
 
 def _shared_bias(program: Program, uses: list[fx.Node], size: int) -> str | None:
     """The bias attribute (``size`` long) that every use adds with unit scale and nothing else reads."""
-    targets = set()
+    targets: set[str | None] = set()
     for node in uses:
         index = _BIAS_ARG.get(node.target)
         arg = node.args[index] if index is not None and len(node.args) > index and not node.kwargs else None
-        targets.add(arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None)
+        # a get_attr node's target is always the attribute's dotted name
+        targets.add(arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" and isinstance(arg.target, str) else None)
     bias = targets.pop() if len(targets) == 1 else None
     if bias is None or get_tensor(program.module, bias).shape != (size,):
         return None

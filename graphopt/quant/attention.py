@@ -25,7 +25,7 @@ from torch import fx
 from graphopt.attention.analysis import heads_merged_output, projection_of
 from graphopt.quant import ops  # noqa: F401  (defines torch.ops.graphopt)
 from graphopt.rewrite import Match, NoMatch, RewriteRule, emit, fake
-from graphopt.surgery import add_constant, get_tensor
+from graphopt.surgery import add_constant, arg_node, as_float, get_tensor
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -50,16 +50,17 @@ def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
             projections.append(split[0])
         if len({p.args[0] for p in projections}) != 1:
             return NoMatch("same_input", "Q, K and V are projections of different tensors (cross-attention)")
-        widths = {get_tensor(gm, str(p.args[1].target)).shape[1] for p in projections}
+        widths = {get_tensor(gm, str(arg_node(p, 1).target)).shape[1] for p in projections}
         if widths != {heads * head_dim}:
             return NoMatch("widths", f"projection widths {sorted(widths)} != heads * head_dim = {heads * head_dim}")
         tail = heads_merged_output(sdpa)
         if isinstance(tail, NoMatch):
             return tail
         root, tail_nodes = tail
-        scale = sdpa.kwargs.get("scale") or head_dim**-0.5
+        given_scale = sdpa.kwargs.get("scale")
+        scale = as_float(sdpa, given_scale, "scale") if given_scale else head_dim**-0.5
         nodes = (*projections, *chain, sdpa, *tail_nodes)
-        return Match(root=root, nodes=nodes, bindings={"projections": projections, "mask": sdpa.args[3], "heads": heads, "scale": float(scale)})
+        return Match(root=root, nodes=nodes, bindings={"projections": projections, "mask": sdpa.args[3], "heads": heads, "scale": scale})
 
     def replace(graph: fx.Graph, m: Match) -> fx.Node:
         projections = m.bindings["projections"]

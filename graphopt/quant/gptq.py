@@ -50,7 +50,7 @@ def gptq_nbits(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_siz
 class HessianObserver:
     """Accumulates ``X^T X`` of a layer's input over the calibration batches."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.hessian: torch.Tensor | None = None
         self.rows = 0
 

@@ -50,10 +50,10 @@ def _integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.float(), b.float()
     if K <= _EXACT_FP32_TERMS:
         return torch.matmul(a, b).double()
-    total = None
-    for start in range(0, K, _EXACT_FP32_TERMS):
+    total = torch.matmul(a[..., :_EXACT_FP32_TERMS], b[:_EXACT_FP32_TERMS]).double()
+    for start in range(_EXACT_FP32_TERMS, K, _EXACT_FP32_TERMS):
         part = torch.matmul(a[..., start : start + _EXACT_FP32_TERMS], b[start : start + _EXACT_FP32_TERMS]).double()
-        total = part if total is None else total + part
+        total = total + part
     return total
 
 

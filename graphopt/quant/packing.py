@@ -95,13 +95,15 @@ def _search_block_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[t
         scales, zero = _block_params(w, bits, symmetric, shrink)
         codes = torch.clamp(torch.round(w / scales[..., None]) + zero[..., None], 0, levels)
         error = ((codes - zero[..., None]) * scales[..., None] - w).pow(2).sum(dim=-1)
-        if best_error is None:
+        if best_scales is None or best_zero is None or best_error is None:  # the first step
             best_scales, best_zero, best_error = scales, zero, error
             continue
         better = error < best_error
         best_scales = torch.where(better, scales, best_scales)
         best_zero = torch.where(better, zero, best_zero)
         best_error = torch.where(better, error, best_error)
+    if best_scales is None or best_zero is None:
+        raise ValueError("SHRINK_STEPS is empty: no block parameters to choose from")
     return best_scales, best_zero
 
 

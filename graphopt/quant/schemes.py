@@ -8,6 +8,7 @@ same object computes the layer in simulation (sensitivity) and becomes graph nod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class Scheme:
 
 @dataclass
 class QuantizedLinear:
-    op: object  # an OpOverload of torch.ops.graphopt
+    op: Callable[..., torch.Tensor]  # an OpOverload of torch.ops.graphopt
     tensors: dict[str, torch.Tensor]  # inputs after x, in the op's order
     attributes: tuple = ()  # trailing int arguments
     padded: int = 0  # input rows added to fill the last n-bit block
