@@ -204,22 +204,11 @@ def capture_problem(program: Program, recipe: Recipe) -> str | None:
 # ---- export and parity ---------------------------------------------------------------------
 def export_and_check(result: OptimizeResult, original: Program, path: Path, inputs: dict, threads: int, say: Callable[[str], None]) -> None:
     """Export, measure the deployed session's settings, then check ORT parity on exactly
-    those settings against the optimized and the original program.
-
-    Until ``OptimizeResult.check_parity`` exists (the new parity interface), export checks
-    parity itself, on ORT's default session, before the settings are measured."""
+    those settings against the optimized and the original program."""
     runtime = result.recipe.runtime
-    deployed_parity = hasattr(result, "check_parity")
-    try:
-        result.export(path, parity=False if deployed_parity else None)
-    except ParityError as exc:
-        say(f"  parity failed: {exc}")
-    if result.exported is None:
-        return
+    result.export(path, parity=False)  # parity comes below, on the settings measured here
     section = session_settings(runtime, result.exported.path, inputs, threads)
     result.report.sections["session"] = section
-    if not deployed_parity:
-        return
     session = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization, "disabled_optimizers": section["disabled_optimizers"]}
     try:
         result.check_parity(session=session, original=original)

@@ -282,7 +282,8 @@ def test_quantize_that_matches_nothing_fails_the_build(tmp_path, capsys):
 
 
 def test_capture_fallback_fails_a_build_whose_passes_need_aten(tmp_path, capsys):
-    code = main(["optimize", "--model", "factories:numpy_net", "--recipe", fast_recipe(tmp_path, "dce?,sdpa?"), "--out", str(tmp_path / "o"), *FAST])
+    with pytest.warns(UserWarning, match="fell back to torch.fx.symbolic_trace"):
+        code = main(["optimize", "--model", "factories:numpy_net", "--recipe", fast_recipe(tmp_path, "dce?,sdpa?"), "--out", str(tmp_path / "o"), *FAST])
     assert code == EXIT_FAILED
     err = capsys.readouterr().err
     assert "FAILED: capture fell back to torch.fx.symbolic_trace" in err and "cannot run: sdpa?" in err
