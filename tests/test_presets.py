@@ -1,7 +1,7 @@
 """Presets keep their word: each lossy preset, rebuilt on MiniLM from its own recipe (data
 section, budget and all), reaches the held-out figure its description quotes.
 
-The rebuilds cost about ten CPU-minutes, so the default run (and CI) checks only that every
+The rebuilds cost about six CPU-minutes, so the default run (and CI) checks only that every
 lossy preset quotes a measured figure and gates below it; run the rebuilds with
 ``bash scripts/test.sh -m presets`` whenever a preset, a pass it uses or the data split changes."""
 
