@@ -78,6 +78,13 @@ class NearMiss:
         return {"node": self.node, "module_path": self.module_path, "rule": self.rule, "check": self.check, "reason": self.reason}
 
 
+def describe_near_misses(near_misses: list[NearMiss], limit: int, *, with_rule: bool = False) -> str:
+    """The first ``limit`` near misses, one clause each, and how many more there were."""
+    shown = "; ".join(f"{m.node} ({m.module_path or 'top'}): {f'{m.rule}: ' if with_rule else ''}{m.check}: {m.reason}" for m in near_misses[:limit])
+    more = f" and {len(near_misses) - limit} more" if len(near_misses) > limit else ""
+    return shown + more
+
+
 @dataclass
 class RewriteStats:
     applied: dict[str, int]

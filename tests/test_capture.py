@@ -2,10 +2,9 @@
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from torch import fx
+from factories import NumpyNet
 
 import graphopt
 from graphopt import CaptureError
@@ -109,21 +108,6 @@ def test_failure_on_example_inputs_is_reported_as_such():
 def test_non_module_is_rejected():
     with pytest.raises(CaptureError, match=r"nn.Module"):
         graphopt.capture(lambda x: x, (torch.ones(1),))
-
-
-@fx.wrap
-def numpy_tanh(y):
-    # a NumPy implementation of an op: fx keeps it as a leaf call, torch.export cannot trace it
-    return torch.from_numpy(np.tanh(y.detach().numpy())).to(y.dtype)
-
-
-class NumpyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        return numpy_tanh(self.lin(x)) + x
 
 
 def test_fallback_to_symbolic_trace():

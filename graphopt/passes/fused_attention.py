@@ -42,7 +42,7 @@ from graphopt.attention.packed import packed_attention_rule
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
-from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, describe_near_misses, emit, fake
 from graphopt.surgery import CREATED_BY
 
 # provider -> lowering, from the table above; "exporter" keeps torch.onnx's own form.
@@ -97,9 +97,7 @@ class FusedAttention(Pass):
 def _unchanged_reason(near_misses: list) -> str:
     if not near_misses:
         return "no scaled_dot_product_attention in the graph (run the sdpa pass first on eager attention)"
-    shown = "; ".join(f"{m.node} ({m.module_path or 'top'}): {m.rule}: {m.check}: {m.reason}" for m in near_misses[:4])
-    more = f" and {len(near_misses) - 4} more" if len(near_misses) > 4 else ""
-    return f"no SDPA node can be fused; near misses: {shown}{more}"
+    return f"no SDPA node can be fused; near misses: {describe_near_misses(near_misses, 4, with_rule=True)}"
 
 
 # ---- one SDPA node -> MultiHeadAttention ----------------------------------------------------

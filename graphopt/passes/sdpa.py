@@ -32,6 +32,7 @@ from graphopt.rewrite import (
     NoMatch,
     RewriteRule,
     apply_rules,
+    describe_near_misses,
     emit,
     fake,
     only_user,
@@ -81,9 +82,7 @@ class AttentionToSDPA(Pass):
 def _unchanged_reason(near_misses: list) -> str:
     if not near_misses:
         return "no softmax in the graph: no eager attention to rewrite"
-    shown = "; ".join(f"{m.node} ({m.module_path or 'top'}): {m.check}: {m.reason}" for m in near_misses[:3])
-    more = f" and {len(near_misses) - 3} more" if len(near_misses) > 3 else ""
-    return f"no softmax is eager attention; near misses: {shown}{more}"
+    return f"no softmax is eager attention; near misses: {describe_near_misses(near_misses, 3)}"
 
 
 # ---- matching ---------------------------------------------------------------------------
