@@ -27,6 +27,10 @@ class OpCall(torch.nn.Module):
         self.op, self.options = op, options
         if "rotations" in options:
             self.register_buffer("rotations", options.pop("rotations"))
+        if op == "hedgehog":  # random feature maps: the lowering must match any trained weights
+            gen, f = torch.Generator().manual_seed(7), options.pop("features")
+            for name, shape in (("wq", (HEADS, HEAD_DIM, f)), ("bq", (HEADS, 1, f)), ("wk", (HEADS, HEAD_DIM, f)), ("bk", (HEADS, 1, f)), ("mix", (HEADS,))):
+                self.register_parameter(name, torch.nn.Parameter(torch.randn(shape, generator=gen)))
         self.eval()
 
     def forward(self, q, k, v, key_bias):
@@ -37,6 +41,9 @@ class OpCall(torch.nn.Module):
             return ops.fused_attention_biased(q, k, v, key_bias, o["scale"], o["causal"], HEADS)
         if self.op == "nystrom":
             return ops.nystrom_attention(q, k, v, key_bias, o["scale"], o["landmarks"], o["iterations"], o["threshold"])
+        if self.op == "hedgehog":
+            weights = (self.wq, self.bq, self.wk, self.bk, self.mix)
+            return ops.hedgehog_attention(q, k, v, key_bias, *weights, o["scale"], o["block"], o["sinks"], o["causal"], o["threshold"])
         return ops.lsh_attention(q, k, v, key_bias, self.rotations, o["scale"], o["chunk"], o["causal"], o["threshold"])
 
 
@@ -71,6 +78,9 @@ CASES = {
     "nystrom-threshold": dict(scale=0.3, landmarks=6, iterations=6, threshold=18),
     "lsh": dict(scale=0.3, chunk=4, causal=False, threshold=0, rotations=reference.lsh_rotations(HEAD_DIM, 4, 2)),
     "lsh-causal": dict(scale=0.3, chunk=4, causal=True, threshold=0, rotations=reference.lsh_rotations(HEAD_DIM, 4, 3)),
+    "hedgehog": dict(scale=0.3, block=4, sinks=1, causal=False, threshold=0, features=6),
+    "hedgehog-causal": dict(scale=0.3, block=6, sinks=3, causal=True, threshold=0, features=5),
+    "hedgehog-causal-threshold": dict(scale=0.3, block=4, sinks=2, causal=True, threshold=18, features=4),
     "lsh-causal-threshold": dict(scale=0.3, chunk=4, causal=True, threshold=18, rotations=reference.lsh_rotations(HEAD_DIM, 8, 2)),
 }
 
@@ -166,7 +176,8 @@ def test_importing_the_ops_loads_no_onnx_tooling():
 def test_every_op_has_a_declared_lowering():
     table = lowering_table()
     ops = torch.ops.graphopt
-    for op in (ops.fused_attention, ops.fused_attention_biased, ops.attention_qkv, ops.attention_qkv_biased, ops.nystrom_attention, ops.lsh_attention):
+    for op in (ops.fused_attention, ops.fused_attention_biased, ops.attention_qkv, ops.attention_qkv_biased, ops.nystrom_attention, ops.lsh_attention,
+               ops.hedgehog_attention):
         assert op.default in table, op
 
 
@@ -205,3 +216,73 @@ def test_fused_biased_op_with_a_converted_boolean_mask_matches_onnxruntime():
     got = session.run(None, {name: t.numpy() for name, t in zip(names, (q, k, v, bias))})[0]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3)
     assert _rel(got, want.numpy()) < 2e-5
+
+
+# ---- Hedgehog: exact local blocks + sinks, learned linear attention elsewhere --------------
+def _feature_maps(features: int = 6, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((HEADS, HEAD_DIM, features), (HEADS, 1, features), (HEADS, HEAD_DIM, features), (HEADS, 1, features), (HEADS,))
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+def _dense_hedgehog(q, k, v, bias, maps, scale, block, sinks, causal):
+    """The definition, in O(n²): softmax weights exp(s - max) on the local set (own block,
+    previous block, sinks), exp(mix) φ_q·φ_k on every other allowed key, one normaliser."""
+    n = q.shape[-2]
+    wq, bq, wk, bk, mix = maps
+    i = torch.arange(n)
+    local = ((i[None, :] // block == i[:, None] // block) | (i[None, :] // block == i[:, None] // block - 1) | (i[None, :] < sinks))
+    allowed = i[None, :] <= i[:, None] if causal else torch.ones(n, n, dtype=torch.bool)
+    scores = (q @ k.transpose(-1, -2) * scale + bias).masked_fill(~(local & allowed), -1e30)
+    soft = torch.exp(scores - scores.amax(-1, keepdim=True))
+    valid = (bias.reshape(bias.shape[0], 1, 1, n) > -1e4).to(q.dtype)
+    linear = reference.hedgehog_features(q, wq, bq) @ (reference.hedgehog_features(k, wk, bk) * valid.transpose(-1, -2)).transpose(-1, -2)
+    weights = soft + (linear * torch.exp(mix).reshape(1, -1, 1, 1)).masked_fill(local | ~allowed, 0.0)
+    return weights @ v / weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("block", "sinks", "seq"), [(4, 1, 21), (5, 3, 16), (8, 2, 37), (37, 1, 37)])
+def test_hedgehog_blocked_computation_is_its_dense_definition(causal, block, sinks, seq):
+    q, k, v, bias = _inputs(2, seq, seed=seq)
+    maps = _feature_maps()
+    got = reference.hedgehog_attention(q, k, v, bias, *maps, 0.35, block, sinks, causal)
+    want = _dense_hedgehog(q, k, v, bias, maps, 0.35, block, sinks, causal)
+    real = (bias[:, 0, 0] == 0)  # padded queries are not compared (nothing reads them)
+    assert (got - want).abs().amax(-1).permute(0, 2, 1)[real].max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hedgehog_is_exact_attention_within_one_block(causal):
+    q, k, v, bias = _inputs(2, 12)
+    got = reference.hedgehog_attention(q, k, v, bias, *_feature_maps(), 0.35, 16, 1, causal)
+    assert _rel(got, reference.exact_attention(q, k, v, bias, 0.35, causal)) < 1e-6
+    longer = _inputs(2, 40)
+    far = reference.hedgehog_attention(*longer, *_feature_maps(), 0.35, 16, 1, causal)
+    assert _rel(far, reference.exact_attention(*longer, 0.35, causal)) > 1e-3  # beyond a block it approximates
+
+
+def test_hedgehog_causal_never_looks_ahead():
+    q, k, v, bias = _inputs(1, 30, padded=False)
+    out = reference.hedgehog_attention(q, k, v, bias, *_feature_maps(), 0.35, 4, 2, True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 17:] += 5.0
+    v2[:, :, 17:] -= 3.0
+    changed = reference.hedgehog_attention(q, k2, v2, bias, *_feature_maps(), 0.35, 4, 2, True)
+    assert torch.equal(out[:, :, :16], changed[:, :, :16])  # earlier blocks do not even see the change
+    # query 16 shares key 17's block: the running sum minus that block is the same up to rounding
+    assert torch.allclose(out[:, :, 16], changed[:, :, 16], atol=1e-5)
+    assert not torch.allclose(out[:, :, 17:], changed[:, :, 17:])
+
+
+def test_hedgehog_op_gradients_are_the_references():
+    q, k, v, bias = (t.requires_grad_(i < 3) for i, t in enumerate(_inputs(2, 19)))
+    maps = [t.requires_grad_(True) for t in _feature_maps()]
+    leaves = [q, k, v, *maps]
+    torch.ops.graphopt.hedgehog_attention(q, k, v, bias, *maps, 0.35, 4, 1, False, 0).square().sum().backward()
+    via_op = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    reference.hedgehog_attention(q, k, v, bias, *maps, 0.35, 4, 1, False, 0).square().sum().backward()
+    for got, t in zip(via_op, leaves):
+        assert torch.equal(got, t.grad) and got.abs().sum() > 0

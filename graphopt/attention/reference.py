@@ -1,4 +1,4 @@
-"""Eager reference implementations of exact, Nyström and LSH attention.
+"""Eager reference implementations of exact, Nyström, LSH and Hedgehog (learned linear) attention.
 
 Every function takes ``q, k, v`` shaped ``(batch, heads, seq, head_dim)`` and an optional
 additive ``key_bias`` that broadcasts to ``(batch, 1, 1, key_seq)`` (a key-padding mask:
@@ -161,6 +161,82 @@ def lsh_attention(q, k, v, key_bias=None, rotations=None, scale: float = 1.0, ch
     out = torch.gather(out.reshape(rounds, b, h, total, d), -2, inverse[..., None].expand(*inverse.shape, d))
     lse = torch.gather(lse.reshape(rounds, b, h, total), -1, inverse)
     return (out * torch.softmax(lse, 0)[..., None]).sum(0)
+
+
+# ---- Hedgehog: exact local blocks + learned linear attention for the rest ------------------
+def hedgehog_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Hedgehog's feature map ``[softmax(x W + b), softmax(-(x W + b))]`` of each head.
+
+    ``x`` (..., heads, tokens, d) with ``weight`` (heads, d, f) and ``bias`` (heads, 1, f),
+    broadcast over the leading dims as given; the result has 2f features, all positive, so
+    every linear-attention weight φ(q)·φ(k) is positive, as a softmax weight is."""
+    y = x @ weight + bias
+    return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
+
+
+def _previous_block(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``x`` shifted one block along dim 2 (block c gets block c - 1, block 0 gets ``fill``)."""
+    first = torch.full_like(x[:, :, :1], fill)
+    return torch.cat([first, x[:, :, :-1]], 2)
+
+
+def hedgehog_attention(
+    q, k, v, key_bias, wq, bq, wk, bk, mix, scale: float = 1.0, block: int = 64, sinks: int = 1, causal: bool = False, threshold: int = 0
+) -> torch.Tensor:
+    """Softmax attention, exact on a local window and the sink tokens, linear elsewhere.
+
+    The sequence is cut into blocks of ``block`` tokens. A query attends exactly (softmax
+    weights ``exp(s - max)``) to the keys of its own block and of the block before it, and
+    to the first ``sinks`` tokens (StreamingLLM's attention sinks: BERT's [CLS] takes 10-15 %
+    of the attention mass in MiniLM's middle layers). Every other key k gets the weight
+    ``exp(mix_h) φ_q(q)·φ_k(k)`` of learned Hedgehog feature maps (``wq, bq, wk, bk``; see
+    :func:`hedgehog_features`), which share the softmax's normaliser, as in LoLCATs (ICLR
+    2025) and Based: keys far away are summed into a per-block state (features x values),
+    so the cost is O(n · block) rather than O(n²). With ``causal`` a query sees keys at or
+    before its position only (blocks before the previous one through a running sum).
+
+    Exact whenever every key is local: at most ``block`` tokens, or at most ``threshold``
+    (then :func:`exact_attention` runs). Padded keys (bias below -1e4) take no part.
+    ``wq``/``wk`` (heads, d, f), ``bq``/``bk`` (heads, 1, f), ``mix`` (heads,).
+    """
+    n = q.shape[-2]
+    if n <= threshold or k.shape[-2] != n:
+        return exact_attention(q, k, v, key_bias, scale, causal)
+    b, h, _, d = q.shape
+    low = torch.finfo(q.dtype).min
+    chunks = -(-n // block)
+    pad = chunks * block - n
+    s = min(sinks, n)
+    bias = torch.zeros(1, n, dtype=q.dtype) if key_bias is None else key_bias.reshape(key_bias.shape[0], -1).to(q.dtype).expand(-1, n)
+    bias = torch.nn.functional.pad(bias, (0, pad), value=low)  # (b or 1, total)
+    valid = (bias > PADDING_BIAS).to(q.dtype)
+    ones = torch.ones(b, h, n, 1, dtype=q.dtype)
+    qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, torch.cat([v, ones], -1)))
+    qb, kb, vb = (x.reshape(b, h, chunks, block, x.shape[-1]) for x in (qp, kp, vp))  # v gets a ones column: sums ride along
+    # exact part: the previous block, the own block, the sinks (from block 2 on: before, they are in the window)
+    far = (torch.arange(chunks) >= 2).to(q.dtype).reshape(1, 1, chunks, 1, 1)
+    bias_b = bias.reshape(bias.shape[0], 1, chunks, 1, block)
+    bias_sink = bias[:, :s].reshape(bias.shape[0], 1, 1, 1, s) + (1 - far) * low
+    bias_loc = torch.cat([_previous_block(bias_b, low), bias_b, bias_sink.expand(-1, -1, chunks, -1, -1)], -1)
+    if causal:
+        q_pos = torch.arange(block).reshape(block, 1)
+        k_pos = torch.cat([torch.arange(2 * block) - block, torch.full((s,), -block)]).reshape(1, -1)
+        bias_loc = bias_loc + torch.where(k_pos > q_pos, low, 0.0).to(q.dtype)
+    k_loc = torch.cat([_previous_block(kb), kb, k[:, :, None, :s].expand(-1, -1, chunks, -1, -1)], -2)
+    v_loc = torch.cat([_previous_block(vb), vb, vp[:, :, None, :s].expand(-1, -1, chunks, -1, -1)], -2)
+    scores = qb @ k_loc.transpose(-1, -2) * scale + bias_loc  # (b, h, C, B, 2B + s)
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    exact_part = weights @ v_loc  # (b, h, C, B, d + 1): numerator and normaliser
+    # linear part: every other key through the feature maps, summed per block
+    fq = hedgehog_features(qb, wq[:, None], bq[:, None])  # (b, h, C, B, F)
+    fk = hedgehog_features(kb, wk[:, None], bk[:, None]) * valid.reshape(valid.shape[0], 1, chunks, block, 1)
+    state = fk.transpose(-1, -2) @ vb  # (b, h, C, F, d + 1)
+    sink_state = fk[:, :, 0, :s].transpose(-1, -2) @ vb[:, :, 0, :s]  # (b, h, F, d + 1)
+    seen = torch.cumsum(state, 2) if causal else state.sum(2, keepdim=True)
+    far_state = seen - state - _previous_block(state) - far * sink_state[:, :, None]
+    combined = exact_part + torch.exp(mix).reshape(1, h, 1, 1, 1) * (fq @ far_state)
+    out = combined[..., :d] / combined[..., d:]
+    return out.reshape(b, h, chunks * block, d)[:, :, :n]
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
