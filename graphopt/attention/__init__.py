@@ -6,7 +6,7 @@ reference + fake) and declares the modules holding their ONNX lowerings
 exporter imports; so importing the ops loads neither onnxscript nor onnxruntime.
 """
 
-from graphopt.attention import fused, lsh, nystrom, packed  # noqa: F401  (registers the ops)
+from graphopt.attention import fused, hedgehog, lsh, nystrom, packed, pooled  # noqa: F401  (registers the ops)
 from graphopt.attention.reference import (
     exact_attention,
     lsh_attention,
@@ -17,7 +17,7 @@ from graphopt.attention.reference import (
 )
 from graphopt.lowerings import declare_lowerings
 
-for _module in ("lowering", "nystrom_lowering", "lsh_lowering"):
+for _module in ("lowering", "nystrom_lowering", "lsh_lowering", "hedgehog_lowering", "pooled_lowering"):
     declare_lowerings(f"graphopt.attention.{_module}")
 
 __all__ = ["exact_attention", "lsh_attention", "lsh_rotations", "newton_pinv", "nystrom_attention", "relative_error"]
