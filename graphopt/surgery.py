@@ -126,6 +126,19 @@ def add_constant(gm: fx.GraphModule, base_name: str, tensor: torch.Tensor, *, re
     return node
 
 
+def add_parameter(gm: fx.GraphModule, base_name: str, tensor: torch.Tensor) -> fx.Node:
+    """Register ``tensor`` as a trainable parameter (requires_grad off until a training stage
+    turns it on) and return a ``get_attr`` node reading it, with its FakeTensor in
+    ``meta['val']``. Distillation trains every floating-point parameter of the program."""
+    name = free_attr_name(gm, base_name)
+    gm.register_parameter(name, torch.nn.Parameter(tensor.detach().clone(), requires_grad=False))
+    node = gm.graph.get_attr(name)
+    mode = fake_mode(gm.graph)
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(getattr(gm, name).data, static_shapes=True)
+    return node
+
+
 def stamp(created: fx.Node, created_by: str, source: fx.Node | None = None) -> fx.Node:
     """Mark ``created`` as made by ``created_by`` (``"pass:rule"``) and give it ``source``'s
     module provenance."""

@@ -96,13 +96,19 @@ def _capture_values(program: Program) -> dict[str, tuple]:
 
 def _flat_inputs(program: Program) -> list:
     """The example inputs flattened the way the graph's placeholders take them."""
+    return flat_inputs(program, program.args, program.kwargs)
+
+
+def flat_inputs(program: Program, args: tuple, kwargs: dict) -> list:
+    """``(args, kwargs)`` for ``program`` flattened the way its graph's placeholders take them
+    (what an ``fx.Interpreter`` over ``program.module`` runs on)."""
     from torch.utils import _pytree as pytree
 
     info = getattr(program.module.graph._codegen, "pytree_info", None)
     if info is None or info.in_spec is None:  # a plain fx graph: positional placeholders
-        return list(program.args) + list(program.kwargs.values())
-    keys = info.in_spec.child(1).context if info.in_spec.num_children == 2 else list(program.kwargs)
-    return pytree.tree_leaves((tuple(program.args), {key: program.kwargs[key] for key in keys}))
+        return list(args) + list(kwargs.values())
+    keys = info.in_spec.child(1).context if info.in_spec.num_children == 2 else list(kwargs)
+    return pytree.tree_leaves((tuple(args), {key: kwargs[key] for key in keys}))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Built-in graph passes; importing this package registers them."""
 
 from graphopt.passes.approx_attention import ApproxAttention
+from graphopt.passes.attention_transfer import AttentionTransfer
 from graphopt.passes.bias_gelu import BiasGelu
 from graphopt.passes.cluster import Cluster
 from graphopt.passes.dce import DeadCodeElimination
@@ -13,4 +14,4 @@ from graphopt.passes.quantize import Quantize
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.share_layers import ShareLayers
 
-__all__ = ["ApproxAttention", "AttentionToSDPA", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers"]

@@ -1,8 +1,18 @@
-"""``aten.scaled_dot_product_attention`` → Nyström or LSH attention above a length (lossy).
+"""``aten.scaled_dot_product_attention`` → Nyström, LSH or Hedgehog attention above a length (lossy).
 
-Each chosen SDPA node becomes ``graphopt::nystrom_attention`` or ``graphopt::lsh_attention``
-(see :mod:`graphopt.attention`), which stay exact at or below ``threshold`` tokens, at run
-time, in PyTorch and in ONNX alike. Choice by layer: ``layers`` lists indices among the
+Each chosen SDPA node becomes ``graphopt::nystrom_attention``, ``graphopt::lsh_attention``
+or ``graphopt::hedgehog_attention`` (see :mod:`graphopt.attention`), which stay exact at or
+below ``threshold`` tokens, at run time, in PyTorch and in ONNX alike. Nyström and LSH are
+training-free; Hedgehog (an exact window of ``block`` tokens and ``sinks`` sink tokens,
+learned linear attention for the rest) has trainable feature maps, registered as program
+parameters at an identity initialisation: ``attention-transfer`` fits them to the exact
+attention and ``distill`` fine-tunes the whole, so the pipeline is
+``approx-attention{method=hedgehog},attention-transfer,distill``. Hedgehog is exact while
+the sequence fits in one block. ``linformer`` (learned sequence projections of keys and
+values) and ``nystrom-learned`` (Nyström with learned landmark pooling) learn a
+(landmarks x ``max_tokens``) pooling, initialised at segment means (so Linformer is exact
+with as many landmarks as tokens, and ``nystrom-learned`` starts as ``nystrom``); they
+have no causal form (:mod:`graphopt.attention.pooled`). Choice by layer: ``layers`` lists indices among the
 graph's SDPA nodes in order (``None``: all). Approximate attention keeps a key bias only,
 so a node's mask must act, on the example inputs, as key padding (or, for LSH, causal plus
 key padding); other nodes stay exact and the info says why. Masks are the ones
@@ -17,7 +27,6 @@ Layers whose error passes ``max_layer_error`` stay exact. The manager then check
 program against the recipe's budget; a pipeline with one ``approx-attention{layers=[i]}``
 per layer lets the budget reject layers one by one.
 
-Linformer-style learned projections need the distillation stage and are not offered here.
 """
 
 from __future__ import annotations
@@ -26,11 +35,11 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import fx
 
 import graphopt.attention  # noqa: F401  (registers the custom ops, declares their lowerings)
-from graphopt.attention import reference
+from graphopt.attention import pooled, reference
 from graphopt.attention.analysis import (
     SDPA,
     SDPASite,
@@ -43,22 +52,42 @@ from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
 from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
-from graphopt.surgery import add_constant
+from graphopt.surgery import add_constant, add_parameter
+
+FEATURE_MAP_NAMES = ("wq", "bq", "wk", "bk", "mix")
+TRAINED = ("hedgehog", "linformer", "nystrom-learned")  # methods with trainable weights (attention-transfer)
+# The learned-pooling methods: their op and the names of its trainable inputs.
+POOLED = {
+    "linformer": (torch.ops.graphopt.linformer_attention.default, ("proj_k", "proj_v")),
+    "nystrom-learned": (torch.ops.graphopt.nystrom_learned_attention.default, ("pool",)),
+}
+
+
+def hedgehog_init(heads: int, head_dim: int, features: int) -> tuple[torch.Tensor, ...]:
+    """Initial Hedgehog feature maps (wq, bq, wk, bk, mix): W the identity (padded or cut to
+    ``features`` columns), zero biases, mixing weight exp(0) = 1, for every head."""
+    eye = torch.eye(head_dim, features).repeat(heads, 1, 1)
+    zeros = torch.zeros(heads, 1, features)
+    return eye, zeros, eye.clone(), zeros.clone(), torch.zeros(heads)
 
 aten = torch.ops.aten
 END = 9223372036854775807  # aten.slice's "to the end"
 
 
 class ApproxAttentionConfig(PassConfig):
-    method: Literal["nystrom", "lsh"] = "nystrom"
+    method: Literal["nystrom", "lsh", "hedgehog", "linformer", "nystrom-learned"] = "nystrom"
     layers: tuple[int, ...] | None = None
-    threshold: int = Field(1024, ge=0, description="exact attention at or below this many tokens")
+    threshold: int | None = Field(None, ge=0, description="exact attention at or below this many tokens (None: 1024 for nystrom and lsh; 0 for the trained methods, which attention-transfer fits at the training length)")
     landmarks: int = Field(64, ge=1)
     iterations: int = Field(6, ge=1, le=50, description="Newton-Schulz steps of the landmark pseudo-inverse")
     buckets: int = Field(8, ge=1)
     rounds: int = Field(2, ge=1)
     chunk: int = Field(128, ge=1)
     seed: int = 0
+    block: int = Field(64, ge=1, description="hedgehog: tokens per block; a query attends exactly to its own block and the previous one")
+    sinks: int = Field(1, ge=1, description="hedgehog: leading tokens every query attends to exactly (attention sinks, e.g. [CLS])")
+    features: int | None = Field(None, ge=1, description="hedgehog: feature-map width per sign (None: the head size); 2x this many features")
+    max_tokens: int | None = Field(None, ge=1, description="linformer, nystrom-learned: the longest input the learned (landmarks x tokens) pooling covers")
     max_layer_error: float = Field(math.inf, gt=0, description="layers measured above this relative error stay exact")
 
     @field_validator("buckets")
@@ -67,6 +96,21 @@ class ApproxAttentionConfig(PassConfig):
         if value > 1 and value % 2:
             raise ValueError("buckets must be 1 or even (angular LSH takes the argmax over [xR, -xR])")
         return value
+
+    @property
+    def limit(self) -> int:
+        """The threshold in effect."""
+        if self.threshold is not None:
+            return self.threshold
+        return 0 if self.method in TRAINED else 1024
+
+    @model_validator(mode="after")
+    def _sinks_in_first_block(self):
+        if self.method == "hedgehog" and self.sinks > self.block:
+            raise ValueError(f"sinks ({self.sinks}) must fit in the first block (block={self.block})")
+        if self.method in POOLED and self.max_tokens is None:
+            raise ValueError(f"method={self.method} learns a pooling over token positions: give max_tokens, the longest input (e.g. 512 for BERT)")
+        return self
 
 
 class LayerRecord(BaseModel):
@@ -118,7 +162,7 @@ class ApproxAttention(Pass):
                 plans[site.node] = (site, plan)
         replaced = apply_rules(program.module, [self._rule(program, plans)], provenance=self.name).total if plans else 0
         missing = sorted(set(cfg.layers or ()) - {s.layer for s in sites})
-        info = ApproxAttentionInfo(replaced=replaced, attention_layers=len(sites), threshold=cfg.threshold, layers=records, unknown_layers=missing)
+        info = ApproxAttentionInfo(replaced=replaced, attention_layers=len(sites), threshold=cfg.limit, layers=records, unknown_layers=missing)
         return PassResult.of(program, replaced > 0, info, _unchanged_reason(sites, records, missing))
 
     # ---- analysis -------------------------------------------------------------------------
@@ -135,26 +179,44 @@ class ApproxAttention(Pass):
         record = record.model_copy(update={"mask": kind.kind, "causal": causal})
         if kind.kind == "general":
             return record.model_copy(update={"reason": kind.reason}), {}
-        if causal and self.config.method == "nystrom":
-            return record.model_copy(update={"reason": "causal attention: Nyström landmarks mix past and future (use method=lsh)"}), {}
+        if causal and self.config.method in ("nystrom", *POOLED):  # hedgehog and lsh have causal forms
+            return record.model_copy(update={"reason": f"causal attention: {self.config.method}'s landmarks mix past and future (use method=hedgehog or lsh)"}), {}
         mask_val = additive_values(mask_val, q_val.dtype)
         key_bias = None if mask_val is None else mask_val[:, :1, -1:, :]
         scale = site.scale()
         rotations = reference.lsh_rotations(q_val.shape[-1], self.config.buckets, self.config.rounds, self.config.seed + site.layer)
+        feature_maps = self._initial_weights(q_val.shape[1], q_val.shape[-1])
         with torch.no_grad():
             exact = reference.exact_attention(q_val, k_val, v_val, key_bias, scale, causal)
-            approx = self._approximate(q_val, k_val, v_val, key_bias, scale, causal, rotations, threshold=0)
+            approx = self._approximate(q_val, k_val, v_val, key_bias, scale, causal, rotations, feature_maps, threshold=0)
         error = reference.relative_error(approx, exact)
         seq = int(q_val.shape[-2])
-        record = record.model_copy(update={"seq": seq, "rel_error": error, "active_at_example": seq > self.config.threshold})
+        record = record.model_copy(update={"seq": seq, "rel_error": error, "active_at_example": seq > self.config.limit})
         if error > self.config.max_layer_error:
             return record.model_copy(update={"reason": f"relative error {error:.3g} > max_layer_error {self.config.max_layer_error:g}"}), {}
-        return record.model_copy(update={"applied": True}), {"causal": causal, "rotations": rotations}
+        return record.model_copy(update={"applied": True}), {"causal": causal, "rotations": rotations, "feature_maps": feature_maps}
 
-    def _approximate(self, q, k, v, key_bias, scale, causal, rotations, threshold):
+    def _initial_weights(self, heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """The trainable weights the method starts from (none for the training-free ones)."""
         cfg = self.config
+        if cfg.method == "hedgehog":
+            return hedgehog_init(heads, head_dim, cfg.features or head_dim)
+        if cfg.method == "linformer":
+            return (pooled.linformer_init(cfg.landmarks, cfg.max_tokens or 0), pooled.linformer_init(cfg.landmarks, cfg.max_tokens or 0))
+        if cfg.method == "nystrom-learned":
+            return (pooled.nystrom_learned_init(cfg.landmarks, cfg.max_tokens or 0),)
+        return ()
+
+    def _approximate(self, q, k, v, key_bias, scale, causal, rotations, feature_maps, threshold):
+        cfg = self.config
+        if cfg.method == "linformer":
+            return pooled.linformer_reference(q, k, v, key_bias, *feature_maps, scale, threshold)
+        if cfg.method == "nystrom-learned":
+            return pooled.nystrom_learned_reference(q, k, v, key_bias, *feature_maps, scale, cfg.iterations, threshold)
         if cfg.method == "nystrom":
             return reference.nystrom_attention(q, k, v, key_bias, scale, cfg.landmarks, cfg.iterations, threshold)
+        if cfg.method == "hedgehog":
+            return reference.hedgehog_attention(q, k, v, key_bias, *feature_maps, scale, cfg.block, cfg.sinks, causal, threshold)
         return reference.lsh_attention(q, k, v, key_bias, rotations, scale, cfg.chunk, causal, threshold)
 
     # ---- rewrite --------------------------------------------------------------------------
@@ -178,10 +240,19 @@ class ApproxAttention(Pass):
                 row = emit(graph, aten.slice.Tensor, (emit(graph, aten.slice.Tensor, (site.mask, 1, 0, 1)), 2, -1, END))
                 key_bias = additive_mask(graph, row, dtype)
             if cfg.method == "nystrom":
-                args: tuple[object, ...] = (q, k, v, key_bias, site.scale(), cfg.landmarks, cfg.iterations, cfg.threshold)
+                args: tuple[object, ...] = (q, k, v, key_bias, site.scale(), cfg.landmarks, cfg.iterations, cfg.limit)
                 return emit(graph, torch.ops.graphopt.nystrom_attention.default, args)
+            if cfg.method in POOLED:
+                op, names = POOLED[cfg.method]
+                weights = [add_parameter(gm, f"{cfg.method.replace('-', '_')}_{site.layer}_{name}", t) for name, t in zip(names, m.bindings["feature_maps"])]
+                extra = (cfg.iterations,) if cfg.method == "nystrom-learned" else ()
+                return emit(graph, op, (q, k, v, key_bias, *weights, site.scale(), *extra, cfg.limit))
+            if cfg.method == "hedgehog":
+                weights = [add_parameter(gm, f"hedgehog_{site.layer}_{name}", t) for name, t in zip(FEATURE_MAP_NAMES, m.bindings["feature_maps"])]
+                args = (q, k, v, key_bias, *weights, site.scale(), cfg.block, cfg.sinks, bool(m.bindings["causal"]), cfg.limit)
+                return emit(graph, torch.ops.graphopt.hedgehog_attention.default, args)
             rotations = add_constant(gm, f"approx_attention_rotations_{site.layer}", m.bindings["rotations"])
-            args = (q, k, v, key_bias, rotations, site.scale(), cfg.chunk, bool(m.bindings["causal"]), cfg.threshold)
+            args = (q, k, v, key_bias, rotations, site.scale(), cfg.chunk, bool(m.bindings["causal"]), cfg.limit)
             return emit(graph, torch.ops.graphopt.lsh_attention.default, args)
 
         return RewriteRule(cfg.method, frozenset({SDPA}), match, replace)
