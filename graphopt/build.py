@@ -37,6 +37,7 @@ from graphopt.datasets import (
     STDLIB,
     TextSplits,
     load_splits,
+    passage_joiner,
     program_context,
     text_context,
 )
@@ -52,7 +53,7 @@ class BuildOptions:
     out_dir: Path
     threads: int | None = None
     bench_batch: int = 1
-    bench_seq: int = 128
+    bench_seq: int | None = None  # None: the recipe's [data] passage_tokens, else 128
     bench_repeat: int = 30
     heldout: int | None = None  # held-out texts for fidelity (None: the recipe's [data] heldout; 0: skip)
     calibration: int | None = None  # training texts for calibrated passes (None: the recipe's [data] calibration)
@@ -112,7 +113,7 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
     if rank != 0:  # data-parallel helpers: they took part in training; rank 0 exports and measures
         return build_result
 
-    inputs = benchmark_inputs(loaded, options.bench_batch, options.bench_seq, splits.heldout if splits else None)
+    inputs = benchmark_inputs(loaded, options.bench_batch, bench_seq(options, recipe), splits.heldout if splits else None)
     # PyTorch is timed first, before any ORT session exists (session tuning and parity open
     # several): ORT's intra-op threads spin after a run and would steal its cores.
     eager = eager_latency(loaded.model, inputs, options.bench_repeat) if capture_failure is None else None
@@ -166,10 +167,30 @@ def build_splits(loaded, recipe: Recipe, options: BuildOptions) -> TextSplits | 
         if settings.source != STDLIB:
             raise ConfigError(f"the data source {settings.source} is text, but the model {loaded.name} has no tokenizer to read it with")
         return None
+    check_positions(loaded, settings.max_length)
     calibration = settings.calibration if options.calibration is None else options.calibration
     heldout = settings.heldout if options.heldout is None else options.heldout
+    join = passage_joiner(loaded.tokenizer, settings.passage_tokens) if settings.passage_tokens else None
     return load_splits(settings.source, settings.field, calibration=calibration, verification=settings.verification, heldout=heldout,
-                       fractions=settings.fractions, seed=settings.seed)
+                       fractions=settings.fractions, seed=settings.seed, join=join)
+
+
+def bench_seq(options: BuildOptions, recipe: Recipe) -> int:
+    """The benchmark's sequence length: the option, else the recipe's passage length, else 128."""
+    return options.bench_seq or recipe.data.passage_tokens or 128
+
+
+def check_positions(loaded, max_length: int) -> None:
+    """Refuse texts longer than a learned absolute position table (BERT's 512): graphopt does
+    not extend position embeddings, and past the table the model would read out of range."""
+    config = getattr(loaded.model, "config", None)
+    table = getattr(config, "max_position_embeddings", None)
+    rotary = any(getattr(config, name, None) is not None for name in ("rope_theta", "rope_scaling", "rope_parameters"))
+    if isinstance(table, int) and not rotary and getattr(config, "position_embedding_type", "absolute") == "absolute" and max_length > table:
+        raise ConfigError(
+            f"[data] max_length {max_length} exceeds {loaded.name}'s position table (max_position_embeddings = {table}): "
+            f"its learned absolute positions stop there and graphopt does not extend them; use max_length <= {table}"
+        )
 
 
 def build_context(loaded, program: Program, splits: TextSplits | None, recipe: Recipe, *, target: Target, artifacts: Path) -> PassContext:
@@ -250,7 +271,7 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int,
     from graphopt.export import make_session, measure_latency, to_onnx
     from graphopt.export import run as ort_run
 
-    inputs = inputs if inputs is not None else benchmark_inputs(loaded, options.bench_batch, options.bench_seq)
+    inputs = inputs if inputs is not None else benchmark_inputs(loaded, options.bench_batch, bench_seq(options, result.recipe))
     model = loaded.model
     rows: dict[str, dict[str, Any]] = {}
     runtime = result.recipe.runtime
@@ -280,11 +301,13 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int,
         row["speedup_vs_eager"] = eager["p50_ms"] / row["p50_ms"]
 
     if loaded.tokenizer is not None and splits is not None and splits.heldout:
-        heldout_fidelity(loaded, {name: open_session for name, (open_session, _) in sessions.items()}, list(splits.heldout), rows, halves=options.heldout_halves)
+        heldout_fidelity(loaded, {name: open_session for name, (open_session, _) in sessions.items()}, list(splits.heldout), rows, halves=options.heldout_halves,
+                         max_length=result.recipe.data.max_length)
     return rows
 
 
-def heldout_fidelity(loaded, sessions: dict[str, Callable[[], Any]], sentences: list[str], rows: dict[str, dict[str, Any]], *, halves: bool = False) -> None:
+def heldout_fidelity(loaded, sessions: dict[str, Callable[[], Any]], sentences: list[str], rows: dict[str, dict[str, Any]], *, halves: bool = False,
+                     max_length: int = 128) -> None:
     """Held-out fidelity of every ORT session against the PyTorch model, into ``rows``.
 
     With ``halves`` (recipe search) the held-out texts are split in two
@@ -294,12 +317,12 @@ def heldout_fidelity(loaded, sessions: dict[str, Callable[[], Any]], sentences: 
     from graphopt.fidelity import embedding_fidelity, encode
 
     names = list(loaded.example_kwargs or {}) or None
-    reference = encode(loaded.model, loaded.tokenizer, sentences, input_names=names)
+    reference = encode(loaded.model, loaded.tokenizer, sentences, input_names=names, max_length=max_length)
     selection, quoted = split_halves(sentences) if halves else ([], sentences)
     index = {s: i for i, s in enumerate(sentences)}
     parts = {"heldout": [index[s] for s in quoted], "selection": [index[s] for s in selection]}
     for name, open_session in sessions.items():
-        candidate = encode(_session_encoder(open_session()), loaded.tokenizer, sentences, input_names=names)
+        candidate = encode(_session_encoder(open_session()), loaded.tokenizer, sentences, input_names=names, max_length=max_length)
         for prefix, rows_of in parts.items():
             if rows_of:
                 rows[name].update(_fidelity_row(prefix, embedding_fidelity(reference[rows_of], candidate[rows_of])))

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention implementation to load HF models with")
     opt.add_argument("--threads", type=int, help="threads for PyTorch and ORT (default: recipe, else all cores)")
     opt.add_argument("--bench-batch", type=int, default=1)
-    opt.add_argument("--bench-seq", type=int, default=128)
+    opt.add_argument("--bench-seq", type=int, default=None, help="benchmark sequence length (default: the recipe's [data] passage_tokens, else 128)")
     opt.add_argument("--bench-repeat", type=int, default=30)
     opt.add_argument("--data", metavar="PATH",
                      help="the user's text to calibrate, verify and gate on, overriding the recipe's [data] source: a .txt file "
@@ -197,7 +197,8 @@ def _search(args, loaded) -> int:
 
     if args.min_fidelity is not None and (loaded.tokenizer is None or args.heldout == 0):
         raise ConfigError("--min-fidelity is measured on held-out sentences: it needs a text model with a tokenizer and --heldout > 0")
-    names = args.candidates.split(",") if args.candidates else [p for p in presets() if p != "default"]
+    # By default every preset for ordinary inputs: the passage presets (long-attention) build for another input length.
+    names = args.candidates.split(",") if args.candidates else [p for p in presets() if p != "default" and Recipe.load(p).data.passage_tokens is None]
     candidates = [_recipe(args, Recipe.load(name.strip())) for name in names]
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     result = search(loaded, candidates, _build_options(args), min_fidelity=args.min_fidelity, max_latency_ms=args.max_latency_ms, say=say)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,15 +211,19 @@ class TextSplits:
     @classmethod
     def from_texts(
         cls, texts: Sequence[str], *, source: str = "given texts", description: str = "", calibration: int = 64, verification: int = 64,
-        heldout: int = 64, fractions: Sequence[float] = data.DEFAULT_FRACTIONS, seed: int = 0,
+        heldout: int = 64, fractions: Sequence[float] = data.DEFAULT_FRACTIONS, seed: int = 0, join: Callable[[Sequence[str]], list[str]] | None = None,
     ) -> TextSplits:
         """Split ``texts`` (near-duplicates collapsed), check every part is big enough, keep
-        ``verification`` and ``heldout`` of their parts; the error names the source and counts."""
+        ``verification`` and ``heldout`` of their parts; the error names the source and counts.
+        ``join`` (e.g. :func:`passage_joiner`) turns each part's texts into longer ones after the
+        split, so no passage mixes parts."""
         first: dict[str, str] = {}
         for text in texts:
             first.setdefault(data.normalise(text), text)
         distinct = list(first.values())
         parts = data.split(distinct, fractions, seed)
+        if join is not None:
+            parts = data.Split(*(join(part) for part in parts))
         described = description or source
         _check_sizes(parts, described, len(distinct), fractions, need_heldout=heldout > 0)
         return cls(
@@ -257,6 +261,25 @@ def _check_sizes(parts: data.Split, source: str, total: int, fractions: Sequence
         f"{source}: {total} distinct texts split into {found} (shares {', '.join(f'{shares[p]:.0%}' for p in data.PARTS)}); "
         f"a build needs at least {wanted} texts: give about {needed} distinct texts or more"
     )
+
+
+def passage_joiner(tokenizer: Any, tokens: int) -> Callable[[Sequence[str]], list[str]]:
+    """Join consecutive texts (in corpus order: neighbouring sentences of one document) into
+    passages of at least ``tokens`` tokens with the tokenizer's special tokens (a short last
+    passage is dropped), e.g. 512-token inputs for long-attention builds."""
+    special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+
+    def join(texts: Sequence[str]) -> list[str]:
+        passages, current, count = [], [], special
+        for text in texts:
+            current.append(text)
+            count += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if count >= tokens:
+                passages.append(" ".join(current))
+                current, count = [], special
+        return passages
+
+    return join
 
 
 def load_splits(source: str | os.PathLike = STDLIB, column: str | None = None, **options: Any) -> TextSplits:

@@ -27,6 +27,7 @@ calibration = 64                     # training texts for calibrated passes
 verification = 64                    # texts the budget is measured on (at least 32)
 heldout = 64                         # texts the report and the gates quote
 max_length = 128                     # tokens per text
+passage_tokens = 512                 # optional: join each part's texts into passages this long
 ```
 """
 
@@ -43,6 +44,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from graphopt.errors import ConfigError
@@ -118,8 +120,17 @@ class DataSettings(_Strict):
     verification: int = Field(64, ge=32, description="verification texts the budget is measured on (at most; at least 32)")
     heldout: int = Field(64, ge=8, description="held-out texts the report and the gates quote (at most)")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per text (longer texts are truncated)")
+    passage_tokens: int | None = Field(
+        None, ge=16, le=8192, description="join consecutive texts of each part into passages of at least this many tokens (long-input builds; the benchmark runs at this length)"
+    )
     fractions: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="shares of the training, verification and held-out parts")
     seed: int = Field(0, description="salt of the split hash: another seed, another split")
+
+    @model_validator(mode="after")
+    def _passages_fit(self):
+        if self.passage_tokens is not None and self.max_length < self.passage_tokens:
+            raise ValueError(f"max_length {self.max_length} would truncate the {self.passage_tokens}-token passages: set max_length >= passage_tokens")
+        return self
 
     @field_validator("fractions")
     @classmethod

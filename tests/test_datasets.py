@@ -17,6 +17,7 @@ from graphopt.datasets import (
     describe_source,
     load_splits,
     load_texts,
+    passage_joiner,
     program_context,
     text_context,
 )
@@ -186,3 +187,42 @@ def test_program_context_without_a_tokenizer_is_seeded_random_over_dynamic_shape
     shapes = {kwargs["input_ids"].shape for _, kwargs in first.verification}
     assert shapes == {(1, 7), (3, 19)} and first.tokenizer is None
     assert all(torch.equal(a[1]["input_ids"], b[1]["input_ids"]) for a, b in zip(first.verification, second.verification))
+
+
+# ---- passages (long-input builds) ----------------------------------------------------------
+def test_passages_join_neighbouring_texts_of_one_part_only(tiny_text_model):
+    tokenizer = tiny_text_model.tokenizer
+    join = passage_joiner(tokenizer, 96)
+    texts = data.corpus("all")[:3000]
+    plain = TextSplits.from_texts(texts, verification=10**6, heldout=10**6)
+    joined = TextSplits.from_texts(texts, verification=10**6, heldout=10**6, join=join)
+    for part in ("train", "verification", "heldout"):
+        passages, sentences = getattr(joined, part), set(getattr(plain, part))
+        assert passages and all(len(tokenizer(p)["input_ids"]) >= 96 for p in passages)
+        # every passage is made of its own part's texts, in corpus order (a passage never mixes parts)
+        assert all(p.startswith(tuple(sentences)) for p in passages[:20])
+    other = set(plain.train) | set(plain.verification)
+    assert not any(p.startswith(tuple(other)) for p in joined.heldout[:20])
+    assert join(["a b", "c"]) == []  # a short remainder is dropped, not padded out
+
+
+def test_passages_longer_than_max_length_are_a_recipe_error():
+    from graphopt.recipe import Recipe
+
+    with pytest.raises(ConfigError, match="max_length 128 would truncate the 512-token passages"):
+        Recipe.from_dict({"pipeline": "dce", "data": {"passage_tokens": 512}})
+
+
+def test_texts_longer_than_a_learned_position_table_are_refused():
+    from types import SimpleNamespace
+
+    import transformers
+
+    from graphopt.build import check_positions
+
+    bert = SimpleNamespace(name="bert", model=SimpleNamespace(config=transformers.BertConfig(max_position_embeddings=512)))
+    check_positions(bert, 512)
+    with pytest.raises(ConfigError, match=r"max_length 1024 exceeds bert's position table \(max_position_embeddings = 512\)"):
+        check_positions(bert, 1024)
+    llama = SimpleNamespace(name="llama", model=SimpleNamespace(config=transformers.LlamaConfig(max_position_embeddings=512)))
+    check_positions(llama, 1024)  # rotary positions have no table to run out of
