@@ -16,8 +16,18 @@ Three parts, one run:
    loaded with transformers' SDPA attention (boolean masks): one
    ``approx-attention{layers=[i]}`` pass per layer under a budget, then the held-out mean
    cosine of per-sentence embeddings against the original model.
+4. ``trained``: MiniLM on 512-token passages (the long-attention preset's data: each part's
+   sentences joined, held-out passages never trained on) in ORT, batch 1 and 8, fresh
+   process per measurement, alternating rounds: exact fused attention; each trainable
+   approximation (hedgehog, linformer, nystrom-learned) on every layer untrained, then after
+   ``attention-transfer`` (with the preset's placement); and the whole ``long-attention``
+   preset (transfer + distillation; ``--bundle`` reuses a build's model.onnx instead of
+   building it here). Held-out mean / min cosine of mean-pooled embeddings, per-layer
+   attention-output error on held-out passages, attention FLOPs at 512 relative to exact,
+   latency, peak memory.
 
     python benchmarks/attention_long.py --out benchmarks/results/attention_long
+    python benchmarks/attention_long.py --parts trained --bundle out/long --out benchmarks/results/attention_trained
 """
 
 from __future__ import annotations
@@ -40,9 +50,10 @@ from graphopt.attention import reference
 from graphopt.attention.activations import long_hidden_states, minilm_qkv
 from graphopt.lowerings import lowering_table
 from graphopt.models import load_model
+from graphopt.passes.approx_attention import hedgehog_init
 
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
-VARIANTS = ("decomposed", "attention23", "fused", "nystrom", "lsh")
+VARIANTS = ("decomposed", "attention23", "fused", "nystrom", "lsh", "hedgehog")
 # The exact forms that hold the 12 × n × n float32 score matrix are not run where it
 # would take more than this (16384 tokens: 12.9 GB; the machine has 24 GiB, shared).
 SCORE_MATRIX_LIMIT_BYTES = 8 * 2**30
@@ -61,6 +72,8 @@ class Block(torch.nn.Module):
         self.scale = head_dim**-0.5
         self.register_buffer("zero_bias", torch.zeros(1, 1, 1, 1))
         self.register_buffer("rotations", reference.lsh_rotations(head_dim, options.get("buckets", 8), options.get("rounds", 2), seed=0))
+        for name, tensor in zip(("wq", "bq", "wk", "bk", "mix"), hedgehog_init(self.heads, head_dim, head_dim)):
+            self.register_buffer(name, tensor)
         self.eval()
 
     def forward(self, x):
@@ -73,6 +86,8 @@ class Block(torch.nn.Module):
             a = ops.fused_attention(q, k, v, self.scale, False, self.heads)
         elif self.variant == "nystrom":
             a = ops.nystrom_attention(q, k, v, self.zero_bias, self.scale, o["landmarks"], o["iterations"], 0)
+        elif self.variant == "hedgehog":
+            a = ops.hedgehog_attention(q, k, v, self.zero_bias, self.wq, self.bq, self.wk, self.bk, self.mix, self.scale, o["block"], 1, False, 0)
         else:
             a = ops.lsh_attention(q, k, v, self.zero_bias, self.rotations, self.scale, o["chunk"], False, 0)
         return self.out(a.transpose(1, 2).reshape(b, n, -1))
@@ -124,6 +139,8 @@ class AttentionOnly(torch.nn.Module):
         self.variant, self.heads, self.options, self.scale = variant, heads, options, head_dim**-0.5
         self.register_buffer("zero_bias", torch.zeros(1, 1, 1, 1))
         self.register_buffer("rotations", reference.lsh_rotations(head_dim, options["buckets"], options["rounds"], seed=0))
+        for name, tensor in zip(("wq", "bq", "wk", "bk", "mix"), hedgehog_init(heads, head_dim, head_dim)):
+            self.register_buffer(name, tensor)
         self.eval()
 
     def forward(self, q, k, v):
@@ -134,6 +151,8 @@ class AttentionOnly(torch.nn.Module):
             return ops.fused_attention(q, k, v, self.scale, False, self.heads)
         if self.variant == "nystrom":
             return ops.nystrom_attention(q, k, v, self.zero_bias, self.scale, o["landmarks"], o["iterations"], 0)
+        if self.variant == "hedgehog":
+            return ops.hedgehog_attention(q, k, v, self.zero_bias, self.wq, self.bq, self.wk, self.bk, self.mix, self.scale, o["block"], 1, False, 0)
         return ops.lsh_attention(q, k, v, self.zero_bias, self.rotations, self.scale, o["chunk"], False, 0)
 
 
@@ -277,6 +296,167 @@ def minilm_budget(lm, options: dict, method: str, min_cosine: float, threshold: 
             "seconds": time.perf_counter() - start}
 
 
+# ---- part 4: trained approximations on MiniLM at 512 tokens -----------------------------------
+TRAINED = {  # the approximations with trainable weights, as the long-attention preset configures hedgehog
+    "hedgehog": "approx-attention{method=hedgehog,block=64,sinks=1}",
+    "linformer": "approx-attention{method=linformer,landmarks=128,max_tokens=512}",
+    "nystrom-learned": "approx-attention{method=nystrom-learned,landmarks=64,max_tokens=512}",
+}
+EXPORT_TAIL = "fused-attention?,bias-gelu?,dce?"  # what every variant is deployed with (exact layers fused)
+
+
+def attention_flops(seq: int, head_dim: int, method: str | None, block: int = 64, landmarks: int = 64, features: int = 32) -> float:
+    """Matmul FLOPs of one head's attention at ``seq`` tokens (feature maps included)."""
+    n, d = seq, head_dim
+    if method is None:
+        return 4.0 * n * n * d
+    if method == "hedgehog":
+        f2 = 2 * features
+        return 4.0 * n * (2 * block + 1) * (d + 1) + 2 * 2.0 * n * d * features + 2 * 2.0 * n * f2 * (d + 1)
+    if method == "linformer":
+        return 2 * 2.0 * landmarks * n * d + 4.0 * n * landmarks * d
+    return 2 * 2.0 * landmarks * n * d + 4.0 * n * landmarks * d * 2 + 2.0 * landmarks**3 * 6 * 3  # nystrom-learned
+
+
+def trained_benchmark(args, out: Path) -> dict:
+    import graphopt
+    from graphopt.attention.transfer import capture, sample_error, trainable_sites
+    from graphopt.data import tokenize
+    from graphopt.datasets import load_splits, passage_joiner, text_context
+    from graphopt.export import to_onnx
+    from graphopt.fidelity import compare_encoders
+    from graphopt.recipe import Recipe
+
+    lm = load_model("minilm")
+    recipe = Recipe.load("long-attention")
+    settings = recipe.data
+    splits = load_splits(calibration=settings.calibration, verification=settings.verification, heldout=settings.heldout,
+                         join=passage_joiner(lm.tokenizer, settings.passage_tokens or 512))
+    names = list(lm.example_kwargs)
+    ctx = text_context(lm.tokenizer, splits, names, max_length=settings.max_length)
+    program = graphopt.capture(lm.model, kwargs=lm.example_kwargs)
+    transfer = next(p.text() for p in recipe.manager().leaves() if p.name == "attention-transfer")
+    heldout = list(splits.heldout)
+    held_batches = [((), {k: v for k, v in tokenize(lm.tokenizer, heldout[i : i + 8], max_length=512).items() if k in names})
+                    for i in range(0, len(heldout), 8)]
+    heads, head_dim = lm.model.config.num_attention_heads, lm.model.config.hidden_size // lm.model.config.num_attention_heads
+    variants: dict[str, dict] = {}
+
+    def add(name: str, built, method: str | None, seconds: float) -> None:
+        sites = trainable_sites(built)
+        errors = {}
+        if sites:
+            samples = capture(built, sites, held_batches)
+            errors = {s.layer: sample_error(s, samples[s.node.name]) for s in sites}
+        fidelity = compare_encoders(lm.model, built, lm.tokenizer, heldout, max_length=512, input_names=names)
+        exported = to_onnx(built, out / "models" / f"{name.replace(' ', '_').replace('+', '')}.onnx")
+        flops = (len(sites) * attention_flops(512, head_dim, method) + (6 - len(sites)) * attention_flops(512, head_dim, None)) / (6 * attention_flops(512, head_dim, None))
+        variants[name] = {"path": str(exported.path), "mb": exported.bytes / 1e6, "approximate_layers": sorted(errors), "heldout_layer_error": errors,
+                          "heldout_mean_cosine": fidelity["mean_cosine"], "heldout_min_cosine": fidelity["min_cosine"], "n": fidelity["n"],
+                          "attention_flops_vs_exact": flops, "build_s": round(seconds, 1)}
+        print(json.dumps({"variant": name, **{k: v for k, v in variants[name].items() if k != "path"}}), flush=True)
+
+    def build(pipeline: str):
+        start = time.perf_counter()
+        result = graphopt.optimize(program, pipeline, context=ctx, budget={"min_cosine": 0.3})
+        if not result.report.ok:
+            raise SystemExit(f"{pipeline}: {result.report.failures}")
+        return result, time.perf_counter() - start
+
+    exact, seconds = build(f"dce?,sdpa,{EXPORT_TAIL}")
+    add("exact (fused attention)", exact.program, None, seconds)
+    for method in args.trained_methods.split(","):
+        untrained, seconds = build(f"dce?,sdpa,{TRAINED[method]},{EXPORT_TAIL}")
+        add(f"{method}, untrained", untrained.program, method, seconds)
+        trained, seconds = build(f"dce?,sdpa,{TRAINED[method]},{transfer},{EXPORT_TAIL}")
+        record = next(r for r in trained.report.passes if r.name == "attention-transfer")
+        add(f"{method} + transfer", trained.program, method, seconds)
+        variants[f"{method} + transfer"]["transfer"] = record.info
+    if args.bundle:
+        variants["long-attention preset (transfer + distill)"] = _bundle_variant(Path(args.bundle), lm, heldout, names, heads, head_dim)
+    else:
+        preset, seconds = build(recipe)  # type: ignore[arg-type]
+        add("long-attention preset (transfer + distill)", preset.program, "hedgehog", seconds)
+    timings = _time_variants(variants, lm, heldout, args)
+    return {"variants": variants, "timings": timings}
+
+
+def _bundle_variant(bundle: Path, lm, heldout: list[str], names: list[str], heads: int, head_dim: int) -> dict:
+    """A built bundle's model.onnx: its fidelity on the same held-out passages, through ORT."""
+    import onnx
+
+    from graphopt.export import make_session
+    from graphopt.fidelity import compare_encoders
+
+    path = bundle / "model.onnx"
+    session = make_session(path, threads=2)
+
+    def encoder(**inputs):
+        feed = {k: v.numpy() for k, v in inputs.items() if k in {i.name for i in session.get_inputs()}}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    fidelity = compare_encoders(lm.model, encoder, lm.tokenizer, heldout, max_length=512, input_names=names)
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    approx = sum(1 for op in ops if op == "If")  # one If (threshold) per approximate layer
+    flops = (approx * attention_flops(512, head_dim, "hedgehog") + (6 - approx) * attention_flops(512, head_dim, None)) / (6 * attention_flops(512, head_dim, None))
+    report = json.loads((bundle / "report.json").read_text())
+    transfer = next((p["info"] for p in report["passes"] if p["name"] == "attention-transfer"), {})
+    distill = next((p["info"] for p in report["passes"] if p["name"] == "distill"), {})
+    row = {"path": str(path), "mb": path.stat().st_size / 1e6, "approximate_layers": [r["layer"] for r in transfer.get("layers", []) if r["kept"]],
+           "heldout_mean_cosine": fidelity["mean_cosine"], "heldout_min_cosine": fidelity["min_cosine"], "n": fidelity["n"],
+           "attention_flops_vs_exact": flops, "transfer_s": transfer.get("wall_s"), "distill_s": distill.get("wall_s"), "distill_steps": distill.get("steps"),
+           "transfer": transfer}
+    print(json.dumps({"variant": "long-attention preset", **{k: v for k, v in row.items() if k not in ("path", "transfer")}}), flush=True)
+    return row
+
+
+def _time_variants(variants: dict, lm, heldout: list[str], args) -> list[dict]:
+    """Latency and peak memory at 512 tokens, batch 1 and 8: one fresh process per
+    measurement (one runtime alive at a time), variants alternating over ``args.timing_rounds``."""
+    import onnx
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in (1, 8):
+            tensors = graphopt_tokenize(lm.tokenizer, (heldout * 8)[:batch])
+            for round_index in range(args.timing_rounds):
+                for name, variant in variants.items():
+                    inputs = [tensors[i.name] for i in onnx.load(variant["path"], load_external_data=False).graph.input]
+                    result, _ = run_in_fresh_process(Path(variant["path"]), inputs, args.repeat, args.threads, Path(tmp))
+                    row = {"variant": name, "batch": batch, "round": round_index, "load": os.getloadavg()[0], **result}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def graphopt_tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    from graphopt.data import tokenize
+
+    return {k: v.numpy() for k, v in tokenize(tokenizer, texts, max_length=512, padding="max_length").items()}
+
+
+def trained_markdown(results: dict) -> str:
+    variants, timings = results["variants"], results["timings"]
+    exact = "exact (fused attention)"
+
+    def median(name, batch, key):
+        values = [r[key] for r in timings if r["variant"] == name and r["batch"] == batch and key in r]
+        return float(np.median(values)) if values else float("nan")
+
+    def ratio(name, batch):  # per-round ratios to exact, then their median
+        per = [r["ms"] / e["ms"] for r in timings for e in timings
+               if r["variant"] == name and e["variant"] == exact and r["batch"] == e["batch"] == batch and r["round"] == e["round"] and "ms" in r and "ms" in e]
+        return float(np.median(per)) if per else float("nan")
+
+    lines = ["| variant | approx. layers | held-out cos mean / min | per-layer error (held-out) | attn FLOPs vs exact | b1 ms | b1 × exact | b8 ms | b8 × exact | b8 peak MiB | MB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, v in variants.items():
+        errors = ", ".join(f"{layer}: {e:.3f}" for layer, e in sorted(v.get("heldout_layer_error", {}).items(), key=lambda x: int(x[0])))
+        lines.append(f"| {name} | {v['approximate_layers']} | {v['heldout_mean_cosine']:.4f} / {v['heldout_min_cosine']:.4f} | {errors} | {v['attention_flops_vs_exact']:.2f} "
+                     f"| {median(name, 1, 'ms'):.1f} | {ratio(name, 1):.2f} | {median(name, 8, 'ms'):.1f} | {ratio(name, 8):.2f} | {median(name, 8, 'peak_mib'):.0f} | {v['mb']:.1f} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -322,7 +502,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/attention_long")
     parser.add_argument("--seqs", default=",".join(map(str, SEQS)))
-    parser.add_argument("--parts", default="attention,block,layers,minilm")
+    parser.add_argument("--parts", default="attention,block,layers,minilm,trained")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--landmarks", type=int, default=64)
@@ -334,11 +514,15 @@ def main() -> None:
     parser.add_argument("--min-cosine", type=float, default=0.98)
     parser.add_argument("--minilm-threshold", type=int, default=256)
     parser.add_argument("--minilm-batches", type=int, default=8)
+    parser.add_argument("--block", type=int, default=64, help="hedgehog's block (exact window) in the attention and block parts")
+    parser.add_argument("--trained-methods", default=",".join(TRAINED))
+    parser.add_argument("--bundle", default=None, help="trained part: a long-attention build folder to measure instead of building the preset here")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="trained part: alternating timing rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = {k: getattr(args, k) for k in ("landmarks", "iterations", "buckets", "rounds", "chunk")}
+    options = {k: getattr(args, k) for k in ("landmarks", "iterations", "buckets", "rounds", "chunk", "block")}
     lm = load_model("minilm")
     results = {"environment": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
                                "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__, "threads": args.threads,
@@ -363,6 +547,10 @@ def main() -> None:
         results["minilm"] = [minilm_budget(lm, options, method, args.min_cosine, args.minilm_threshold, args.minilm_batches) for method in ("nystrom", "lsh")]
         for r in results["minilm"]:
             print(json.dumps({k: v for k, v in r.items() if k != "passes"}))
+    if "trained" in parts:
+        results["trained"] = trained_benchmark(args, out)
+        (out / "trained.md").write_text(trained_markdown(results["trained"]) + "\n")
+        print(trained_markdown(results["trained"]))
     results["environment"]["load_at_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=1))
 

@@ -213,7 +213,7 @@ def test_nystrom_refuses_causal_attention_and_says_why():
     code = program.module.code
     result = ApproxAttention(method="nystrom")(program)
     assert result.status == "unchanged" and "causal" in result.info.layers[0].reason
-    assert "every candidate layer stays exact" in result.reason and "use method=lsh" in result.reason
+    assert "every candidate layer stays exact" in result.reason and "use method=hedgehog or lsh" in result.reason
     assert program.module.code == code
 
 
