@@ -21,7 +21,7 @@ Three parts, one run:
    process per measurement, alternating rounds: exact fused attention; each trainable
    approximation (hedgehog, linformer, nystrom-learned) on every layer untrained, then after
    ``attention-transfer`` (with the preset's placement); and the whole ``long-attention``
-   preset (transfer + distillation; ``--bundle`` reuses a build's model.onnx instead of
+   preset (``--bundle`` reuses a build's model.onnx instead of
    building it here). Held-out mean / min cosine of mean-pooled embeddings, per-layer
    attention-output error on held-out passages, attention FLOPs at 512 relative to exact,
    latency, peak memory.
@@ -373,10 +373,10 @@ def trained_benchmark(args, out: Path) -> dict:
         add(f"{method} + transfer", trained.program, method, seconds)
         variants[f"{method} + transfer"]["transfer"] = record.info
     if args.bundle:
-        variants["long-attention preset (transfer + distill)"] = _bundle_variant(Path(args.bundle), lm, heldout, names, heads, head_dim)
+        variants["long-attention preset (bundle)"] = _bundle_variant(Path(args.bundle), lm, heldout, names, heads, head_dim)
     else:
         preset, seconds = build(recipe)  # type: ignore[arg-type]
-        add("long-attention preset (transfer + distill)", preset.program, "hedgehog", seconds)
+        add("long-attention preset (bundle)", preset.program, "hedgehog", seconds)
     timings = _time_variants(variants, lm, heldout, args)
     return {"variants": variants, "timings": timings}
 
