@@ -138,8 +138,10 @@ class AttentionTransfer(Pass):
             if cfg.max_layer_error is not None and record.error_after > cfg.max_layer_error:
                 _to_exact(program, by_layer[record.layer])
                 record.kept, record.reason = False, f"relative error {record.error_after:.3g} > max_layer_error {cfg.max_layer_error:g} after transfer"
-        if cfg.min_cosine is None or ctx.teacher is None:
+        if cfg.min_cosine is None:
             return None
+        if ctx.teacher is None:
+            raise TransferError("attention-transfer{min_cosine=...} compares with the original program, ctx.teacher, and the context has none (graphopt.optimize sets it)")
         references = [ctx.teacher.run(args, kwargs) for args, kwargs in checks]
         valids = [real_positions(kwargs) for _, kwargs in checks]
 
