@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.attention import reference
+from graphopt.attention.autograd import recompute_backward
 
 
 @torch.library.custom_op("graphopt::hedgehog_attention", mutates_args=())
@@ -30,21 +31,4 @@ def _(q, k, v, key_bias, wq, bq, wk, bk, mix, scale, block, sinks, causal, thres
     return torch.empty_like(q)
 
 
-TENSORS = 9  # q, k, v, key_bias, wq, bq, wk, bk, mix
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:TENSORS])
-    ctx.options = inputs[TENSORS:]
-
-
-def _backward(ctx, grad):
-    tensors = [t.detach().requires_grad_(t.is_floating_point()) for t in ctx.saved_tensors]
-    with torch.enable_grad():
-        out = reference.hedgehog_attention(*tensors, *ctx.options)
-        wanted = [t for t in tensors if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    return (*(next(grads) if t.requires_grad else None for t in tensors), *(None,) * len(ctx.options))
-
-
-hedgehog_attention.register_autograd(_backward, setup_context=_setup)
+recompute_backward(hedgehog_attention, reference.hedgehog_attention, tensors=9)  # q, k, v, key_bias, wq, bq, wk, bk, mix

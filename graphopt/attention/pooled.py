@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.attention import reference
+from graphopt.attention.autograd import recompute_backward
 
 
 def _init(landmarks: int, n_max: int) -> torch.Tensor:
@@ -114,37 +115,10 @@ def nystrom_learned_reference(q, k, v, key_bias, pool, scale: float = 1.0, itera
     if n <= threshold or k.shape[-2] != n:
         return reference.exact_attention(q, k, v, key_bias, scale)
     average, present = pooling_matrix(pool, key_bias, n, q.dtype)
-    landmark_bias = _landmark_bias(present)
-    q_l, k_l = average @ q, average @ k
-    kernel_q = torch.softmax(q @ k_l.transpose(-1, -2) * scale + landmark_bias, -1)  # (b, h, n, m)
-    kernel_l = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale + landmark_bias, -1) * present  # (b, h, m, m)
-    scores_k = q_l @ k.transpose(-1, -2) * scale
-    if key_bias is not None:
-        scores_k = scores_k + key_bias
-    kernel_k = torch.softmax(scores_k, -1)  # (b, h, m, n)
-    return kernel_q @ (reference.newton_pinv(kernel_l, iterations) @ (kernel_k @ v))
+    return reference.nystrom_from_landmarks(q, k, v, key_bias, average, _landmark_bias(present), present, scale, iterations)
 
 
 # ---- the ops ---------------------------------------------------------------------------------
-def _recompute_autograd(op, fn, tensors: int) -> None:
-    """Register a backward for ``op`` that recomputes ``fn`` (its reference) under autograd:
-    the first ``tensors`` inputs are tensors, the rest options."""
-
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:tensors])
-        ctx.options = inputs[tensors:]
-
-    def backward(ctx, grad):
-        saved = [t.detach().requires_grad_(t.is_floating_point()) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            out = fn(*saved, *ctx.options)
-            wanted = [t for t in saved if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        return (*(next(grads) if t.requires_grad else None for t in saved), *(None,) * len(ctx.options))
-
-    op.register_autograd(backward, setup_context=setup)
-
-
 @torch.library.custom_op("graphopt::linformer_attention", mutates_args=())
 def linformer_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, proj_k: torch.Tensor, proj_v: torch.Tensor, scale: float, threshold: int
@@ -157,7 +131,7 @@ def _(q, k, v, key_bias, proj_k, proj_v, scale, threshold):
     return torch.empty_like(q)
 
 
-_recompute_autograd(linformer_attention, linformer_reference, 6)  # q, k, v, key_bias, proj_k, proj_v
+recompute_backward(linformer_attention, linformer_reference, 6)  # q, k, v, key_bias, proj_k, proj_v
 
 
 @torch.library.custom_op("graphopt::nystrom_learned_attention", mutates_args=())
@@ -172,4 +146,4 @@ def _(q, k, v, key_bias, pool, scale, iterations, threshold):
     return torch.empty_like(q)
 
 
-_recompute_autograd(nystrom_learned_attention, nystrom_learned_reference, 5)  # q, k, v, key_bias, pool
+recompute_backward(nystrom_learned_attention, nystrom_learned_reference, 5)  # q, k, v, key_bias, pool

@@ -72,6 +72,12 @@ def nystrom_attention(q, k, v, key_bias=None, scale: float = 1.0, landmarks: int
         return exact_attention(q, k, v, key_bias, scale)
     valid = None if key_bias is None else key_bias.reshape(key_bias.shape[0], -1) > PADDING_BIAS
     average, landmark_bias, landmark_valid = segment_means_matrix(n, landmarks, valid, q.dtype)
+    return nystrom_from_landmarks(q, k, v, key_bias, average, landmark_bias, landmark_valid, scale, iterations)
+
+
+def nystrom_from_landmarks(q, k, v, key_bias, average, landmark_bias, landmark_valid, scale: float, iterations: int) -> torch.Tensor:
+    """The Nyström form given the landmark pooling ``average`` (b or 1, 1, m, n), the landmarks'
+    bias (b or 1, 1, 1, m; -inf-like for an empty one) and validity (b or 1, 1, m, 1)."""
     q_l, k_l = average @ q, average @ k
     kernel_q = torch.softmax(q @ k_l.transpose(-1, -2) * scale + landmark_bias, -1)  # (b, h, n, m)
     kernel_l = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale + landmark_bias, -1) * landmark_valid  # (b, h, m, m)
