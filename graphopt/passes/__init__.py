@@ -13,5 +13,6 @@ from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.share_layers import ShareLayers
+from graphopt.passes.smooth import Smooth
 
-__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers", "Smooth"]

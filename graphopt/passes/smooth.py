@@ -1,0 +1,331 @@
+"""The smooth pass: SmoothQuant's activation-outlier migration, an exact rewrite before ``quantize``.
+
+Linear layers are grouped by the activation they read (Q, K and V read one LayerNorm
+output). For each group, calibration activations choose a migration strength ``α``
+(graphopt.quant.smoothing: the candidate with the least simulated int8 error, or none),
+and the group's weight columns are multiplied by ``s`` while its input is divided by it.
+Where the division goes:
+
+* ``value-projection``: the input of an attention output projection is SDPA's output, which
+  is linear in V channel by channel; V's weight rows and bias are divided by ``s`` (free);
+* ``layer-norm``: a LayerNorm read by nothing but the group gets ``γ / s`` and ``β / s`` (free);
+* ``multiply``: otherwise one elementwise ``x * (1 / s)`` before the group (``insert_mul``).
+  Post-LN encoders (BERT) need it for Q/K/V and the FFN: their LayerNorm output is also the
+  residual, which must not be scaled.
+
+The rewrite is exact in real arithmetic (the manager checks it as it checks every exact
+pass); what it buys shows once ``quantize`` follows. ``scheme`` says which int8 activation
+quantization the search simulates: per tensor at run time (``dynamic``, the int8 preset's)
+or calibrated once (``static``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import fx
+
+from graphopt.analysis.interpret import run_calibration
+from graphopt.analysis.linear import LinearSite, find_linear_sites
+from graphopt.context import PassContext
+from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
+from graphopt.program import Program, module_path
+from graphopt.quant.cpu import cpu_int8_support, weight_qmax
+from graphopt.quant.smoothing import DEFAULT_ALPHAS, ActivationSample, AlphaChoice, choose_alpha, int8_error, smoothing_scales
+from graphopt.rewrite import emit, fake
+from graphopt.surgery import add_constant, arg_int, arg_ints, arg_node, get_tensor
+
+aten = torch.ops.aten
+_LAYOUT = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default})
+
+
+class SmoothConfig(PassConfig):
+    alpha: float | None = Field(None, gt=0, lt=1, description="one migration strength for every group (None: chosen per group on calibration data)")
+    alphas: tuple[float, ...] = Field(DEFAULT_ALPHAS, description="the candidates the per-group search tries")
+    scheme: Literal["dynamic", "static"] = Field("dynamic", description="the int8 activation quantization that follows (what the search simulates)")
+    weight_range: Literal["auto", "full", "reduced"] = Field("auto", description="int8 weights the search simulates: ±127, ±63, or by CPU (as quantize)")
+    include: tuple[str, ...] = Field((), description="fnmatch patterns on module paths of the layers to smooth (empty: all)")
+    exclude: tuple[str, ...] = Field((), description="fnmatch patterns on module paths to leave alone")
+    insert_mul: bool = Field(True, description="smooth groups whose producer cannot absorb the scales, with one multiply before them")
+    min_gain: float = Field(0.05, ge=0, lt=1, description="relative drop of the simulated int8 error a group must gain to be smoothed")
+    max_batches: int = Field(8, ge=1, description="calibration batches to observe")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmoothedGroup(_Record):
+    layers: list[str]  # module paths (node names where a layer has none)
+    fold: str  # value-projection | layer-norm | multiply
+    alpha: float
+    error_before: float  # simulated int8 relative squared error of the group's outputs
+    error_after: float
+    max_scale: float
+    min_scale: float
+
+
+class LeftGroup(_Record):
+    layers: list[str]
+    reason: str
+    errors: dict[str, float] = {}
+
+
+class SmoothInfo(PassInfo):
+    smoothed: int = 0
+    multiplies_inserted: int = 0
+    scheme: str = "dynamic"
+    groups: list[SmoothedGroup] = []
+    left: list[LeftGroup] = []
+    calibration: str | None = None
+
+
+@register_pass
+class Smooth(Pass):
+    """Migrate activation outliers into the weights (SmoothQuant) before int8 quantization; exact."""
+
+    name: ClassVar[str] = "smooth"
+    Config: ClassVar[type[PassConfig]] = SmoothConfig
+    config: SmoothConfig
+    Info: ClassVar[type[PassInfo]] = SmoothInfo
+    requires_ir = ("aten",)
+
+    @classmethod
+    def is_exact(cls, config: SmoothConfig) -> bool:
+        return True
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        gm = program.module
+        sites, _rejected = program.analysis("linear_sites", find_linear_sites)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        left: list[LeftGroup] = []
+        groups: dict[fx.Node, list[LinearSite]] = {}
+        for site in sites:
+            node = nodes[site.node]
+            why = self._filtered_out(site) or ("" if node.target is aten.linear.default and site.transposed and site.bias_node is None else "only aten.linear layers with a stored weight are smoothed")
+            if why:
+                left.append(LeftGroup(layers=[_label(site)], reason=why))
+                continue
+            x = node.args[0]  # aten.linear(x, W, b)
+            assert isinstance(x, fx.Node)
+            groups.setdefault(x, []).append(site)
+
+        plans: list[tuple[fx.Node, list[LinearSite], str, fx.Node | None]] = []
+        for x, members in groups.items():
+            fold, producer = _fold_of(gm, x, members, nodes)
+            if fold == "multiply" and not cfg.insert_mul:
+                left.append(LeftGroup(layers=[_label(s) for s in members], reason="its input is read elsewhere too (insert_mul=false)"))
+                continue
+            plans.append((x, members, fold, producer))
+        if not plans:
+            return PassResult.unchanged(program, SmoothInfo(left=left), "no group of linear layers to smooth" + _first_reason(left))
+
+        batches, source = ctx.calibration_batches(program, cfg.max_batches)
+        samples = {x.name: ActivationSample() for x, *_ in plans}
+        first_site = {members[0].node: samples[x.name] for x, members, *_ in plans}
+        run_calibration(gm, batches, observe={name: sample.update for name, sample in first_site.items()})
+
+        qmax = weight_qmax(cfg.weight_range, cpu_int8_support())
+        static = cfg.scheme == "static"
+        done: list[SmoothedGroup] = []
+        multiplies = 0
+        for x, members, fold, producer in plans:
+            weights = [_stored(gm, nodes[s.node].args[1]) for s in members]
+            sample = samples[x.name]
+            choice = self._choose(sample, weights, static, qmax)
+            if choice.scales is None:
+                left.append(LeftGroup(layers=[_label(s) for s in members], reason=f"no α lowers the simulated int8 error by {cfg.min_gain:.0%}", errors=_rounded(choice.errors)))
+                continue
+            s = choice.scales
+            for site, weight in zip(members, weights):
+                _set_weight(gm, nodes[site.node], weight * s[None, :], f"smooth_{site.node}_weight")
+            if fold == "value-projection":
+                assert producer is not None
+                # V's weight as it is now: the group Q/K/V belong to may have scaled its columns already
+                _set_weight(gm, producer, _stored(gm, producer.args[1]) / s[:, None], f"smooth_{producer.name}_weight")
+                bias = producer.args[2] if len(producer.args) > 2 else None
+                if isinstance(bias, fx.Node):
+                    _set_bias(gm, producer, _stored(gm, bias) / s, f"smooth_{producer.name}_bias")
+            elif fold == "layer-norm":
+                _scale_layer_norm(gm, x, 1.0 / s)
+            else:
+                _insert_multiply(gm, x, [nodes[m.node] for m in members], 1.0 / s)
+                multiplies += 1
+            done.append(SmoothedGroup(
+                layers=[_label(m) for m in members], fold=fold, alpha=float(choice.alpha or 0.0), error_before=round(choice.error_before, 6),
+                error_after=round(choice.error_after, 6), max_scale=round(float(s.max()), 4), min_scale=round(float(s.min()), 6),
+            ))
+        info = SmoothInfo(smoothed=len(done), multiplies_inserted=multiplies, scheme=cfg.scheme, groups=done, left=left, calibration=source)
+        return PassResult.of(program, bool(done), info, "no group's simulated int8 error drops enough with smoothing" + _first_reason(left))
+
+    def _choose(self, sample: ActivationSample, weights: list[torch.Tensor], static: bool, qmax: int) -> AlphaChoice:
+        cfg = self.config
+        if cfg.alpha is None:
+            return choose_alpha(sample, weights, cfg.alphas, static=static, weight_qmax=qmax, min_gain=cfg.min_gain)
+        weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(0)
+        s = smoothing_scales(sample.absmax, weight_absmax, cfg.alpha)
+        before = int8_error(sample, weights, None, static, qmax)
+        after = int8_error(sample, weights, s, static, qmax)
+        return AlphaChoice(cfg.alpha, before, after, {"none": before, f"{cfg.alpha:g}": after}, s)
+
+    def _filtered_out(self, site: LinearSite) -> str:
+        path = site.module_path or site.node
+        if self.config.include and not any(_matches(path, p) for p in self.config.include):
+            return f"not selected by include={list(self.config.include)}"
+        for pattern in self.config.exclude:
+            if _matches(path, pattern):
+                return f"excluded by pattern {pattern!r}"
+        return ""
+
+
+def _matches(path: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}") or path == pattern
+
+
+def _label(site: LinearSite) -> str:
+    return site.module_path or site.node
+
+
+def _first_reason(left: list[LeftGroup]) -> str:
+    return f" (e.g. {left[0].layers[0]}: {left[0].reason})" if left else ""
+
+
+def _rounded(errors: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in errors.items()}
+
+
+def _stored(gm: fx.GraphModule, node) -> torch.Tensor:
+    assert isinstance(node, fx.Node) and node.op == "get_attr"
+    return get_tensor(gm, str(node.target)).detach().float()
+
+
+# ---- where the division by s can go ------------------------------------------------------------
+def _fold_of(gm: fx.GraphModule, x: fx.Node, members: list[LinearSite], nodes: dict[str, fx.Node]) -> tuple[str, fx.Node | None]:
+    group = {nodes[m.node] for m in members}
+    if len(members) == 1:
+        value = _value_projection(x)
+        if value is not None:
+            return "value-projection", value
+    if x.op == "call_function" and x.target is aten.layer_norm.default and set(x.users) <= group:
+        weight, bias = (x.args[2] if len(x.args) > 2 else None), (x.args[3] if len(x.args) > 3 else None)
+        if all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (weight, bias)):
+            return "layer-norm", None
+    return "multiply", None
+
+
+def _value_projection(x: fx.Node) -> fx.Node | None:
+    """The V projection (an ``aten.linear`` with a stored weight) whose output channels reach
+    ``x`` unpermuted through SDPA and layout ops alone, each read once; else None."""
+    node = x
+    while node.op == "call_function" and node.target in _LAYOUT:
+        node = arg_node(node, 0)
+    if not (node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default and len(node.args) > 2):
+        return None
+    v = node.args[2]
+    while isinstance(v, fx.Node) and v.op == "call_function" and v.target in _LAYOUT:
+        v = v.args[0]
+    if not (isinstance(v, fx.Node) and v.target is aten.linear.default and isinstance(v.args[1], fx.Node) and v.args[1].op == "get_attr"):
+        return None
+    bias = v.args[2] if len(v.args) > 2 else v.kwargs.get("bias")
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    return v if _channels_reach(v, x) else None
+
+
+def _channels_reach(start: fx.Node, end: fx.Node) -> bool:
+    """Whether ``start``'s last-dim channels arrive at ``end``'s last dim in the same order,
+    following single users through view/reshape (split ``c -> (h, d)`` or merge back),
+    transposes, permutes, copies and SDPA's value input."""
+    val = fake(start)
+    if val is None:
+        return False
+    labels = ["*"] * (val.dim() - 1) + ["c"]
+    node = start
+    while node is not end:
+        if len(node.users) != 1:
+            return False
+        user = next(iter(user for user in node.users))
+        if user.target is aten.scaled_dot_product_attention.default:
+            if len(user.args) < 3 or user.args[2] is not node or node in user.args[:2] or labels[-1] != "d":
+                return False
+        elif user.target in _LAYOUT and user.args[0] is node:
+            relabelled = _relabel(user, labels)
+            if relabelled is None:
+                return False
+            labels = relabelled
+        else:
+            return False
+        node = user
+    return labels[-1] == "c" and "h" not in labels and "d" not in labels
+
+
+def _relabel(node: fx.Node, labels: list[str]) -> list[str] | None:
+    source, result = fake(node.args[0]), fake(node)
+    if source is None or result is None:
+        return None
+    src, out = [str(d) for d in source.shape], [str(d) for d in result.shape]
+    if node.target in (aten.contiguous.default, aten.clone.default):
+        return labels
+    if node.target is aten.transpose.int:
+        a, b = arg_int(node, 1) % len(labels), arg_int(node, 2) % len(labels)
+        labels = list(labels)
+        labels[a], labels[b] = labels[b], labels[a]
+        return labels
+    if node.target is aten.permute.default:
+        return [labels[i % len(labels)] for i in arg_ints(node, 1)]
+    # view / reshape: keep, split the last dim into two, or merge the last two back
+    if src == out:
+        return labels
+    if len(out) == len(src) + 1 and out[:-2] == src[:-1] and labels[-1] == "c":
+        return [*labels[:-1], "h", "d"]
+    if len(src) == len(out) + 1 and src[:-2] == out[:-1] and labels[-2:] == ["h", "d"]:
+        return [*labels[:-2], "c"]
+    return None
+
+
+# ---- the rewrite --------------------------------------------------------------------------------
+def _stamp(new: fx.Node, like: fx.Node) -> None:
+    new.meta["graphopt_created_by"] = "smooth"
+    path = module_path(like)
+    if path:
+        new.meta["graphopt_module_path"] = path
+
+
+def _set_weight(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor, name: str) -> None:
+    with gm.graph.inserting_before(linear):
+        const = add_constant(gm, name, weight.contiguous())
+    _stamp(const, linear)
+    linear.update_arg(1, const)
+
+
+def _set_bias(gm: fx.GraphModule, linear: fx.Node, bias: torch.Tensor, name: str) -> None:
+    with gm.graph.inserting_before(linear):
+        const = add_constant(gm, name, bias.contiguous())
+    _stamp(const, linear)
+    linear.update_arg(2, const)
+
+
+def _scale_layer_norm(gm: fx.GraphModule, norm: fx.Node, factor: torch.Tensor) -> None:
+    for index in (2, 3):
+        stored = norm.args[index]
+        assert isinstance(stored, fx.Node)
+        with gm.graph.inserting_before(norm):
+            const = add_constant(gm, f"smooth_{norm.name}_{'weight' if index == 2 else 'bias'}", get_tensor(gm, str(stored.target)).detach().float() * factor)
+        _stamp(const, norm)
+        norm.update_arg(index, const)
+
+
+def _insert_multiply(gm: fx.GraphModule, x: fx.Node, readers: list[fx.Node], factor: torch.Tensor) -> None:
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    first = min(readers, key=order.__getitem__)
+    with gm.graph.inserting_before(first):
+        const = add_constant(gm, f"smooth_{x.name}_inverse_scale", factor.contiguous())
+        product = emit(gm.graph, aten.mul.Tensor, (x, const))
+    for node in (const, product):
+        _stamp(node, first)
+    for reader in readers:
+        reader.update_arg(0, product)
