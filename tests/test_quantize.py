@@ -420,7 +420,7 @@ def test_int8_attention_explains_what_it_leaves_alone():
 
     fp32 = _capture("bert")
     AttentionToSDPA()(fp32)
-    assert "no dynamic-int8 linear layer" in Int8Attention()(fp32).reason
+    assert "no int8 linear layer" in Int8Attention()(fp32).reason
     eager = _capture("bert")
     Quantize()(eager)
     assert "no scaled_dot_product_attention" in Int8Attention()(eager).reason
@@ -485,3 +485,38 @@ def test_parity_of_a_mixed_int8_program_reports_its_rounding_floor_and_catches_a
     wrong = check_parity(program, _scaled_weight_scales(exported.path, 2.0, tmp_path / "wrong.onnx"), raise_on_failure=False)
     assert not wrong.passed
     assert any("beyond the rounding floor" in r.note for r in wrong.failures)
+
+
+def test_int8_attention_fuses_static_projections_exactly_and_uses_one_quantize(tmp_path):
+    """Static int8 Q/K/V read one input, so they were calibrated to one scale and zero point:
+    one QuantizeLinear + one MatMulIntegerToFloat + MultiHeadAttention, bit for bit the same."""
+    from graphopt.datasets import program_context
+
+    program = _capture("bert", layers=2)
+    AttentionToSDPA()(program)
+    assert Quantize(mode="static")(program, _calibration("bert", 3)).modified
+    batches = [(tuple(program.args), dict(program.kwargs)), *program_context(program).verification]
+    before = [program.run(args, kwargs) for args, kwargs in batches]
+    result = Int8Attention()(program)
+    assert result.modified and result.info.fused == 2, result.reason
+    ops = _graphopt_ops(program)
+    assert ops["graphopt::attention_static_int8"] == 2 and "graphopt::attention_int8" not in ops
+    after = [program.run(args, kwargs) for args, kwargs in batches]
+    assert all(torch.equal(x, y) for b, a in zip(before, after) for x, y in zip(b, a))
+    session, onnx_ops, _ = _ort_graph(program, tmp_path)
+    assert onnx_ops["MultiHeadAttention"] == 2 and onnx_ops["Softmax"] == 0, onnx_ops
+    assert onnx_ops["MatMulIntegerToFloat"] == _linear_count(_capture("bert", layers=2)) - 4, onnx_ops
+    assert not _float_matmuls_on_weights(tmp_path / "model.opt.onnx")
+    assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=2)) < 2e-5
+
+
+def test_int8_attention_leaves_static_projections_with_different_scales_alone():
+    program = _capture("bert")
+    AttentionToSDPA()(program)
+    Quantize(mode="static")(program, _calibration("bert", 3))
+    static = [n for n in program.graph.nodes if n.target is torch.ops.graphopt.linear_static_int8.default]
+    key = next(n for n in static[1:] if n.args[0] is static[0].args[0])  # a second projection of Q's input
+    name = str(key.args[1].target)
+    program.module.register_buffer(name, program.tensors()[name] * 2)
+    result = Int8Attention()(program)
+    assert result.status == "unchanged" and result.info.near_misses[0]["check"] == "activation_scale", result.info.near_misses

@@ -1,11 +1,14 @@
-"""Dynamic-int8 Q/K/V projections + SDPA -> one int8 GEMM + MultiHeadAttention (exact).
+"""Int8 Q/K/V projections + SDPA -> one int8 GEMM + MultiHeadAttention (exact).
 
 After ``sdpa`` and ``quantize{mode=dynamic}``, self-attention reads three
 ``linear_dynamic_int8`` projections of one tensor, their head splits, SDPA and the head
 merge. :func:`graphopt.quant.attention.fused_attention_rule` makes that one
 ``graphopt::attention_int8`` node: in ONNX one ``DynamicQuantizeMatMul`` over the packed
 ``[H, 3H]`` weight and ORT's ``MultiHeadAttention``, instead of three integer GEMMs, six
-reshapes/transposes and the attention. It was part of the quantize pass; it is a pass of
+reshapes/transposes and the attention. Static-int8 projections (``quantize{mode=static}``)
+whose calibrated activation scale and zero point are equal, as they are for one input,
+become ``graphopt::attention_static_int8``: one ``QuantizeLinear``, one
+``MatMulIntegerToFloat`` and the same attention. It was part of the quantize pass; it is a pass of
 its own so that a recipe orders it (``quantize,int8-attention?,fused-attention?,...``) and
 its report is its own.
 
@@ -41,7 +44,7 @@ class Int8AttentionInfo(PassInfo):
 
 @register_pass
 class Int8Attention(Pass):
-    """Fuse dynamic-int8 Q/K/V projections and SDPA into one int8 GEMM + MultiHeadAttention."""
+    """Fuse int8 (dynamic or static) Q/K/V projections and SDPA into one int8 GEMM + MultiHeadAttention."""
 
     name: ClassVar[str] = "int8-attention"
     Config: ClassVar[type[PassConfig]] = Int8AttentionConfig
@@ -56,9 +59,9 @@ class Int8Attention(Pass):
         graph = program.graph
         if not any(n.target is SDPA for n in graph.nodes):
             return PassResult.unchanged(program, Int8AttentionInfo(), "no scaled_dot_product_attention node (run the sdpa pass first)")
-        projection = torch.ops.graphopt.linear_dynamic_int8.default
-        if not any(n.target is projection for n in graph.nodes):
-            return PassResult.unchanged(program, Int8AttentionInfo(), "no dynamic-int8 linear layer (run quantize{mode=dynamic} first)")
+        projections = (torch.ops.graphopt.linear_dynamic_int8.default, torch.ops.graphopt.linear_static_int8.default)
+        if not any(n.target in projections for n in graph.nodes):
+            return PassResult.unchanged(program, Int8AttentionInfo(), "no int8 linear layer (run quantize{mode=dynamic} or {mode=static} first)")
         stats = apply_rules(program.module, [fused_attention_rule(program.module)], provenance=self.name)
         misses = [m.to_dict() for m in stats.near_misses]
         info = Int8AttentionInfo(fused=stats.total, near_misses=misses)

@@ -31,10 +31,20 @@ aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 
+DYNAMIC = torch.ops.graphopt.linear_dynamic_int8.default
+STATIC = torch.ops.graphopt.linear_static_int8.default
+# Per projection kind: the fused op, where its weight is among the projection's arguments, and
+# the stored arguments packed along the output columns (the rest must be equal and are shared).
+_KINDS = {
+    DYNAMIC: (torch.ops.graphopt.attention_int8.default, 1, {"w_qkv": 1, "w_qkv_scale": 2, "qkv_bias": 3}, ()),
+    STATIC: (torch.ops.graphopt.attention_static_int8.default, 3, {"w_qkv": 3, "w_qkv_scale": 4, "w_qkv_zero_point": 5, "qkv_bias": 6}, (1, 2)),
+}
+
+
 def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
-    """SDPA over three dynamic-int8 projections of one tensor -> ``graphopt::attention_int8``."""
+    """SDPA over three int8 projections of one tensor (dynamic: ``graphopt::attention_int8``;
+    static with one calibrated activation scale: ``graphopt::attention_static_int8``)."""
     registered: dict[int, str] = {}
-    projection = torch.ops.graphopt.linear_dynamic_int8.default
 
     def match(sdpa: fx.Node) -> Match | NoMatch:
         found = _check_sdpa(sdpa)
@@ -43,14 +53,24 @@ def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
         heads, head_dim = found
         chain, projections = [], []
         for operand in sdpa.args[:3]:
-            split = projection_of(operand, projection)
+            split = projection_of(operand, DYNAMIC)
             if isinstance(split, NoMatch):
-                return split
+                static = projection_of(operand, STATIC, stored=(1, 2, 3, 4, 5, 6), what="an int8 projection (fp32 layer, or another mode)")
+                if isinstance(static, NoMatch):
+                    return static if split.check == "projection" else split
+                split = static
             chain += split[1]
             projections.append(split[0])
         if len({p.args[0] for p in projections}) != 1:
             return NoMatch("same_input", "Q, K and V are projections of different tensors (cross-attention)")
-        widths = {get_tensor(gm, str(arg_node(p, 1).target)).shape[1] for p in projections}
+        if len({p.target for p in projections}) != 1:
+            return NoMatch("same_kind", "Q, K and V are quantized differently (dynamic and static int8)")
+        _fused, weight_at, _packed, shared = _KINDS[projections[0].target]  # type: ignore[index]  # an OpOverload: projection_of matched it
+        for i in shared:  # static: one QuantizeLinear serves the three only if they quantize alike
+            values = [get_tensor(gm, str(arg_node(p, i).target)) for p in projections]
+            if not all(torch.equal(values[0], v) for v in values[1:]):
+                return NoMatch("activation_scale", f"Q, K and V quantize their input with different calibrated {'scales' if i == 1 else 'zero points'}")
+        widths = {get_tensor(gm, str(arg_node(p, weight_at).target)).shape[1] for p in projections}
         if widths != {heads * head_dim}:
             return NoMatch("widths", f"projection widths {sorted(widths)} != heads * head_dim = {heads * head_dim}")
         tail = heads_merged_output(sdpa)
@@ -64,13 +84,13 @@ def fused_attention_rule(gm: fx.GraphModule) -> RewriteRule:
 
     def replace(graph: fx.Graph, m: Match) -> fx.Node:
         projections = m.bindings["projections"]
-        tensors = [[get_tensor(gm, str(p.args[i].target)) for p in projections] for i in (1, 2, 3)]
-        packed = {"w_qkv": torch.cat(tensors[0], dim=1), "w_qkv_scale": torch.cat(tensors[1]), "qkv_bias": torch.cat(tensors[2])}
-        owner = projections[0].name
-        with graph.inserting_before(projections[0]):
-            consts = [add_constant(gm, f"quant_{owner}_{key}", t, registered=registered) for key, t in packed.items()]
-        x = projections[0].args[0]
-        return emit(graph, torch.ops.graphopt.attention_int8.default, (x, *consts, m.bindings["mask"], m.bindings["heads"], m.bindings["scale"]))
+        fused, weight_at, packed_at, shared = _KINDS[projections[0].target]
+        first = projections[0]
+        packed = {key: torch.cat([get_tensor(gm, str(p.args[i].target)) for p in projections], dim=1 if i == weight_at else 0) for key, i in packed_at.items()}
+        with graph.inserting_before(first):
+            consts = {key: add_constant(gm, f"quant_{first.name}_{key}", t, registered=registered) for key, t in packed.items()}
+        stored = [first.args[i] for i in shared] + list(consts.values())  # the op's order: x, [x_scale, x_zero_point,] weights..., bias
+        return emit(graph, fused, (first.args[0], *stored, m.bindings["mask"], m.bindings["heads"], m.bindings["scale"]))
 
     return RewriteRule("attention_int8", frozenset({SDPA}), match, replace)
 

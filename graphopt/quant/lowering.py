@@ -66,6 +66,17 @@ def attention_int8(x: FLOAT, w_qkv: INT8, w_scale: FLOAT, bias: FLOAT, mask: FLO
     return msft.MultiHeadAttention(q, k, v, None, None, mask, num_heads=num_heads, scale=scale)
 
 
+@onnxscript.script(default_opset=op)
+def attention_static_int8(
+    x: FLOAT, x_scale: FLOAT, x_zero_point: UINT8, w_qkv: INT8, w_scale: FLOAT, w_zero_point: INT8, bias: FLOAT, mask: FLOAT, num_heads: int, scale: float
+) -> FLOAT:
+    # One QuantizeLinear and one integer GEMM for Q, K and V, then ORT's fused attention.
+    x_q = op.QuantizeLinear(x, x_scale, x_zero_point)
+    qkv = msft.MatMulIntegerToFloat(x_q, w_qkv, x_scale, w_scale, x_zero_point, w_zero_point, bias)
+    q, k, v = op.Split(qkv, axis=-1, num_outputs=3)
+    return msft.MultiHeadAttention(q, k, v, None, None, mask, num_heads=num_heads, scale=scale)
+
+
 _ops = torch.ops.graphopt
 register_lowering(_ops.linear_dynamic_int8.default, dynamic_int8)
 register_lowering(_ops.linear_static_int8.default, static_int8)
@@ -74,3 +85,4 @@ register_lowering(_ops.embedding_int8.default, embedding_int8)
 register_lowering(_ops.bias_gelu.default, bias_gelu)
 register_lowering(_ops.embedding_nbits.default, embedding_nbits)
 register_lowering(_ops.attention_int8.default, attention_int8)
+register_lowering(_ops.attention_static_int8.default, attention_static_int8)

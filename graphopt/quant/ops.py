@@ -209,3 +209,31 @@ def attention_int8(
 @attention_int8.register_fake
 def _(x, w_qkv, w_scale, bias, mask, num_heads, scale):
     return x.new_empty((*x.shape[:-1], w_qkv.shape[1] // 3))
+
+
+# ---- self-attention with one static-int8 QKV projection -----------------------------------------
+@torch.library.custom_op(f"{LIB}::attention_static_int8", mutates_args=())
+def attention_static_int8(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`attention_int8` with the activation quantized by a calibrated scale and zero point
+    (static int8, one ``QuantizeLinear`` for the three projections) instead of at run time."""
+    qkv = linear_static_int8(x, x_scale, x_zero_point, w_qkv, w_scale, w_zero_point, bias)
+    batch, seq, _ = qkv.shape
+    q, k, v = (t.reshape(batch, seq, num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
+@attention_static_int8.register_fake
+def _(x, x_scale, x_zero_point, w_qkv, w_scale, w_zero_point, bias, mask, num_heads, scale):
+    return x.new_empty((*x.shape[:-1], w_qkv.shape[1] // 3))
