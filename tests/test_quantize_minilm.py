@@ -88,13 +88,13 @@ def test_lossy_presets_are_kept_by_their_own_budget_and_pass_ort_parity(captured
     result = graphopt.optimize(captured, preset, context=ctx)
     statuses = {record.name: record.status for record in result.report.passes}
     assert statuses["quantize"] == "applied", result.report.failures
-    if preset != "int8":  # balanced ranks layers by sensitivity, int4 rounds with GPTQ: both calibrate on the context's texts
+    if preset != "int8":  # balanced calibrates its static ranges (and smooth its α), int4 rounds with GPTQ: on the context's texts
         quantize = next(record for record in result.report.passes if record.name == "quantize")
         assert ctx.calibration_source in quantize.info["calibration"]
     assert not result.report.failures
     assert result.report.final_drift["cosine"] >= result.recipe.budget.min_cosine
     assert result.program.parameter_stats() != captured.parameter_stats()
-    # Mixed int8 / fp32 (balanced) and int8-compute weight-only (int4) plans differ from ORT
+    # Static int8 (balanced) and int8-compute weight-only (int4) programs differ from ORT
     # by rounding flips, not by lowering errors: parity holds them to their rounding floor.
     result.export(tmp_path / "model.onnx")
     assert result.parity.passed

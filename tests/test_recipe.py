@@ -114,7 +114,7 @@ def test_quantized_presets_run_on_a_tiny_bert(name, tmp_path):
     statuses = {r.name: r.status for r in result.report.passes}
     assert statuses["quantize"] == "applied" and statuses["fused-attention"] in ("applied", "unchanged"), result.report.failures
     ops = {n.target.name() for n in result.program.graph.nodes if n.op == "call_function" and hasattr(n.target, "name")}
-    assert any(op.startswith(("graphopt::linear_dynamic_int8", "graphopt::linear_nbits", "graphopt::attention_int8")) for op in ops)
+    assert any(op.startswith(("graphopt::linear_dynamic_int8", "graphopt::linear_nbits", "graphopt::attention_int8", "graphopt::linear_static_int8", "graphopt::attention_static_int8")) for op in ops)
     result.export(tmp_path / "model.onnx")
     assert result.report.sections["parity"]["passed"] is True
 
