@@ -520,3 +520,121 @@ def test_int8_attention_leaves_static_projections_with_different_scales_alone():
     program.module.register_buffer(name, program.tensors()[name] * 2)
     result = Int8Attention()(program)
     assert result.status == "unchanged" and result.info.near_misses[0]["check"] == "activation_scale", result.info.near_misses
+
+
+# ---- bias correction ----------------------------------------------------------------------------
+class _Shifted(nn.Module):
+    """One linear layer whose input has a large mean (as LayerNorm / GELU outputs do), so
+    rounding the weights moves its outputs by a constant per channel; padded positions zeroed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 32)
+
+    def forward(self, x, attention_mask):
+        return self.fc(x) * attention_mask[..., None]
+
+
+def _shifted_batch(seed: int, pad_value: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 12, 64, generator=g) * 0.3 + 2.0
+    mask = torch.ones(4, 12)
+    mask[:, 9:] = 0
+    x[:, 9:] = pad_value  # what padded rows hold must not matter
+    return (), {"x": x, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_bias_correction_removes_the_mean_output_shift_on_unseen_inputs(mode):
+    model = _Shifted().eval()
+    torch.manual_seed(0)
+    calibration = tuple(_shifted_batch(s) for s in range(4))
+    held = [_shifted_batch(s)[1] for s in range(10, 14)]
+    shifts = {}
+    for correct in (False, True):
+        program = graphopt.capture(model, kwargs=held[0])
+        result = Quantize(mode=mode, bias_correction=correct)(program, PassContext(calibration=calibration, calibration_source="shifted"))
+        assert result.modified and result.info.bias_corrected == (1 if correct else 0)
+        with torch.no_grad():
+            diffs = [(program.run((), kw)[0] - model(**kw))[kw["attention_mask"].bool()] for kw in held]
+        shifts[correct] = float(torch.cat(diffs).mean(0).abs().mean())
+    assert shifts[True] < 0.3 * shifts[False], shifts
+    assert result.info.bias_shift is not None and result.info.bias_shift > 0
+
+
+def test_bias_correction_measures_the_shift_on_real_tokens_only():
+    """A stand-in "quantized" layer that is 0.5 low on every real token and wildly off on
+    padded ones (1000 there): the correction is +0.5, as padded rows are not counted."""
+    from graphopt.analysis.linear import find_linear_sites
+    from graphopt.quant.bias_correction import bias_corrections, corrected
+    from graphopt.quant.schemes import QuantizedLinear
+
+    model = _Shifted().eval()
+    program = graphopt.capture(model, kwargs=_shifted_batch(0)[1])
+    (site,), _ = find_linear_sites(program)
+
+    def off(x, w, bias):
+        padded = (x.abs().amax(-1, keepdim=True) > 100).float()
+        return torch.nn.functional.linear(x, w, bias) - 0.5 + 1e4 * padded
+
+    layer = QuantizedLinear(off, {"w": site.weight(program.module), "bias": site.bias(program.module)})
+    batches = [_shifted_batch(s, pad_value=1000.0) for s in range(2)]
+    correction = bias_corrections(program.module, batches, {site.node: layer}, {site.node: site})[site.node]
+    assert torch.allclose(correction, torch.full((32,), 0.5), atol=1e-4), correction
+    fixed = corrected(layer, correction)
+    assert fixed.tensors["w"] is layer.tensors["w"] and torch.allclose(fixed.tensors["bias"], layer.tensors["bias"] + 0.5)
+
+
+# ---- static calibration methods -------------------------------------------------------------------
+def _observed_with_outliers():
+    from graphopt.quant.calibration import ActivationRange
+
+    g = torch.Generator().manual_seed(3)
+    observed = ActivationRange()
+    for _ in range(4):
+        x = torch.randn(64, 128, generator=g)
+        x[0, 0] = 80.0  # one rare outlier per batch
+        observed.update(x, keep_samples=True)
+    return observed
+
+
+def test_percentile_and_mse_ranges_clip_rare_outliers_that_minmax_keeps():
+    from graphopt.quant.calibration import _round_trip, calibrated_range
+
+    observed = _observed_with_outliers()
+    values = torch.cat(observed.samples)
+    low, high = calibrated_range(observed, "minmax")
+    assert high == 80.0
+    p_low, p_high = calibrated_range(observed, "percentile", 99.9)
+    assert 2.0 < p_high < 10.0 and -10.0 < p_low < -2.0
+    m_low, m_high = calibrated_range(observed, "mse")
+    assert m_high < high and m_low >= low
+    mse = float((_round_trip(values, m_low, m_high) - values).pow(2).mean())
+    assert mse < float((_round_trip(values, low, high) - values).pow(2).mean())
+    with pytest.raises(ValueError, match="sampled values"):
+        from graphopt.quant.calibration import ActivationRange
+
+        plain = ActivationRange()
+        plain.update(torch.randn(4, 4))
+        calibrated_range(plain, "mse")
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_static_calibration_method_changes_the_ranges_and_still_passes_parity(method, tmp_path):
+    scales = {}
+    for m in ("minmax", method):
+        program = _capture("bert")
+        result = Quantize(mode="static", calibration_method=m)(program, _calibration("bert", 3))
+        assert result.modified
+        scales[m] = sorted(float(t) for name, t in program.tensors().items() if name.endswith("x_scale"))
+    assert all(a <= b + 1e-12 for a, b in zip(scales[method], scales["minmax"]))  # never wider than the extremes
+    if method == "percentile":  # MSE may keep the full range where no outlier costs more than clipping would
+        assert scales[method] != scales["minmax"]
+    session, ops, _ = _ort_graph(program, tmp_path)
+    assert ops["MatMulIntegerToFloat"] >= 1
+    assert _ort_vs_program(program, session, zoo.example_inputs("bert", batch=3, seq=11, seed=7)) < 2e-5
+
+
+def test_calibration_method_needs_static_mode():
+    with pytest.raises(ConfigError, match="calibration_method applies to mode=static"):
+        Quantize(mode="dynamic", calibration_method="mse")

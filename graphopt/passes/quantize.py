@@ -9,7 +9,8 @@ the ORT kernel it lowers to (see graphopt.quant.ops / lowering):
   whose integer GEMM cannot saturate (VNNI, ARM) and ±63 elsewhere (``weight_range=auto``).
 * ``mode=weight_only``: 4- or 8-bit group-wise weights -> ``MatMulNBits``
   (``group_size``, ``symmetric``, ``accuracy_level``: 4 = int8 compute, 0 = fp32).
-* ``mode=static``: activation ranges calibrated ahead of time -> QuantizeLinear /
+* ``mode=static``: activation ranges calibrated ahead of time (``calibration_method``:
+  min-max, percentiles, or the clipping with the least round-trip error) -> QuantizeLinear /
   DequantizeLinear, which ORT fuses into an integer matmul.
 
 Mixed precision: with ``sensitivity=true`` each layer's drift when quantized alone is
@@ -17,7 +18,13 @@ measured on the calibration data and reported; ``target_cosine`` keeps the fewes
 sensitive layers at the ``fallback`` precision such that the calibration outputs keep that
 mean per-sample cosine; ``keep=k`` keeps the k most sensitive ones regardless.
 
-Calibration data (static ranges, GPTQ, sensitivity) is the context's
+``bias_correction=true`` folds each quantized layer's mean output shift on calibration data
+into its bias (graphopt.quant.bias_correction). It is an option of this pass, not a pass of
+its own, because the shift is measured against the fp32 layer this pass replaces: after it,
+the program holds only the rounded weights (and a ``smooth`` before it changed the weights,
+so the original model's are not the reference either).
+
+Calibration data (static ranges, GPTQ, sensitivity, bias correction) is the context's
 (``PassContext.calibration_batches``); without any, the program's example inputs are used
 and ``info.calibration`` says so. The fusions that follow quantization are passes of their
 own that a recipe orders after this one: ``int8-attention`` (Q/K/V + SDPA -> one int8 GEMM
@@ -27,6 +34,7 @@ own that a recipe orders after this one: ``int8-attention`` (Q/K/V + SDPA -> one
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import ClassVar, Literal
 
 import torch
@@ -38,7 +46,8 @@ from graphopt.analysis.linear import LINEAR_ANCHORS, LinearSite, NotLinear, find
 from graphopt.context import Batch, PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
-from graphopt.quant.calibration import ActivationRange
+from graphopt.quant.bias_correction import bias_corrections, corrected
+from graphopt.quant.calibration import ActivationRange, calibrated_range
 from graphopt.quant.cpu import CpuInt8Support, cpu_int8_support, weight_qmax
 from graphopt.quant.packing import quantize_nbits
 from graphopt.quant.schemes import QuantizedLinear, Scheme, quantize_embedding, quantize_linear
@@ -71,6 +80,9 @@ class QuantizeConfig(PassConfig):
     keep: int = Field(0, ge=0, description="keep this many of the most sensitive layers at the fallback precision")
     fallback: Literal["fp32", "int8_weight_only"] = "fp32"
     gptq: bool = Field(False, description="weight_only: GPTQ rounding (error compensation on calibration inputs)")
+    calibration_method: Literal["minmax", "percentile", "mse"] = Field("minmax", description="static: activation range from the observed extremes, percentiles, or the least round-trip error")
+    percentile: float = Field(99.99, gt=50, le=100, description="static with calibration_method=percentile: the upper percentile (the lower is 100 minus it)")
+    bias_correction: bool = Field(False, description="fold each quantized layer's mean output shift on calibration data into its bias")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -78,6 +90,8 @@ class QuantizeConfig(PassConfig):
             raise ValueError(f"mode={self.mode} quantizes to 8 bits, got bits={self.bits} (4 bits: mode=weight_only)")
         if self.mode == "weight_only" and self.bits not in (4, 8):
             raise ValueError(f"weight_only supports bits 4 or 8 (MatMulNBits), got bits={self.bits}")
+        if self.calibration_method != "minmax" and self.mode != "static":
+            raise ValueError(f"calibration_method applies to mode=static (calibrated activation ranges), not mode={self.mode}")
         if self.gptq and self.mode != "weight_only":
             raise ValueError(f"gptq applies to mode=weight_only, not mode={self.mode}")
         if not 16 <= self.group_size <= 256 or self.group_size & (self.group_size - 1):
@@ -86,7 +100,7 @@ class QuantizeConfig(PassConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.mode == "static" or self.gptq or self.plans_precision
+        return self.mode == "static" or self.gptq or self.bias_correction or self.plans_precision
 
     @property
     def plans_precision(self) -> bool:
@@ -153,6 +167,8 @@ class QuantizeInfo(PassInfo):
     embeddings_replaced: int = 0
     calibration: str | None = None  # where the calibration batches came from, when used
     plan: MixedPrecisionPlan | None = None
+    bias_corrected: int = 0  # layers whose bias absorbed their mean output shift (bias_correction)
+    bias_shift: float | None = None  # mean |correction| / mean |bias| over those layers
 
 
 # ---- the pass --------------------------------------------------------------------------------
@@ -183,6 +199,9 @@ class Quantize(Pass):
         scheme = self._scheme(cfg.mode, cfg.bits, support)
         batches, source = ctx.calibration_batches(program, MAX_CALIBRATION_BATCHES) if cfg.needs_calibration and chosen else ([], None)
         layers, schemes, plan, sensitivity = self._plan(gm, chosen, scheme, support, batches)
+        shift = None
+        if cfg.bias_correction and layers:
+            layers, shift = _bias_correct(gm, layers, {s.node: s for s in chosen}, batches)
 
         rule = quantized_linear_rule({s.node: (s, layers[s.node]) for s in chosen if s.node in layers}, gm)
         replaced = apply_rules(gm, [rule], provenance=self.name).applied[rule.name]
@@ -202,6 +221,8 @@ class Quantize(Pass):
             embeddings_replaced=embedded,
             calibration=source,
             plan=plan,
+            bias_corrected=len(layers) if shift is not None else 0,
+            bias_shift=shift,
         )
         return PassResult.of(program, replaced > 0 or embedded > 0, info, self._why_unchanged(sites, rejected, chosen, layers))
 
@@ -242,7 +263,8 @@ class Quantize(Pass):
     def _plan(self, gm: fx.GraphModule, chosen: list[LinearSite], scheme: Scheme, support: CpuInt8Support, batches: list[Batch]):
         """(quantized layers by node, scheme by node, the mixed-precision plan, sensitivity by node)."""
         cfg = self.config
-        ranges = observe_activation_ranges(gm, chosen, batches) if cfg.mode == "static" and chosen else {}
+        observed = observe_activation_ranges(gm, chosen, batches, keep_samples=cfg.calibration_method != "minmax") if cfg.mode == "static" and chosen else {}
+        ranges = {name: calibrated_range(r, cfg.calibration_method, cfg.percentile) for name, r in observed.items()}
         hessians = observe_hessians(gm, chosen, batches) if cfg.gptq and chosen else {}
         cache: dict[tuple, QuantizedLinear] = {}
 
@@ -288,13 +310,22 @@ def _matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}") or path == pattern
 
 
-def _quantize(gm, site: LinearSite, scheme: Scheme, act_range: ActivationRange | None, hessian: torch.Tensor | None, cache: dict) -> QuantizedLinear:
-    act = (act_range.low, act_range.high) if act_range is not None and scheme.kind == "int8_static" else None
+def _quantize(gm, site: LinearSite, scheme: Scheme, act_range: tuple[float, float] | None, hessian: torch.Tensor | None, cache: dict) -> QuantizedLinear:
+    act = act_range if scheme.kind == "int8_static" else None
     hessian = hessian if scheme.kind == "nbits" else None
     key = (site.weight_name, site.transposed, site.bias_name, scheme, act, site.node if hessian is not None else None)
     if key not in cache:  # layers reading one weight (and range) share one quantized copy
         cache[key] = quantize_linear(site.weight(gm), site.bias(gm), scheme, act, hessian)
     return cache[key]
+
+
+def _bias_correct(gm, layers: dict[str, QuantizedLinear], sites: dict[str, LinearSite], batches: list[Batch]) -> tuple[dict[str, QuantizedLinear], float]:
+    """Every planned layer with its mean output shift on the calibration batches folded into its
+    bias, and the mean |correction| relative to the mean |bias| (how much there was to fold)."""
+    corrections = bias_corrections(gm, batches, layers, sites)
+    moved = sum(float(c.abs().mean()) for c in corrections.values())
+    scale = sum(float(layers[n].tensors["bias"].abs().mean()) for n in corrections)
+    return {name: corrected(layer, corrections[name]) for name, layer in layers.items()}, round(moved / max(scale, 1e-12), 6)
 
 
 def _layer_record(site: LinearSite, schemes: dict[str, Scheme], layers: dict[str, QuantizedLinear], sensitivity: dict[str, float]) -> LayerRecord:
@@ -318,9 +349,9 @@ def observe_hessians(gm: fx.GraphModule, sites: list[LinearSite], batches: list[
     return {name: o.hessian for name, o in observers.items() if o.hessian is not None}
 
 
-def observe_activation_ranges(gm: fx.GraphModule, sites: list[LinearSite], batches: list[Batch]) -> dict[str, ActivationRange]:
+def observe_activation_ranges(gm: fx.GraphModule, sites: list[LinearSite], batches: list[Batch], keep_samples: bool = False) -> dict[str, ActivationRange]:
     ranges = {site.node: ActivationRange() for site in sites}
-    run_calibration(gm, batches, observe={name: r.update for name, r in ranges.items()})
+    run_calibration(gm, batches, observe={name: functools.partial(r.update, keep_samples=keep_samples) for name, r in ranges.items()})
     return ranges
 
 
