@@ -15,6 +15,8 @@ linear layers" alike read this one analysis.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,22 @@ class NotLinear:
     module_path: str
     check: str
     reason: str
+
+
+def matches_path(path: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch) names the module ``path`` itself or a suffix of it after a dot."""
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}") or path == pattern
+
+
+def filtered_out(site: LinearSite, include: Sequence[str], exclude: Sequence[str]) -> str:
+    """Why ``include`` / ``exclude`` patterns (a pass's options) leave ``site`` out, or ""."""
+    path = site.module_path or site.node
+    if include and not any(matches_path(path, p) for p in include):
+        return f"not selected by include={list(include)}"
+    for pattern in exclude:
+        if matches_path(path, pattern):
+            return f"excluded by pattern {pattern!r}"
+    return ""
 
 
 def find_linear_sites(program: Program) -> tuple[list[LinearSite], list[NotLinear]]:

@@ -33,7 +33,6 @@ own that a recipe orders after this one: ``int8-attention`` (Q/K/V + SDPA -> one
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from typing import ClassVar, Literal
 
@@ -42,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import fx
 
 from graphopt.analysis.interpret import run_calibration
-from graphopt.analysis.linear import LINEAR_ANCHORS, LinearSite, NotLinear, find_linear_sites
+from graphopt.analysis.linear import LINEAR_ANCHORS, LinearSite, NotLinear, filtered_out, find_linear_sites
 from graphopt.context import Batch, PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
@@ -189,7 +188,7 @@ class Quantize(Pass):
         skipped = [SkippedSite(node=r.node, module_path=r.module_path, reason=r.reason) for r in rejected]
         chosen = []
         for site in sites:
-            why = self._filtered_out(site)
+            why = filtered_out(site, self.config.include, self.config.exclude)
             if why:
                 skipped.append(SkippedSite(node=site.node, module_path=site.module_path, reason=why))
             else:
@@ -227,14 +226,6 @@ class Quantize(Pass):
         return PassResult.of(program, replaced > 0 or embedded > 0, info, self._why_unchanged(sites, rejected, chosen, layers))
 
     # ---- choices --------------------------------------------------------------------------
-    def _filtered_out(self, site: LinearSite) -> str:
-        path = site.module_path or site.node
-        if self.config.include and not any(_matches(path, p) for p in self.config.include):
-            return f"not selected by include={list(self.config.include)}"
-        for pattern in self.config.exclude:
-            if _matches(path, pattern):
-                return f"excluded by pattern {pattern!r}"
-        return ""
 
     def _why_unchanged(self, sites: list[LinearSite], rejected: list[NotLinear], chosen: list[LinearSite], layers: dict) -> str:
         cfg = self.config
@@ -305,9 +296,6 @@ class Quantize(Pass):
         )
         return schemes, plan, dict(sensitivity)
 
-
-def _matches(path: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}") or path == pattern
 
 
 def _quantize(gm, site: LinearSite, scheme: Scheme, act_range: tuple[float, float] | None, hessian: torch.Tensor | None, cache: dict) -> QuantizedLinear:

@@ -24,7 +24,6 @@ or calibrated once (``static``).
 
 from __future__ import annotations
 
-import fnmatch
 from typing import ClassVar, Literal
 
 import torch
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import fx
 
 from graphopt.analysis.interpret import run_calibration
-from graphopt.analysis.linear import LinearSite, find_linear_sites
+from graphopt.analysis.linear import LinearSite, filtered_out, find_linear_sites
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
@@ -109,7 +108,7 @@ class Smooth(Pass):
         groups: dict[fx.Node, list[LinearSite]] = {}
         for site in sites:
             node = nodes[site.node]
-            why = self._filtered_out(site) or ("" if node.target is aten.linear.default and site.transposed and site.bias_node is None else "only aten.linear layers with a stored weight are smoothed")
+            why = filtered_out(site, self.config.include, self.config.exclude) or ("" if node.target is aten.linear.default and site.transposed and site.bias_node is None else "only aten.linear layers with a stored weight are smoothed")
             if why:
                 left.append(LeftGroup(layers=[_label(site)], reason=why))
                 continue
@@ -174,19 +173,6 @@ class Smooth(Pass):
         before = int8_error(sample, weights, None, static, qmax)
         after = int8_error(sample, weights, s, static, qmax)
         return AlphaChoice(cfg.alpha, before, after, {"none": before, f"{cfg.alpha:g}": after}, s)
-
-    def _filtered_out(self, site: LinearSite) -> str:
-        path = site.module_path or site.node
-        if self.config.include and not any(_matches(path, p) for p in self.config.include):
-            return f"not selected by include={list(self.config.include)}"
-        for pattern in self.config.exclude:
-            if _matches(path, pattern):
-                return f"excluded by pattern {pattern!r}"
-        return ""
-
-
-def _matches(path: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}") or path == pattern
 
 
 def _label(site: LinearSite) -> str:
