@@ -487,6 +487,22 @@ def test_parity_of_a_mixed_int8_program_reports_its_rounding_floor_and_catches_a
     assert any("beyond the rounding floor" in r.note for r in wrong.failures)
 
 
+def test_parity_of_a_static_int8_program_uses_the_rounding_floor_and_catches_a_wrong_scale(tmp_path):
+    """Static int8 rounds activations at run time too (with a calibrated scale): parity gives it
+    the rounding floor, and a tampered scale in the export is still far beyond that floor."""
+    from graphopt.export import check_parity
+    from graphopt.export.parity import quantizes_at_run_time
+
+    program = _capture("bert")
+    assert Quantize(mode="static")(program, _calibration("bert", 3)).modified
+    assert quantizes_at_run_time(program)
+    exported = to_onnx(program, tmp_path / "model.onnx")
+    report = check_parity(program, exported.path)
+    assert report.passed and all(r.rounding_floor is not None for r in report.results)
+    wrong = check_parity(program, _scaled_weight_scales(exported.path, 2.0, tmp_path / "wrong.onnx"), raise_on_failure=False)
+    assert not wrong.passed
+
+
 def test_int8_attention_fuses_static_projections_exactly_and_uses_one_quantize(tmp_path):
     """Static int8 Q/K/V read one input, so they were calibrated to one scale and zero point:
     one QuantizeLinear + one MatMulIntegerToFloat + MultiHeadAttention, bit for bit the same."""
