@@ -12,6 +12,7 @@ import torch
 from graphopt.capture import capture
 from graphopt.context import PassContext, Services
 from graphopt.datasets import program_context
+from graphopt.decoder import decoder_context, is_decoder_spec
 from graphopt.errors import ParityError
 from graphopt.instrument import Instrumentation, default_instrumentations
 from graphopt.manager import ManagerInfo, PassManager
@@ -165,7 +166,7 @@ def _complete(ctx: PassContext, program: Program) -> PassContext:
     on is part of the context (and of a reproducer)."""
     if ctx.verification and (ctx.calibration or ctx.tokenizer is not None):
         return ctx
-    made = program_context(program)
+    made = decoder_context(program) if is_decoder_spec(program) else program_context(program)
     if not ctx.verification:
         ctx = ctx.replace(verification=made.verification, verification_source=made.verification_source)
     if not ctx.calibration and ctx.tokenizer is None:

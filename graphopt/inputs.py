@@ -43,6 +43,19 @@ def input_names(program: Program) -> list[str]:
     return [name for name, value in named_inputs(program).items() if isinstance(value, torch.Tensor)]
 
 
+def onnx_input_names(program: Program) -> list[str]:
+    """The ONNX model's input names: :func:`input_names`, renamed where the program says
+    (a decoder's ``past_key_values.N.key`` cannot be a Python parameter name)."""
+    renamed = program.meta.get("onnx_input_names") or {}
+    return [renamed.get(name, name) for name in input_names(program)]
+
+
+def onnx_feed_names(program: Program, named: Mapping[str, Any]) -> dict[str, Any]:
+    """``named`` (program input name -> value) keyed by the ONNX model's input names."""
+    renamed = program.meta.get("onnx_input_names") or {}
+    return {renamed.get(name, name): value for name, value in named.items()}
+
+
 def split_inputs(program: Program, inputs: Mapping[str, Any] | tuple) -> tuple[tuple, dict]:
     """An input set given by name (or as (args, kwargs)) -> (args, kwargs) for the program."""
     if isinstance(inputs, tuple):
@@ -87,6 +100,9 @@ def dynamic_axes_by_input(program: Program) -> dict[str, dict[int, Any]]:
 
 
 def dynamic_axis_names(program: Program) -> dict[str, dict[int, str]]:
+    named = program.meta.get("onnx_axis_names")  # a decoder's (Optimum's) axis names
+    if named:
+        return {name: dict(axes) for name, axes in named.items()}
     return {name: {axis: axis_name(name, axis, dim) for axis, dim in axes.items()} for name, axes in dynamic_axes_by_input(program).items()}
 
 

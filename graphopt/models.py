@@ -52,6 +52,11 @@ class LoadedModel:
     name: str
     notes: tuple[str, ...] = ()  # what the build output should say about how it was loaded
 
+    @property
+    def generates(self) -> bool:
+        """A causal LM loaded with its head: the build captures it for generation (KV cache)."""
+        return supports_generation(self.model)
+
 
 def load_model(spec: str | os.PathLike, *, attn_implementation: str = "eager") -> LoadedModel:
     """Load a model (in eval mode) with its tokenizer and example inputs; see the module doc.
@@ -90,16 +95,36 @@ def _load_directory(path: Path, attn_implementation: str, name: str | None = Non
     # Belt and braces with local_files_only: no hub lookups from anything loaded below.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    # A causal LM keeps its head (and generates); anything else loads as the bare model.
+    loader = AutoModelForCausalLM if is_causal_lm_directory(path) else AutoModel
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation)
+        model = loader.from_pretrained(path, local_files_only=True, attn_implementation=attn_implementation)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the model in {path}: {exc}") from exc
     model.eval()
     tokenizer, notes = _load_tokenizer(path, AutoTokenizer)
     example = example_inputs(tokenizer) if tokenizer is not None else synthetic_inputs(model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, example_kwargs=example, name=name or path.name, notes=notes)
+
+
+def supports_generation(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a causal LM with a KV cache (a ``GenerationMixin`` with an LM head)."""
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    return config is not None and callable(can_generate) and bool(can_generate()) and not getattr(config, "is_encoder_decoder", False)
+
+
+def is_causal_lm_directory(path: Path) -> bool:
+    """Whether config.json names a causal LM architecture (``*ForCausalLM``, ``*LMHeadModel``)."""
+    import json
+
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
 
 
 def tokenizer_files(path: Path) -> list[str]:

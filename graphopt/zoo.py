@@ -114,3 +114,34 @@ def plain_inputs(batch: int = 2, seq: int = 16, padded: bool = True, seed: int =
     if padded:
         inputs["mask"] = _key_mask(batch, seq)
     return inputs
+
+
+# ---- causal LMs for generation -------------------------------------------------------------
+CAUSAL_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gpt2")
+
+
+def tiny_causal_lm(arch: str, attn: str = "eager", layers: int = 2, seed: int = 0) -> nn.Module:
+    """A tiny random ``*ForCausalLM`` of ``arch`` (GQA where the architecture has it), in eval
+    mode, with bos 1, eos 2 and pad 0 inside its vocabulary."""
+    import transformers as tf
+
+    if attn not in ("eager", "sdpa"):
+        raise ValueError(f"attn must be 'eager' or 'sdpa', got '{attn}'")
+    tokens = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    common = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "intermediate_size": FFN, "max_position_embeddings": MAX_POS * 2, **tokens}
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, common),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, common),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**common, "head_dim": HIDDEN // HEADS}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, common),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, common),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {**common, "head_dim": HIDDEN // HEADS}),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": layers, "n_head": HEADS,
+                                                     "n_inner": FFN, "n_positions": MAX_POS * 2, **tokens}),
+    }
+    if arch not in configs:
+        raise ValueError(f"unknown causal arch '{arch}'; choose one of {', '.join(CAUSAL_ARCHS)}")
+    config_class, model_class, fields = configs[arch]
+    torch.manual_seed(seed)
+    return model_class(config_class(**fields, attn_implementation=attn)).eval()

@@ -12,6 +12,7 @@ Beyond ``torch.onnx.export`` this module:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ import onnx_ir as ir
 import torch
 
 from graphopt.errors import ConfigError, ExportError
-from graphopt.inputs import dynamic_axis_names, input_names
+from graphopt.inputs import dynamic_axis_names, input_names, onnx_input_names
 from graphopt.program import Program
 
 from .lowerings import lowering_table
@@ -66,6 +67,9 @@ class ExportResult:
     # as written; None where the ONNX optimizer removed the value): the per-op parity check
     # reads it, so it needs no second export. See graphopt.export.op_parity.
     op_sites: tuple[OpSite, ...] = ()
+
+
+DECODER_METADATA = "graphopt.decoder"  # model metadata key: the DecoderSpec of a decoder step graph
 
 
 def to_onnx(
@@ -108,6 +112,9 @@ def to_onnx(
     inputs, output_names = _value_names(model.graph.inputs), _value_names(model.graph.outputs)
     dynamic_axes = dynamic_axis_names(program)
     onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
+    inputs = _rename_inputs(model.graph, onnx_input_names(program))
+    if "decoder" in program.meta:  # what a generation runtime needs to drive the cache
+        model.metadata_props[DECODER_METADATA] = json.dumps(dict(program.meta["decoder"]))
 
     initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     use_external = initializer_bytes > EXTERNAL_DATA_THRESHOLD_BYTES if external_data == "auto" else external_data

@@ -67,6 +67,7 @@ from torch import fx
 from graphopt.errors import ConfigError, ParityError
 from graphopt.inputs import (
     named_inputs,
+    onnx_feed_names,
     padded_inputs,
     random_inputs,
     split_inputs,
@@ -241,7 +242,7 @@ def check_parity(
     observation, checks = _observation(program, source, op_sites, settings, report)
     original_mode = _original_mode(original, original_max_rel, original_min_cosine)
     for label, args, kwargs in sets:
-        named = named_inputs(program, args, kwargs)
+        named = onnx_feed_names(program, named_inputs(program, args, kwargs))
         feed = _feed(shipped, named, label)
         got = run(shipped, feed)
         expected = [t.detach().cpu().numpy() for t in program.run(args, kwargs)]
@@ -473,6 +474,14 @@ def input_sets(program: Program, random_shapes=DEFAULT_RANDOM_SHAPES, seed: int 
     """The example, one random set per shape, the padded set (where the program has a padding
     mask) and the user's sets, each as ``(label, args, kwargs)``."""
     sets = [("example", tuple(program.args), dict(program.kwargs))]
+    if "decoder" in program.meta:
+        # A decoder's inputs must agree with each other (mask = past + new tokens, positions,
+        # the cache the prompt built): a short generation run instead of random sets.
+        from graphopt.decoder import decoder_spec, decoder_steps
+
+        sets += [(label, (), kwargs) for label, kwargs in decoder_steps(decoder_spec(program), program, seed=seed)]
+        sets += [(f"extra[{index}]", *split_inputs(program, extra)) for index, extra in enumerate(extra_inputs or ())]
+        return sets
     for index, shape in enumerate(random_shapes):
         sizes = dict(shape) if isinstance(shape, Mapping) else dict(zip(("batch", "seq"), shape))
         generator = torch.Generator().manual_seed(seed + index)

@@ -1,0 +1,252 @@
+"""Generation over an ONNX Runtime session of a decoder graph (:mod:`graphopt.decoder`).
+
+:class:`Generator` runs the one step graph for prefill and then once per new token:
+
+- prompts of different lengths are padded on the left (as ``transformers`` does for
+  decoders); position ids count each row's real tokens;
+- greedy decoding, or sampling with a seed (temperature, then top-k, then top-p, as
+  ``transformers``' logits processors apply them); stop tokens end a row, whose later
+  slots get the pad token; ``max_new_tokens`` bounds the run;
+- the cache never leaves ONNX Runtime: each step's ``present.N.*`` outputs are bound, as
+  OrtValues, as the next step's ``past_key_values.N.*`` inputs through IO binding, so a
+  decode step copies no cache into or out of Python. (With a concatenating attention graph
+  ORT still writes the grown cache inside the step; a preallocated buffer shared by past and
+  present needs ``GroupQueryAttention``'s shared-buffer mode.)
+- a ``streamer`` callable receives each step's new tokens as they are chosen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from graphopt.decoder import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, DecoderSpec, trim_to_window
+from graphopt.errors import ConfigError
+
+Streamer = Callable[[np.ndarray], None]  # new token of every row, shape [batch]
+
+
+@dataclass
+class GenerationResult:
+    """``sequences [batch, prompt + new]`` (the left-padded prompt, then the new tokens; rows
+    that stopped early are filled with the pad token), the per-step ``logits [batch, vocab]``
+    when asked for, and the run's timings."""
+
+    sequences: np.ndarray
+    prompt_length: int
+    logits: list[np.ndarray] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> np.ndarray:
+        return self.sequences[:, self.prompt_length :]
+
+    def timings(self) -> dict[str, float]:
+        decode = float(np.sum(self.decode_ms)) / 1e3
+        steps = len(self.decode_ms)
+        return {"prefill_ms": round(self.prefill_ms, 3), "new_tokens": steps + 1, "decode_steps": steps,
+                "decode_tokens_per_s": round(steps / decode, 2) if decode > 0 else 0.0,
+                "decode_ms_median": round(float(np.median(self.decode_ms)), 3) if steps else 0.0}
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy decoding)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def session_spec(session: ort.InferenceSession) -> DecoderSpec:
+    """The :class:`DecoderSpec` graphopt's export stored in the model's metadata."""
+    import json
+
+    from graphopt.export.onnx_export import DECODER_METADATA
+
+    stored = session.get_modelmeta().custom_metadata_map.get(DECODER_METADATA)
+    if stored is None:
+        raise ConfigError("the ONNX model is not a graphopt decoder export (its metadata has no "
+                          f"{DECODER_METADATA!r}); export a program captured with graphopt.decoder.capture_decoder")
+    return DecoderSpec.from_dict(json.loads(stored))
+
+
+class Generator:
+    """Generate with a decoder session; ``spec`` defaults to the one the export recorded."""
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec | None = None) -> None:
+        self.session = session
+        self.spec = spec = spec if spec is not None else session_spec(session)
+        declared = [i.name for i in session.get_inputs()]
+        expected = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *spec.past_names()]
+        missing = [name for name in expected if name not in declared]
+        if missing:
+            raise ConfigError(f"the ONNX model is not a graphopt decoder step for this spec: it lacks inputs {missing[:4]}")
+        self.output_names = [o.name for o in session.get_outputs()]
+        if self.output_names[: 1 + 2 * spec.layers] != ["logits", *spec.present_names()]:
+            raise ConfigError(f"the ONNX model's outputs {self.output_names[:3]}... are not logits, present.0.key, ...")
+        self.cache_dtype = np.dtype(spec.cache_dtype)
+
+    def logits(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
+        """Logits of every position of one prefill (past length 0): ``[batch, seq, vocab]``
+        (teacher-forced scoring, e.g. :func:`graphopt.fidelity.next_token_fidelity`)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        feed = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: _positions(mask)}
+        empty = np.zeros((ids.shape[0], self.spec.kv_heads, 0, self.spec.head_dim), dtype=self.cache_dtype)
+        feed.update(dict.fromkeys(self.spec.past_names(), empty))
+        return self.session.run(["logits"], feed)[0]
+
+    def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
+        return self.logits(input_ids, attention_mask)
+
+    def generate(
+        self,
+        input_ids: Sequence[Sequence[int]] | np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        *,
+        max_new_tokens: int = 32,
+        sampling: SamplingOptions | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Streamer | None = None,
+        return_logits: bool = False,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` per row. ``input_ids`` is a 2-D array (with
+        ``attention_mask`` marking real tokens; padding must be on the left) or a list of
+        token lists of any lengths (padded here). ``eos_token_id`` defaults to the model's."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = sampling or SamplingOptions()
+        spec = self.spec
+        pad = pad_token_id if pad_token_id is not None else (spec.pad_token_id if spec.pad_token_id is not None else (spec.eos_token_ids or (0,))[0])
+        ids, mask = _prompt_arrays(input_ids, attention_mask, pad)
+        batch, prompt_length = ids.shape
+        unbounded = spec.cache_window is not None and spec.rotary  # a windowed rotary cache runs past the trained context
+        if spec.max_positions is not None and not unbounded and int(mask.sum(1).max()) + max_new_tokens > spec.max_positions:
+            raise ConfigError(f"a prompt of {int(mask.sum(1).max())} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
+                              f"of {spec.max_positions} positions")
+        if spec.cache_window is not None and ids.shape[1] > sum(spec.cache_window):
+            raise ConfigError(f"the prompt of {ids.shape[1]} tokens is longer than the windowed cache ({sum(spec.cache_window)} entries): "
+                              "prefill it in pieces or widen the window")
+        stops = set(spec.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+        rng = np.random.default_rng(sampling.seed)
+
+        binding = self.session.io_binding()
+        past = [np.zeros((batch, spec.kv_heads, 0, spec.head_dim), dtype=self.cache_dtype) for _ in range(2 * spec.layers)]
+        past_values: list[Any] = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
+        result = GenerationResult(sequences=ids, prompt_length=prompt_length)
+        finished = np.zeros(batch, dtype=bool)
+        new_tokens: list[np.ndarray] = []
+        # ``full_mask`` covers every token so far (positions count it); ``cache_mask`` covers the
+        # cache entries the graph keeps (all of them, unless the cache is windowed).
+        step_ids, full_mask, cache_mask = ids, mask, mask
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            positions = _positions(full_mask)[:, -step_ids.shape[1] :]
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(step_ids, dtype=np.int64))
+            binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(cache_mask, dtype=np.int64))
+            binding.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
+            for name, value in zip(spec.past_names(), past_values):
+                binding.bind_ortvalue_input(name, value)
+            for name in self.output_names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            logits = outputs[0].numpy()[:, -1, :]
+            past_values = outputs[1 : 1 + 2 * spec.layers]
+            token = _choose(logits, sampling, rng)
+            token = np.where(finished, pad, token)
+            elapsed = (time.perf_counter() - start) * 1e3
+            if step == 0:
+                result.prefill_ms = elapsed
+            else:
+                result.decode_ms.append(elapsed)
+            if return_logits:
+                result.logits.append(logits.copy())
+            new_tokens.append(token)
+            if streamer is not None:
+                streamer(token)
+            finished |= np.isin(token, list(stops)) if stops else False
+            if finished.all():
+                break
+            step_ids = token[:, None]
+            one = np.ones((batch, 1), dtype=full_mask.dtype)
+            full_mask = np.concatenate([full_mask, one], axis=1)
+            cache_mask = np.concatenate([trim_to_window(cache_mask, spec.cache_window), one], axis=1)
+        result.sequences = np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
+        return result
+
+
+def _prompt_arrays(input_ids: Any, attention_mask: np.ndarray | None, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(input_ids, np.ndarray) or hasattr(input_ids, "numpy"):
+        ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ConfigError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask.numpy() if hasattr(attention_mask, "numpy") else attention_mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        if (mask.sum(1) == 0).any():
+            raise ConfigError("a prompt row has no real token (its attention_mask is all zeros)")
+        if (mask[:, -1] == 0).any():
+            raise ConfigError("prompts must be padded on the left (a row's last attention_mask entry is 0): a decoder continues from the last slot")
+        return ids, mask
+    rows = [list(map(int, row)) for row in input_ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ConfigError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row) :] = row
+        mask[index, width - len(row) :] = 1
+    return ids, mask
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    positions = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, positions)
+
+
+def _choose(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator) -> np.ndarray:
+    if not sampling.do_sample:
+        return logits.argmax(-1).astype(np.int64)
+    scores = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, scores.shape[-1])
+        kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if sampling.top_p < 1.0:
+        order = np.argsort(scores, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_scores = np.take_along_axis(scores, order, axis=-1)
+        probs = _softmax(sorted_scores)
+        remove = np.cumsum(probs, axis=-1) <= 1 - sampling.top_p
+        remove[:, -1] = False  # keep at least the most likely token
+        mask = np.zeros_like(remove)
+        np.put_along_axis(mask, order, remove, axis=-1)
+        scores = np.where(mask, -np.inf, scores)
+    probs = _softmax(scores)
+    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
