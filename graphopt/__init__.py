@@ -1,8 +1,10 @@
 """graphopt: compiler-style graph optimization of PyTorch transformers for ONNX Runtime."""
 
 from graphopt.api import OptimizeResult, optimize
+from graphopt.bundle import generate, open_generator
 from graphopt.capture import capture
 from graphopt.context import PassContext, Target
+from graphopt.decoder import DecoderSpec, capture_decoder
 from graphopt.errors import (
     CaptureError,
     ConfigError,
@@ -29,6 +31,7 @@ __all__ = [
     "Budget",
     "CaptureError",
     "ConfigError",
+    "DecoderSpec",
     "Drift",
     "ExportError",
     "GraphoptError",
@@ -52,9 +55,12 @@ __all__ = [
     "UnknownPassError",
     "VerificationError",
     "capture",
+    "capture_decoder",
     "create_pass",
     "drift",
+    "generate",
     "get_pass_class",
+    "open_generator",
     "optimize",
     "parse_pipeline",
     "register_pass",

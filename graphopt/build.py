@@ -91,6 +91,8 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
         say(f"[graphopt] note: {note}")
 
     splits = build_splits(loaded, recipe, options)  # before the capture: bad data fails fast
+    if getattr(loaded, "generates", False):
+        return build_decoder(loaded, recipe, options, splits, target=target, threads=threads, say=say, timings=timings)
     with _step(say, "capture", timings):
         program = capture(loaded.model, kwargs=loaded.example_kwargs or {})
     capture_failure = capture_problem(program, recipe)
@@ -155,6 +157,156 @@ def _step(say, name: str, timings: dict[str, float]):
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
+
+
+# ---- decoders ---------------------------------------------------------------------------------
+DECODER_NEW_TOKENS = 32  # tokens generated per timed run of a decoder build
+
+
+def build_decoder(loaded, recipe: Recipe, options: BuildOptions, splits: TextSplits | None, *, target: Target, threads: int,
+                  say: Callable[[str], None], timings: dict[str, float]) -> BuildResult:
+    """The build step of a causal LM: capture with a KV cache, fit and verify on short
+    generation runs (prefill and decode steps) of training / verification text, export with
+    Optimum's names, check parity, then measure prefill latency and decode tokens/s against
+    PyTorch's cached ``generate`` and the plain export, and next-token agreement and
+    perplexity ratio on held-out text."""
+    from graphopt.decoder import capture_decoder, decoder_context
+
+    out = Path(options.out_dir)
+    with _step(say, "capture (KV-cache decoder)", timings):
+        program = capture_decoder(loaded.model)
+    with _step(say, "data", timings):
+        if splits is not None:
+            calibration = _prompt_batches(loaded.tokenizer, splits.calibration_texts(), recipe.data.max_length)
+            verification = _prompt_batches(loaded.tokenizer, list(splits.verification), recipe.data.max_length)
+            ctx = decoder_context(program, calibration=calibration, verification=verification, artifacts=out, target=target,
+                                  tokenizer=loaded.tokenizer, training_texts=tuple(splits.train))
+        else:
+            ctx = decoder_context(program, artifacts=out, target=target)
+    say(f"[graphopt] data: calibration on {ctx.calibration_source}; verification on {ctx.verification_source}"
+        + (f"; held-out: {len(splits.heldout)} texts" if splits is not None else "; held-out: none (no tokenizer)"))
+    with _step(say, f"optimize ({recipe.pipeline_text() or 'empty pipeline'})", timings):
+        result = optimize(program, recipe, context=ctx, reproducer_dir=out, progress=options.progress, print_after_change=options.print_after_change)
+    report = result.report
+    report.model = loaded.name
+    report.sections["target"] = target.to_dict()
+    report.sections["data"] = data_section(loaded, splits, ctx, recipe)
+    report.sections["capture"] = {"ir": program.ir, "decoder": dict(program.meta["decoder"])}
+    build_result = BuildResult(result=result, timings=timings, splits=splits)
+    prompt = _benchmark_prompt(loaded, program, bench_seq(options, recipe), splits)
+    eager = eager_generation(loaded.model, prompt, DECODER_NEW_TOKENS)  # before any ORT session exists
+    with _step(say, "export + ORT parity", timings):
+        runtime = recipe.runtime
+        result.export(out / "model.onnx", parity=False)
+        from graphopt.export.session import resolve_disabled_optimizers
+
+        disabled = [] if runtime.disabled_optimizers == "auto" else resolve_disabled_optimizers(runtime.disabled_optimizers, runtime.provider)
+        report.sections["session"] = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization,
+                                      "disabled_optimizers": disabled}
+        try:
+            result.check_parity(session={"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization,
+                                         "disabled_optimizers": disabled}, original=program)
+        except ParityError as exc:
+            say(f"  parity failed: {exc}")
+    with _step(say, "measure prefill, decode and held-out fidelity", timings):
+        build_result.rows = measure_decoder(loaded, result, program, options, threads, prompt, splits, eager=eager)
+    report.sections["comparison"] = build_result.rows
+    if (generation_config := getattr(loaded.model, "generation_config", None)) is not None:
+        generation_config.save_pretrained(out)
+    _finish(build_result, loaded, recipe, out, threads, target)
+    return build_result
+
+
+def _prompt_batches(tokenizer: Any, texts: list[str], max_length: int, sizes: tuple[int, ...] = (1, 3, 2, 4)) -> list[list[list[int]]]:
+    """Texts as batches of token lists (cycling batch sizes), each at most ``max_length`` tokens."""
+    rows = [ids for ids in (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts) if ids]
+    batches: list[list[list[int]]] = []
+    index = 0
+    while index < len(rows):
+        size = sizes[len(batches) % len(sizes)]
+        batches.append(rows[index : index + size])
+        index += size
+    return batches
+
+
+def _benchmark_prompt(loaded, program: Program, length: int, splits: TextSplits | None) -> list[int]:
+    """A prompt of ``length`` tokens: held-out text repeated (tokenized models), else seeded ids."""
+    from graphopt.decoder import decoder_spec
+
+    if loaded.tokenizer is not None and splits is not None and splits.heldout:
+        ids: list[int] = []
+        for text in list(splits.heldout) * 50:
+            ids += loaded.tokenizer(text)["input_ids"]
+            if len(ids) >= length:
+                return ids[:length]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, decoder_spec(program).vocab_size, (length,), generator=generator).tolist()
+
+
+def eager_generation(model: torch.nn.Module, prompt: list[int], new_tokens: int, repeat: int = 3) -> dict[str, float]:
+    """PyTorch eager fp32 ``generate`` with its cache: prefill ms (the first token) and decode
+    tokens/s (the rest), medians over ``repeat`` runs."""
+    import statistics
+
+    ids = torch.tensor([prompt])
+    generate: Callable[..., Any] = model.generate  # type: ignore[assignment]
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(repeat):
+            start = time.perf_counter()
+            generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            whole = time.perf_counter() - start
+            prefill.append(first * 1e3)
+            decode.append((new_tokens - 1) / max(whole - first, 1e-9))
+    return {"prefill_ms": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode)}
+
+
+def measure_decoder(loaded, result: OptimizeResult, program: Program, options: BuildOptions, threads: int, prompt: list[int],
+                    splits: TextSplits | None, *, eager: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Prefill ms and decode tokens/s (medians of alternating rounds, one session alive at a
+    time), size, and held-out next-token agreement and perplexity ratio against PyTorch fp32."""
+    import statistics
+
+    from graphopt.export import make_session, to_onnx
+    from graphopt.export.generation import Generator
+
+    runtime = result.recipe.runtime
+    disabled = result.report.sections.get("session", {}).get("disabled_optimizers")
+    rows: dict[str, dict[str, Any]] = {EAGER: {**{k: round(v, 3) for k, v in eager.items()}, "size_mb": _state_dict_mb(loaded.model)}}
+    sessions: dict[str, tuple[Callable[[], Any], int]] = {}
+    if options.baseline_onnx:
+        baseline = to_onnx(program, Path(options.out_dir) / "baseline" / "model.onnx")
+        sessions["ORT fp32 (plain export)"] = (lambda: make_session(baseline.path, provider=runtime.provider, threads=threads), baseline.bytes)
+    sessions[OURS] = (lambda: make_session(result.exported.path, provider=runtime.provider, threads=threads,
+                                           graph_optimization=runtime.graph_optimization, disabled_optimizers=disabled), result.exported.bytes)
+    samples: dict[str, dict[str, list[float]]] = {name: {"prefill_ms": [], "decode_tokens_per_s": []} for name in sessions}
+    rounds = max(2, min(5, options.bench_repeat // 10))
+    for _ in range(rounds):
+        for name, (open_session, _) in sessions.items():
+            generator = Generator(open_session())
+            generator.generate([prompt], max_new_tokens=4, eos_token_id=[])  # warm-up
+            timings = generator.generate([prompt], max_new_tokens=DECODER_NEW_TOKENS, eos_token_id=[]).timings()
+            samples[name]["prefill_ms"].append(timings["prefill_ms"])
+            samples[name]["decode_tokens_per_s"].append(timings["decode_tokens_per_s"])
+            del generator
+    for name, (_, size) in sessions.items():
+        rows[name] = {key: round(statistics.median(values), 3) for key, values in samples[name].items()}
+        rows[name]["size_mb"] = size / 1e6
+    for row in rows.values():
+        row["decode_speedup_vs_eager"] = round(row["decode_tokens_per_s"] / eager["decode_tokens_per_s"], 3)
+        row["prefill_speedup_vs_eager"] = round(eager["prefill_ms"] / row["prefill_ms"], 3)
+    if loaded.tokenizer is not None and splits is not None and splits.heldout:
+        from graphopt.fidelity import next_token_fidelity
+
+        blocks = _prompt_batches(loaded.tokenizer, list(splits.heldout), result.recipe.data.max_length, sizes=(4,))
+        for name, (open_session, _) in sessions.items():
+            figures = next_token_fidelity(loaded.model, Generator(open_session()), blocks)
+            rows[name].update({"heldout_agreement": figures["agreement"], "heldout_ppl_ratio": figures["ppl_ratio"], "heldout_tokens": figures["tokens"]})
+        rows[EAGER].update({"heldout_agreement": 1.0, "heldout_ppl_ratio": 1.0})
+    return rows
 
 
 # ---- data and capture ------------------------------------------------------------------------
@@ -384,6 +536,8 @@ def evaluate_gates(recipe: Recipe, result: OptimizeResult, rows: dict[str, dict[
     gates = recipe.gates
     failures: list[str] = []
     ours = rows.get(OURS, {})
+    if "decoder" in result.program.meta:
+        return _decoder_gates(recipe, result, ours)
     final = result.report.final_drift or {}
     if gates.require_parity and result.report.sections.get("parity", {}).get("passed") is False:
         failures.append("ORT parity failed (see parity section)")
@@ -400,6 +554,31 @@ def evaluate_gates(recipe: Recipe, result: OptimizeResult, rows: dict[str, dict[
     return failures
 
 
+def _decoder_gates(recipe: Recipe, result: OptimizeResult, ours: dict[str, Any]) -> list[str]:
+    """A decoder's gates: parity, next-token agreement and perplexity ratio on held-out text,
+    decode speed-up over PyTorch's own cached generation, prefill latency and size. The
+    embedding gates (``min_heldout_cosine``) are an encoder's and do not apply."""
+    gates = recipe.gates
+    failures: list[str] = []
+    if gates.require_parity and result.report.sections.get("parity", {}).get("passed") is False:
+        failures.append("ORT parity failed (see parity section)")
+    if gates.require_parity and result.exported is None:
+        failures.append("the model was not exported")
+    _gate_min(failures, "min_token_agreement", ours.get("heldout_agreement"), gates.min_token_agreement, "held-out next-token agreement")
+    if gates.max_perplexity_ratio is not None:
+        ratio = ours.get("heldout_ppl_ratio")
+        if ratio is None:
+            failures.append("max_perplexity_ratio: the held-out perplexity ratio was not measured")
+        elif ratio > gates.max_perplexity_ratio:
+            failures.append(f"max_perplexity_ratio: held-out perplexity ratio {ratio:.4f} > {gates.max_perplexity_ratio}")
+    _gate_min(failures, "min_speedup", ours.get("decode_speedup_vs_eager"), gates.min_speedup, "decode tokens/s over PyTorch eager fp32 generate")
+    if gates.max_latency_ms is not None and ours.get("prefill_ms") is not None and ours["prefill_ms"] > gates.max_latency_ms:
+        failures.append(f"max_latency_ms: prefill {ours['prefill_ms']:.2f} ms > {gates.max_latency_ms} ms")
+    if gates.max_size_mb is not None and result.exported is not None and result.exported.bytes / 1e6 > gates.max_size_mb:
+        failures.append(f"max_size_mb: {result.exported.bytes / 1e6:.1f} MB > {gates.max_size_mb} MB")
+    return failures
+
+
 def _gate_min(failures: list[str], key: str, value: float | None, bound: float | None, what: str) -> None:
     if bound is None:
         return
@@ -409,11 +588,21 @@ def _gate_min(failures: list[str], key: str, value: float | None, bound: float |
         failures.append(f"{key}: {what} {value:.4f} < {bound}")
 
 
+DECODER_COLUMNS = [("prefill ms", "prefill_ms", ".2f"), ("decode tokens/s", "decode_tokens_per_s", ".1f"), ("decode × eager", "decode_speedup_vs_eager", ".2f"),
+                   ("size MB", "size_mb", ".1f"), ("held-out next-token agreement", "heldout_agreement", ".4f"), ("perplexity ratio", "heldout_ppl_ratio", ".4f")]
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    if any("decode_tokens_per_s" in row for row in rows.values()):
+        return _table(rows, DECODER_COLUMNS)
     columns = [("p50 ms", "p50_ms", ".2f"), ("p90 ms", "p90_ms", ".2f"), ("speed-up vs eager", "speedup_vs_eager", ".2f"), ("size MB", "size_mb", ".1f"),
                ("held-out mean cos", "heldout_mean_cos", ".6f"), ("min cos", "heldout_min_cos", ".6f"), ("spearman", "spearman", ".6f")]
     if any("selection_mean_cos" in row for row in rows.values()):  # search: the half it chose on, beside the quoted half
         columns.append(("selection-half mean cos", "selection_mean_cos", ".6f"))
+    return _table(rows, columns)
+
+
+def _table(rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     lines = ["| | " + " | ".join(c[0] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
         cells = [format(row[k], f) if isinstance(row.get(k), (int, float)) else "" for _, k, f in columns]

@@ -124,3 +124,65 @@ def open_session(out_dir: str | os.PathLike, *, threads: int | None = None, veri
         graph_optimization=session.get("graph_optimization", "all"),
         disabled_optimizers=session.get("disabled_optimizers") or None,
     )
+
+
+def open_generator(out_dir: str | os.PathLike, *, threads: int | None = None, verify: bool = True):
+    """A :class:`graphopt.export.generation.Generator` on a decoder bundle, on the session
+    :func:`open_session` opens (the manifest checked first)."""
+    from graphopt.export.generation import Generator
+
+    return Generator(open_session(out_dir, threads=threads, verify=verify))
+
+
+def bundle_tokenizer(out_dir: str | os.PathLike) -> Any:
+    """The tokenizer a bundle ships (``tokenizer/``), padding on the left; None without one."""
+    folder = Path(out_dir) / "tokenizer"
+    if not folder.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    input_ids: Any = None,
+    attention_mask: Any = None,
+    *,
+    prompt: str | list[str] | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    streamer: Any = None,
+    threads: int | None = None,
+    return_result: bool = False,
+) -> Any:
+    """Generate with a decoder bundle: greedy by default, or sampling with a seed.
+
+    ``input_ids`` ([batch, seq] with ``attention_mask``, padded on the left, or a list of token
+    lists of any lengths) or ``prompt`` (text, when the bundle has a tokenizer). Returns the
+    token ids ``[batch, prompt + new]`` as ``transformers``' ``generate`` does (rows that stopped
+    early are padded), or with ``return_result`` the :class:`GenerationResult` with timings.
+    """
+    from graphopt.errors import ConfigError
+    from graphopt.export.generation import SamplingOptions
+
+    if (input_ids is None) == (prompt is None):
+        raise ConfigError("give either input_ids or prompt")
+    if prompt is not None:
+        tokenizer = bundle_tokenizer(out_dir)
+        if tokenizer is None:
+            raise ConfigError(f"bundle {out_dir} has no tokenizer, so it cannot read a text prompt: pass input_ids")
+        rows = [prompt] if isinstance(prompt, str) else list(prompt)
+        input_ids = [tokenizer(text)["input_ids"] for text in rows]
+    generator = open_generator(out_dir, threads=threads)
+    sampling = SamplingOptions(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    result = generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
+                                streamer=streamer)
+    return result if return_result else result.sequences

@@ -90,9 +90,28 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("folder")
     rep.set_defaults(func=_cmd_repro)
 
+    _add_generate(sub)
+
     pre = sub.add_parser("recipes", help="list the shipped recipe presets")
     pre.set_defaults(func=_cmd_recipes)
     return parser
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text with a decoder bundle (streams tokens; --json prints ids and timings)")
+    gen.add_argument("--bundle", required=True, help="a bundle folder written by graphopt optimize for a causal LM")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); needs the bundle's tokenizer")
+    source.add_argument("--ids", action="append", help="prompt token ids, comma-separated (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="print the token ids and timings as JSON instead of streaming text")
+    gen.set_defaults(func=_cmd_generate)
 
 
 def _cmd_distill(args) -> int:
@@ -309,6 +328,52 @@ def _cmd_repro(args) -> int:
         return EXIT_FAILED
     reason = f" ({result.reason})" if result.reason else ""
     print(f"the pass ran without error this time: {result.status}{reason}; info: {result.info.model_dump(mode='json')}")
+    return EXIT_OK
+
+
+def _cmd_generate(args) -> int:
+    import json
+
+    from graphopt.bundle import bundle_tokenizer, open_generator
+    from graphopt.errors import ConfigError
+    from graphopt.export.generation import SamplingOptions
+
+    generator = open_generator(args.bundle, threads=args.threads)
+    tokenizer = bundle_tokenizer(args.bundle)
+    if args.prompt:
+        if tokenizer is None:
+            raise ConfigError(f"bundle {args.bundle} has no tokenizer, so it cannot read --prompt: pass --ids")
+        prompts = [tokenizer(text)["input_ids"] for text in args.prompt]
+    else:
+        try:
+            prompts = [[int(t) for t in row.split(",") if t.strip()] for row in args.ids]
+        except ValueError as exc:
+            raise ConfigError(f"--ids takes comma-separated integers: {exc}") from exc
+    sampling = SamplingOptions(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    streamer = None
+    if not args.json and len(prompts) == 1:
+        pieces: list[int] = []
+
+        def streamer(tokens) -> None:  # print the text as it grows (decoding the whole tail keeps multi-byte tokens whole)
+            before = tokenizer.decode(pieces, skip_special_tokens=True) if tokenizer is not None else ""
+            pieces.append(int(tokens[0]))
+            after = tokenizer.decode(pieces, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, pieces))
+            print(after[len(before):] if after.startswith(before) else f" {after}", end="", flush=True)
+
+        if tokenizer is not None:
+            print(tokenizer.decode(prompts[0], skip_special_tokens=True), end="", flush=True)
+    result = generator.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, streamer=streamer)
+    timings = result.timings()
+    if args.json:
+        print(json.dumps({"sequences": result.sequences.tolist(), "prompt_length": result.prompt_length, **timings, "new_token_ids": result.new_tokens.tolist()}))
+        return EXIT_OK
+    if streamer is None:
+        for row in result.new_tokens:
+            print(tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, row)))
+    else:
+        print()
+    print(f"[graphopt] prefill {timings['prefill_ms']:.1f} ms, decode {timings['decode_tokens_per_s']:.1f} tokens/s "
+          f"({timings['new_tokens']} new tokens)", file=sys.stderr)
     return EXIT_OK
 
 

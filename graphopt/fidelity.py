@@ -144,3 +144,50 @@ def compare_encoders(
     reference = encode(reference_fn, tokenizer, sentences, batch_size=batch_size, max_length=max_length, input_names=input_names)
     candidate = encode(candidate_fn, tokenizer, sentences, batch_size=batch_size, max_length=max_length, input_names=input_names)
     return embedding_fidelity(reference, candidate)
+
+
+# ---- decoders --------------------------------------------------------------------------------
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], Any]  # (input_ids, attention_mask) -> logits [batch, seq, vocab]
+
+
+def next_token_fidelity(reference: Any, candidate: Any, batches_of_ids: Sequence[Sequence[Sequence[int]]]) -> dict[str, float]:
+    """Teacher-forced next-token fidelity of ``candidate`` to ``reference`` on token batches
+    (each row its own text, padded on the left here): top-1 agreement over every real position
+    that has a next token, and both perplexities of the actual next tokens and their ratio.
+
+    ``reference`` and ``candidate``: a Hugging Face causal LM, or any ``logits_fn(input_ids,
+    attention_mask)`` returning logits (e.g. :meth:`graphopt.export.generation.Generator.logits`).
+    """
+    agree = total = 0
+    nll_ref = nll_cand = 0.0
+    for rows in batches_of_ids:
+        rows = [list(r) for r in rows if len(r) >= 2]
+        if not rows:
+            continue
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = torch.tensor(row)
+            mask[index, width - len(row):] = 1
+        ref = _logits(reference, ids, mask)[:, :-1].double()
+        cand = _logits(candidate, ids, mask)[:, :-1].double()
+        targets = ids[:, 1:]
+        real = (mask[:, :-1] * mask[:, 1:]).bool()
+        agree += int(((ref.argmax(-1) == cand.argmax(-1)) & real).sum())
+        total += int(real.sum())
+        nll_ref += float(-(torch.log_softmax(ref, -1).gather(-1, targets[..., None])[..., 0])[real].sum())
+        nll_cand += float(-(torch.log_softmax(cand, -1).gather(-1, targets[..., None])[..., 0])[real].sum())
+    if total == 0:
+        raise ValueError("next_token_fidelity needs rows of at least two tokens")
+    ppl_ref, ppl = float(np.exp(nll_ref / total)), float(np.exp(nll_cand / total))
+    return {"agreement": agree / total, "ppl_reference": ppl_ref, "ppl": ppl, "ppl_ratio": ppl / ppl_ref, "tokens": total}
+
+
+def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, torch.nn.Module):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    out = model(ids, mask)
+    return out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))

@@ -93,9 +93,11 @@ class InstrumentSettings(_Strict):
 class Gates(_Strict):
     min_cosine: float | None = Field(None, description="final outputs vs original on the example inputs")
     min_heldout_cosine: float | None = Field(None, description="mean cosine of mean-pooled embeddings on held-out sentences")
-    min_speedup: float | None = Field(None, description="ORT latency speed-up over PyTorch eager fp32")
-    max_latency_ms: float | None = Field(None, description="ORT p50 latency on the benchmark input")
+    min_speedup: float | None = Field(None, description="ORT latency speed-up over PyTorch eager fp32 (decoders: decode tokens/s over PyTorch's cached generate)")
+    max_latency_ms: float | None = Field(None, description="ORT p50 latency on the benchmark input (decoders: prefill of the benchmark prompt)")
     max_size_mb: float | None = Field(None, description="exported model size on disk")
+    min_token_agreement: float | None = Field(None, ge=0.0, le=1.0, description="decoders: held-out next-token (top-1) agreement with PyTorch fp32")
+    max_perplexity_ratio: float | None = Field(None, gt=0.0, description="decoders: held-out perplexity over PyTorch fp32's")
     require_parity: bool = True
 
 

@@ -97,3 +97,23 @@ class CrashForRepro(Pass):
 
     def run(self, program, ctx):
         raise RuntimeError("boom in test-factories-crash")
+
+
+def save_tiny_causal_lm(folder: str | Path, arch: str = "llama") -> Path:
+    """A tiny causal LM directory (config with its ``*ForCausalLM`` architecture, weights) with
+    a WordPiece tokenizer of :data:`TINY_VOCAB`; the model's pad, bos and eos ids are set to the
+    tokenizer's [PAD], [CLS] and [SEP]."""
+    from transformers import BertTokenizer
+
+    folder = Path(folder)
+    model = zoo.tiny_causal_lm(arch)
+    vocab = folder / "vocab.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab), do_lower_case=True)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.sep_token_id
+    model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.cls_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
