@@ -14,5 +14,6 @@ from graphopt.passes.quantize import Quantize
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.share_layers import ShareLayers
 from graphopt.passes.smooth import Smooth
+from graphopt.passes.window_attention import WindowAttention
 
-__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers", "Smooth"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers", "Smooth", "WindowAttention"]

@@ -1,0 +1,73 @@
+"""window-attention: a KV cache capped at sinks + window entries, exact while the sequence fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt import zoo
+from graphopt.decoder import capture_decoder, decoder_inputs, decoder_spec
+from graphopt.errors import ConfigError
+from graphopt.export import make_session, to_onnx
+from graphopt.export.generation import Generator
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    program = capture_decoder(zoo.tiny_causal_lm("llama"))
+    result = graphopt.optimize(program, "window-attention{sinks=2,window=30}")
+    folder = tmp_path_factory.mktemp("window")
+    to_onnx(result.program, folder / "window.onnx")
+    to_onnx(program, folder / "full.onnx")
+    return program, result, Generator(make_session(folder / "window.onnx", threads=1)), Generator(make_session(folder / "full.onnx", threads=1))
+
+
+def test_exact_while_the_sequence_fits(windowed):
+    _, result, window, full = windowed
+    record = result.report.passes[0]
+    assert record.status == "applied" and record.info["cache_limit"] == 32 and record.info["presents_trimmed"] == 4
+    assert decoder_spec(result.program).cache_window == (2, 30)
+    ours = window.generate(PROMPTS, max_new_tokens=25, eos_token_id=[], return_logits=True)  # 7 + 25 = 32 entries
+    theirs = full.generate(PROMPTS, max_new_tokens=25, eos_token_id=[], return_logits=True)
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(ours.logits, theirs.logits)) <= 1e-5
+
+
+def test_the_cache_stops_growing_at_sinks_plus_window(windowed):
+    _, result, _, _ = windowed
+    spec = decoder_spec(result.program)
+    past = [torch.randn(1, spec.kv_heads, 32, spec.head_dim) for _ in range(2 * spec.layers)]
+    inputs = decoder_inputs(spec, torch.tensor([[3]]), torch.ones(1, 33, dtype=torch.long), past)
+    outputs = result.program.run((), inputs)
+    assert all(present.shape[2] == 32 for present in outputs[1:])
+    # the kept entries: the 2 sinks and the 30 most recent (29 of the past, then the new one)
+    torch.testing.assert_close(outputs[1][:, :, :2], past[0][:, :, :2])
+    torch.testing.assert_close(outputs[1][:, :, 2:31], past[0][:, :, 3:32])
+
+
+def test_generates_past_the_window_and_the_trained_context(windowed):
+    _, _, window, full = windowed
+    long = window.generate(PROMPTS, max_new_tokens=300, eos_token_id=[])  # 307 > the 256 positions of the tiny llama
+    assert long.new_tokens.shape == (2, 300)
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        full.generate(PROMPTS, max_new_tokens=300, eos_token_id=[])
+    differs = window.generate(PROMPTS, max_new_tokens=80, eos_token_id=[]).sequences != full.generate(PROMPTS, max_new_tokens=80, eos_token_id=[]).sequences
+    assert not differs[:, : 7 + 25].any()  # identical while the cache fits
+
+
+def test_a_window_shorter_than_the_verification_runs_is_refused(tmp_path):
+    program = capture_decoder(zoo.tiny_causal_lm("llama"))
+    result = graphopt.optimize(program, "window-attention{sinks=2,window=6}", reproducer_dir=tmp_path)
+    assert not result.report.ok and result.report.passes[0].status == "rolled-back"
+    assert "shorter than the verification runs (17 tokens)" in result.report.passes[0].reason
+
+
+def test_an_encoder_is_skipped_with_a_reason():
+    program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
+    result = graphopt.optimize(program, "window-attention?")
+    assert result.report.passes[0].status == "skipped"
+    assert "not a decoder" in result.report.passes[0].reason
