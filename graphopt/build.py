@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -213,6 +214,12 @@ def build_decoder(loaded, recipe: Recipe, options: BuildOptions, splits: TextSpl
     report.sections["comparison"] = build_result.rows
     if (generation_config := getattr(loaded.model, "generation_config", None)) is not None:
         generation_config.save_pretrained(out)
+    from graphopt.bundle import GENAI_CONFIG, genai_config
+    from graphopt.decoder import decoder_spec
+    from graphopt.report import atomic_write_text
+
+    # onnxruntime-genai reads the bundle too (tests/test_decoder_build.py runs it when installed)
+    atomic_write_text(out / GENAI_CONFIG, json.dumps(genai_config(decoder_spec(program), loaded.model.config, threads=threads), indent=2))
     _finish(build_result, loaded, recipe, out, threads, target)
     return build_result
 

@@ -186,3 +186,46 @@ def generate(
     result = generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
                                 streamer=streamer)
     return result if return_result else result.sequences
+
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def genai_config(spec: Any, config: Any, *, threads: int | None = None, max_length: int | None = None) -> dict[str, Any]:
+    """An onnxruntime-genai ``genai_config.json`` for a graphopt decoder export.
+
+    The graph is fed as Optimum-style exports are (past and present are separate tensors, so
+    ``past_present_share_buffer`` is off), with the ``position_ids`` input graphopt's graph
+    takes; ``spec`` is the program's :class:`graphopt.decoder.DecoderSpec`, ``config`` the
+    Hugging Face config."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    eos = list(spec.eos_token_ids)
+    context = spec.max_positions or max_length or 2048
+    session: dict[str, Any] = {"log_id": "graphopt", "provider_options": []}
+    if threads:
+        session["intra_op_num_threads"] = threads
+    return {
+        "model": {
+            "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None else (eos[0] if eos else 0),
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or [0]),
+            "pad_token_id": spec.pad_token_id if spec.pad_token_id is not None else (eos[0] if eos else 0),
+            "context_length": context,
+            "type": spec.model_type,
+            "vocab_size": spec.vocab_size,
+            "decoder": {
+                "session_options": session,
+                "filename": "model.onnx",
+                "head_size": spec.head_dim,
+                "hidden_size": hidden,
+                "num_attention_heads": heads,
+                "num_hidden_layers": spec.layers,
+                "num_key_value_heads": spec.kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": max_length or context, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": False, "top_k": 50, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0},
+    }

@@ -156,3 +156,12 @@ def test_capture_does_not_touch_the_model_and_passes_run_on_the_cache_graph():
     assert result.program.op_histogram().get("graphopt::linear_nbits") == 15  # 7 per layer and the LM head
     assert "generation runs" in result.report.verification["source"]  # verified on prefill and decode steps
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_external_data_export_loads_and_generates(exported, tmp_path):
+    """The layout a model past 2 GB gets (weights in model.onnx.data) generates as the inline file does."""
+    _, program, session, _ = exported("llama")
+    written = to_onnx(program, tmp_path / "model.onnx", external_data=True)
+    assert written.external_data_path is not None and written.external_data_path.stat().st_size > 0
+    ours = Generator(make_session(tmp_path / "model.onnx", threads=1)).generate(PROMPTS, max_new_tokens=8, eos_token_id=[]).sequences
+    np.testing.assert_array_equal(ours, Generator(session).generate(PROMPTS, max_new_tokens=8, eos_token_id=[]).sequences)

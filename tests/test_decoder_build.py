@@ -98,3 +98,22 @@ def test_missed_agreement_gate_fails_the_build(causal_dir, tmp_path, capsys):
     code = main(["optimize", "--model", str(causal_dir), "--recipe", path, "--out", str(tmp_path / "out"), *FAST, "--no-baseline"])
     assert code == EXIT_FAILED
     assert "min_token_agreement: held-out next-token agreement" in capsys.readouterr().err
+
+
+def test_onnxruntime_genai_runs_the_bundle(bundle):
+    """The bundle's genai_config.json lets onnxruntime-genai load graphopt's export and
+    generate the same greedy tokens as graphopt's runtime."""
+    og = pytest.importorskip("onnxruntime_genai")
+    config = json.loads((bundle / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=5 + 16, min_length=5 + 16, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([[5, 6, 7, 8, 9]])
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = graphopt.generate(bundle, input_ids=[[5, 6, 7, 8, 9]], max_new_tokens=16, eos_token_id=[])[0, 5:].tolist()
+    assert theirs == ours
