@@ -101,6 +101,10 @@ class Generator:
             raise ConfigError(f"the ONNX model's outputs {self.output_names[:3]}... are not logits, present.0.key, ...")
         self.cache_dtype = np.dtype(spec.cache_dtype)
 
+    def _run_step(self, binding: Any, step_ids: np.ndarray, cache_mask: np.ndarray, positions: np.ndarray, past_values: list[Any]) -> list[Any]:
+        feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache_mask, POSITION_IDS: positions}
+        return _bind_and_run(self.session, binding, self.output_names, feeds, dict(zip(self.spec.past_names(), past_values)))
+
     def logits(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         """Logits of every position of one prefill (past length 0): ``[batch, seq, vocab]``
         (teacher-forced scoring, e.g. :func:`graphopt.fidelity.next_token_fidelity`)."""
@@ -158,17 +162,7 @@ class Generator:
         for step in range(max_new_tokens):
             start = time.perf_counter()
             positions = _positions(full_mask)[:, -step_ids.shape[1] :]
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(step_ids, dtype=np.int64))
-            binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(cache_mask, dtype=np.int64))
-            binding.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
-            for name, value in zip(spec.past_names(), past_values):
-                binding.bind_ortvalue_input(name, value)
-            for name in self.output_names:
-                binding.bind_output(name, "cpu")
-            self.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
+            outputs = self._run_step(binding, step_ids, cache_mask, positions, past_values)
             logits = outputs[0].numpy()[:, -1, :]
             past_values = outputs[1 : 1 + 2 * spec.layers]
             token = _choose(logits, sampling, rng)
@@ -192,6 +186,19 @@ class Generator:
             cache_mask = np.concatenate([trim_to_window(cache_mask, spec.cache_window), one], axis=1)
         result.sequences = np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
         return result
+
+
+def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, np.ndarray], past: dict[str, Any]) -> list[Any]:
+    binding.clear_binding_inputs()
+    binding.clear_binding_outputs()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+    for name, value in past.items():  # the previous step's present, still inside ORT
+        binding.bind_ortvalue_input(name, value)
+    for name in output_names:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()
 
 
 def _prompt_arrays(input_ids: Any, attention_mask: np.ndarray | None, pad: int) -> tuple[np.ndarray, np.ndarray]:
