@@ -62,8 +62,10 @@ def recipe_folder(out: Path, name: str) -> Path:
     return out / f"{name.replace(' ', '-')}-{hashlib.sha256(RECIPES[name].encode()).hexdigest()[:8]}"
 
 
-def export_recipe(model_dir: Path, pipeline: str, out: Path) -> dict:
-    """Capture, optimize and export one recipe (cached by folder); returns what it measured."""
+def export_recipe(model_dir: Path, pipeline: str, out: Path, *, texts: bool = False) -> dict:
+    """Capture, optimize and export one recipe (cached by folder); returns what it measured.
+    ``texts``: calibrate and verify on the tokenizer's training and verification text (the
+    trained instrument) instead of one random prompt (random weights, where only speed counts)."""
     import torch
 
     import graphopt
@@ -84,7 +86,14 @@ def export_recipe(model_dir: Path, pipeline: str, out: Path) -> dict:
     from graphopt.decoder import decoder_context, prompt_batches
 
     spec = graphopt.decoder.decoder_spec(program)
-    context = decoder_context(program, calibration=prompt_batches(spec, 1, seed=7), verification=prompt_batches(spec, 1, seed=11))
+    if texts:
+        from graphopt.build import _prompt_batches
+        from graphopt.data import train_sentences, verification_sentences
+
+        context = decoder_context(program, calibration=_prompt_batches(loaded.tokenizer, train_sentences(64), 128),
+                                  verification=_prompt_batches(loaded.tokenizer, verification_sentences(32), 128))
+    else:
+        context = decoder_context(program, calibration=prompt_batches(spec, 1, seed=7), verification=prompt_batches(spec, 1, seed=11))
     result = graphopt.optimize(program, pipeline, context=context, budget={"min_cosine": -1.0})
     optimized = time.perf_counter() - start - captured
     exported = to_onnx(result.program, path, strip_metadata=True)
@@ -207,7 +216,7 @@ def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY
     reference = torch_logits_fn(model)
     rows: dict[str, dict] = {}
     for name in recipes:
-        build = export_recipe(folder, RECIPES[name], recipe_folder(out / "quality", name))
+        build = export_recipe(folder, RECIPES[name], recipe_folder(out / "quality", name), texts=True)
         generator = Generator(make_session(recipe_folder(out / "quality", name) / "model.onnx", threads=2))
         rows[name] = {**fidelity(reference, generator, held), "bytes": build["bytes"]}
         print(f"[quality] {name}: {rows[name]}", flush=True)
