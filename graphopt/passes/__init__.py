@@ -11,9 +11,10 @@ from graphopt.passes.fused_attention import FusedAttention
 from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
+from graphopt.passes.rms_norm import RmsNorm
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.passes.share_layers import ShareLayers
 from graphopt.passes.smooth import Smooth
 from graphopt.passes.window_attention import WindowAttention
 
-__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "ShareLayers", "Smooth", "WindowAttention"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "Int8Attention", "Prune", "Quantize", "RmsNorm", "ShareLayers", "Smooth", "WindowAttention"]
