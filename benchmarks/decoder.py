@@ -34,9 +34,9 @@ QWEN25_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads"
               "bos_token_id": 151643, "eos_token_id": 151643}
 RECIPES = {
     "graphopt fp32": "dce,dedup",
-    "graphopt int8": "dce,dedup,quantize{mode=dynamic}",
+    "graphopt int8": "dce,dedup,rms-norm,quantize{mode=dynamic}",
     # as the builder's int4: 4-bit weights in groups of 32 with int8 compute, LM head and embeddings too
-    "graphopt int4": "dce,dedup,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    "graphopt int4": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
 }
 
 
