@@ -202,11 +202,10 @@ def build_decoder(loaded, recipe: Recipe, options: BuildOptions, splits: TextSpl
         from graphopt.export.session import resolve_disabled_optimizers
 
         disabled = [] if runtime.disabled_optimizers == "auto" else resolve_disabled_optimizers(runtime.disabled_optimizers, runtime.provider)
-        report.sections["session"] = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization,
-                                      "disabled_optimizers": disabled}
+        session = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization, "disabled_optimizers": disabled}
+        report.sections["session"] = session
         try:
-            result.check_parity(session={"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization,
-                                         "disabled_optimizers": disabled}, original=program)
+            result.check_parity(session=dict(session), original=program)
         except ParityError as exc:
             say(f"  parity failed: {exc}")
     with _step(say, "measure prefill, decode and held-out fidelity", timings):
@@ -541,36 +540,39 @@ def _state_dict_mb(model: torch.nn.Module) -> float:
 
 def evaluate_gates(recipe: Recipe, result: OptimizeResult, rows: dict[str, dict[str, Any]]) -> list[str]:
     gates = recipe.gates
-    failures: list[str] = []
     ours = rows.get(OURS, {})
+    failures = _shared_gates(recipe, result)
     if "decoder" in result.program.meta:
-        return _decoder_gates(recipe, result, ours)
+        return failures + _decoder_gates(recipe, ours)
     final = result.report.final_drift or {}
-    if gates.require_parity and result.report.sections.get("parity", {}).get("passed") is False:
-        failures.append("ORT parity failed (see parity section)")
-    if gates.require_parity and result.exported is None:
-        failures.append("the model was not exported")
     if gates.min_cosine is not None and isinstance(final.get("cosine"), float) and final["cosine"] < gates.min_cosine:
         failures.append(f"min_cosine: outputs cosine {final['cosine']:.6f} < {gates.min_cosine}")
     _gate_min(failures, "min_heldout_cosine", ours.get("heldout_mean_cos"), gates.min_heldout_cosine, "held-out mean cosine")
     _gate_min(failures, "min_speedup", ours.get("speedup_vs_eager"), gates.min_speedup, "ORT speed-up over PyTorch eager fp32")
     if gates.max_latency_ms is not None and ours.get("p50_ms") is not None and ours["p50_ms"] > gates.max_latency_ms:
         failures.append(f"max_latency_ms: p50 {ours['p50_ms']:.2f} ms > {gates.max_latency_ms} ms")
-    if gates.max_size_mb is not None and result.exported is not None and result.exported.bytes / 1e6 > gates.max_size_mb:
-        failures.append(f"max_size_mb: {result.exported.bytes / 1e6:.1f} MB > {gates.max_size_mb} MB")
     return failures
 
 
-def _decoder_gates(recipe: Recipe, result: OptimizeResult, ours: dict[str, Any]) -> list[str]:
-    """A decoder's gates: parity, next-token agreement and perplexity ratio on held-out text,
-    decode speed-up over PyTorch's own cached generation, prefill latency and size. The
-    embedding gates (``min_heldout_cosine``) are an encoder's and do not apply."""
+def _shared_gates(recipe: Recipe, result: OptimizeResult) -> list[str]:
+    """The gates of every build, encoder or decoder: parity, an export, the file size."""
     gates = recipe.gates
     failures: list[str] = []
     if gates.require_parity and result.report.sections.get("parity", {}).get("passed") is False:
         failures.append("ORT parity failed (see parity section)")
     if gates.require_parity and result.exported is None:
         failures.append("the model was not exported")
+    if gates.max_size_mb is not None and result.exported is not None and result.exported.bytes / 1e6 > gates.max_size_mb:
+        failures.append(f"max_size_mb: {result.exported.bytes / 1e6:.1f} MB > {gates.max_size_mb} MB")
+    return failures
+
+
+def _decoder_gates(recipe: Recipe, ours: dict[str, Any]) -> list[str]:
+    """A decoder's own gates: next-token agreement and perplexity ratio on held-out text,
+    decode speed-up over PyTorch's own cached generation, prefill latency. The embedding
+    gates (``min_heldout_cosine``) are an encoder's and do not apply."""
+    gates = recipe.gates
+    failures: list[str] = []
     _gate_min(failures, "min_token_agreement", ours.get("heldout_agreement"), gates.min_token_agreement, "held-out next-token agreement")
     if gates.max_perplexity_ratio is not None:
         ratio = ours.get("heldout_ppl_ratio")
@@ -581,8 +583,6 @@ def _decoder_gates(recipe: Recipe, result: OptimizeResult, ours: dict[str, Any])
     _gate_min(failures, "min_speedup", ours.get("decode_speedup_vs_eager"), gates.min_speedup, "decode tokens/s over PyTorch eager fp32 generate")
     if gates.max_latency_ms is not None and ours.get("prefill_ms") is not None and ours["prefill_ms"] > gates.max_latency_ms:
         failures.append(f"max_latency_ms: prefill {ours['prefill_ms']:.2f} ms > {gates.max_latency_ms} ms")
-    if gates.max_size_mb is not None and result.exported is not None and result.exported.bytes / 1e6 > gates.max_size_mb:
-        failures.append(f"max_size_mb: {result.exported.bytes / 1e6:.1f} MB > {gates.max_size_mb} MB")
     return failures
 
 

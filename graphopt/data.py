@@ -343,6 +343,27 @@ def tokenize(tokenizer: Any, sentences: Sequence[str], max_length: int = 128, pa
     return pad_rows(tokenizer, rows, max_length if padding == "max_length" else None)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ``(ids, mask)`` ``[batch, longest]``, padded on the left (a decoder's padding
+    side, as ``generate`` pads)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor([int(t) for t in prompt], dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of every slot of a left-padded ``attention_mask``: real tokens count from 0,
+    padding gets 1 (what ``generate`` feeds a decoder)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 def pad_rows(tokenizer: Any, rows: Sequence[dict[str, list[int]]], length: int | None = None) -> dict[str, torch.Tensor]:
     """Stack per-sentence token lists into tensors, padding on the tokenizer's padding side."""
     if not rows:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphopt.data import left_pad, positions
 from graphopt.errors import CaptureError
 from graphopt.models import supports_generation
 from graphopt.program import Program
@@ -217,12 +218,6 @@ def trim_to_window(attention_mask: Any, window: tuple[int, int] | None) -> Any:
     return torch.cat([head, tail], dim=1) if isinstance(attention_mask, torch.Tensor) else np.concatenate([head, tail], axis=1)
 
 
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of every slot of ``attention_mask`` (real tokens count from 0; padding gets 1)."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
 def capture_decoder(model: torch.nn.Module, *, check: bool = True, seed: int = 0) -> Program:
     """Capture a causal LM as one KV-cache step graph (see the module doc).
 
@@ -328,19 +323,6 @@ def decoder_steps(spec: DecoderSpec, program: Program, *, seed: int = 0, prompts
         mask = torch.cat([steps[-1][1][ATTENTION_MASK], torch.ones(len(prompts), new, dtype=torch.long)], dim=1)
         steps.append((label, decoder_inputs(spec, ids, mask, past)))
     return steps
-
-
-def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, mask), padded on the left to the longest (a decoder's padding side)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise CaptureError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
 
 
 def prompt_batches(spec: DecoderSpec, count: int, *, seed: int, lengths: tuple[int, ...] = (5, 11, 3, 8), batch_sizes: tuple[int, ...] = (1, 3, 2)) -> list[list[list[int]]]:

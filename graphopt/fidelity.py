@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphopt.data import batches
+from graphopt.data import batches, left_pad, positions
 
 Encoder = Callable[..., Any]
 
@@ -164,12 +164,7 @@ def next_token_fidelity(reference: Any, candidate: Any, batches_of_ids: Sequence
         rows = [list(r) for r in rows if len(r) >= 2]
         if not rows:
             continue
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for index, row in enumerate(rows):
-            ids[index, width - len(row):] = torch.tensor(row)
-            mask[index, width - len(row):] = 1
+        ids, mask = left_pad(rows, 0)
         ref = _logits(reference, ids, mask)[:, :-1].double()
         cand = _logits(candidate, ids, mask)[:, :-1].double()
         targets = ids[:, 1:]
@@ -186,8 +181,7 @@ def next_token_fidelity(reference: Any, candidate: Any, batches_of_ids: Sequence
 
 def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if isinstance(model, torch.nn.Module):
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
     out = model(ids, mask)
     return out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))

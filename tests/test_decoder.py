@@ -12,6 +12,7 @@ import torch
 
 import graphopt
 from graphopt import zoo
+from graphopt.data import left_pad
 from graphopt.decoder import capture_decoder, decoder_spec
 from graphopt.errors import CaptureError, ConfigError
 from graphopt.export import make_session, to_onnx
@@ -22,21 +23,11 @@ NEW_TOKENS = 32
 
 
 def _hf_generate(model, generator: Generator, prompts, new_tokens):
-    ids, mask = _padded(prompts)
+    ids, mask = left_pad(prompts, 0)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     return out.sequences.numpy(), [step.numpy() for step in out.logits]
-
-
-def _padded(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
+from graphopt.data import left_pad, positions
 from graphopt.decoder import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, DecoderSpec, trim_to_window
 from graphopt.errors import ConfigError
 
@@ -101,8 +103,8 @@ class Generator:
             raise ConfigError(f"the ONNX model's outputs {self.output_names[:3]}... are not logits, present.0.key, ...")
         self.cache_dtype = np.dtype(spec.cache_dtype)
 
-    def _run_step(self, binding: Any, step_ids: np.ndarray, cache_mask: np.ndarray, positions: np.ndarray, past_values: list[Any]) -> list[Any]:
-        feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache_mask, POSITION_IDS: positions}
+    def _run_step(self, binding: Any, step_ids: np.ndarray, cache_mask: np.ndarray, step_positions: np.ndarray, past_values: list[Any]) -> list[Any]:
+        feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache_mask, POSITION_IDS: step_positions}
         return _bind_and_run(self.session, binding, self.output_names, feeds, dict(zip(self.spec.past_names(), past_values)))
 
     def logits(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
@@ -161,8 +163,8 @@ class Generator:
         step_ids, full_mask, cache_mask = ids, mask, mask
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            positions = _positions(full_mask)[:, -step_ids.shape[1] :]
-            outputs = self._run_step(binding, step_ids, cache_mask, positions, past_values)
+            step_positions = _positions(full_mask)[:, -step_ids.shape[1] :]
+            outputs = self._run_step(binding, step_ids, cache_mask, step_positions, past_values)
             logits = outputs[0].numpy()[:, -1, :]
             past_values = outputs[1 : 1 + 2 * spec.layers]
             token = _choose(logits, sampling, rng)
@@ -216,21 +218,12 @@ def _prompt_arrays(input_ids: Any, attention_mask: np.ndarray | None, pad: int) 
         if (mask[:, -1] == 0).any():
             raise ConfigError("prompts must be padded on the left (a row's last attention_mask entry is 0): a decoder continues from the last slot")
         return ids, mask
-    rows = [list(map(int, row)) for row in input_ids]
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ConfigError("every prompt needs at least one token")
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row) :] = row
-        mask[index, width - len(row) :] = 1
-    return ids, mask
+    ids_t, mask_t = left_pad([list(map(int, row)) for row in input_ids], pad)
+    return ids_t.numpy(), mask_t.numpy()
 
 
 def _positions(mask: np.ndarray) -> np.ndarray:
-    positions = np.cumsum(mask, axis=1) - 1
-    return np.where(mask == 0, 1, positions)
+    return positions(torch.from_numpy(mask)).numpy()
 
 
 def _choose(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator) -> np.ndarray:
