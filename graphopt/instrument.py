@@ -38,7 +38,7 @@ from graphopt.errors import VerificationError
 from graphopt.passbase import Pass, PassResult
 from graphopt.program import Program
 from graphopt.report import PassRecord, ProgramStats, Report
-from graphopt.verify import Budget, Drift, Outputs, drift_many, perturbed, real_positions
+from graphopt.verify import Budget, Drift, Outputs, decoder_unread, drift_many, perturbed, real_positions
 
 
 class PassRejected(VerificationError):
@@ -90,8 +90,9 @@ class Instrumentation:
 class Verify(Instrumentation):
     """Hold every changed program to its tolerance on the verification data.
 
-    Exact passes: against the program before the pass, at every position (padding too),
-    on the example inputs and every verification batch (several shapes per dynamic axis),
+    Exact passes: against the program before the pass, at every position (padding too; a
+    decoder step's logits at padding and cache entries of padding slots, which nothing
+    reads, only for being finite), on the example inputs and every verification batch (several shapes per dynamic axis),
     ``max_rel <= budget.exact_rtol``. Lossy passes: against the original program's outputs
     on the verification batches, real positions only, within the budget."""
 
@@ -104,6 +105,9 @@ class Verify(Instrumentation):
         self.source = ctx.verification_source or f"{len(self.batches)} batches"
         batches = self.batches
         self.reference = self._outputs(program)
+        # a decoder step's padding logits and padding cache slots are read by nothing
+        decoder = "decoder" in program.meta
+        self.unread = [decoder_unread(kwargs, ref) if decoder else None for (_, kwargs), ref in zip([self.example, *batches], self.reference)]
         self.current = self.reference
         self.floor = self.rounding_floor(program)
         run.report.verification = {"source": self.source, "batches": len(batches), "samples": _samples(batches),
@@ -117,7 +121,7 @@ class Verify(Instrumentation):
         same data: how far rounding alone moves these outputs (see verify.EXACT_FLOOR_FACTOR)."""
         floor = 0.0
         for seed in range(copies):
-            moved = drift_many(self.reference, self._outputs(perturbed(program, seed)))
+            moved = drift_many(self.reference, self._outputs(perturbed(program, seed)), unread=self.unread)
             floor = max(floor, moved.max_rel if not moved.problem else 0.0)
         return floor
 
@@ -128,7 +132,7 @@ class Verify(Instrumentation):
             outputs = self._outputs(result.program)
         except Exception as exc:  # a program that no longer runs is a rejected pass
             raise PassRejected(f"the program no longer runs after the pass: {type(exc).__name__}: {exc}") from exc
-        step = drift_many(self.current, outputs)
+        step = drift_many(self.current, outputs, unread=self.unread)
         total = self.total(outputs)
         record.drift_step, record.drift_total = step.to_dict(), total.to_dict()
         # Lossy passes are measured on real positions, but a value that turned non-finite
@@ -142,7 +146,7 @@ class Verify(Instrumentation):
     def total(self, outputs: list[Outputs]) -> Drift:
         """Drift from the original on the verification batches, real positions only."""
         valids = [real_positions(kwargs) for _, kwargs in self.batches]
-        return drift_many(self.reference[1:], outputs[1:], valids)
+        return drift_many(self.reference[1:], outputs[1:], valids, self.unread[1:])
 
     def after_pipeline(self, program: Program, run: RunState) -> None:
         run.report.final_drift = self.total(self.current).to_dict()

@@ -66,6 +66,40 @@ def real_positions(kwargs: dict | None) -> torch.Tensor | None:
     return None
 
 
+def decoder_unread(kwargs: dict | None, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Per output of a decoder step (logits, then the presents), the values no later step can
+    read: the logits of padding positions (left padding) and the cache entries of padding
+    slots, which every later step masks out; ``None`` where every value counts.
+
+    A fused cache kernel may leave other numbers there than the graph it replaced (ORT's
+    GroupQueryAttention writes 0 for a query row that sees only padding, SDPA with an
+    additive mask averages its values), so comparisons settle them (:func:`settle`); a value
+    that is NaN or inf there still counts.
+    """
+    mask = kwargs.get("attention_mask") if kwargs else None
+    none: list[torch.Tensor | None] = [None] * len(outputs)
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2) or bool(mask.bool().all()):
+        return none
+    pad = ~mask.bool()
+    batch, total = pad.shape
+    unread = list(none)
+    for index, out in enumerate(outputs):
+        shape = tuple(out.shape)
+        if index == 0 and len(shape) == 3 and shape[0] == batch and shape[1] <= total:
+            unread[index] = pad[:, total - shape[1]:, None].expand(shape)
+        elif index > 0 and len(shape) == 4 and shape[0] == batch and shape[2] == total:
+            unread[index] = pad[:, None, :, None].expand(shape)
+    return unread
+
+
+def settle(reference: torch.Tensor, candidate: torch.Tensor, unread: torch.Tensor | None) -> torch.Tensor:
+    """``candidate`` with its unread values (:func:`decoder_unread`) taken from ``reference``
+    where they are finite."""
+    if unread is None or reference.shape != candidate.shape:
+        return candidate
+    return torch.where(unread & torch.isfinite(candidate), reference, candidate)
+
+
 def drift(reference: Outputs, candidate: Outputs, valid: torch.Tensor | None = None) -> Drift:
     """Worst-output drift of ``candidate`` from ``reference`` on one batch.
 
@@ -78,11 +112,16 @@ def drift(reference: Outputs, candidate: Outputs, valid: torch.Tensor | None = N
     return drift_many([reference], [candidate], [valid])
 
 
-def drift_many(references: Sequence[Outputs], candidates: Sequence[Outputs], valids: Sequence[torch.Tensor | None] | None = None) -> Drift:
+def drift_many(references: Sequence[Outputs], candidates: Sequence[Outputs], valids: Sequence[torch.Tensor | None] | None = None,
+               unread: Sequence[Sequence[torch.Tensor | None] | None] | None = None) -> Drift:
     """Drift over several batches: figures pooled over every batch (cosine over all values of
-    an output together, per-sample cosine per batch row), worst output reported."""
+    an output together, per-sample cosine per batch row), worst output reported. ``unread``:
+    per batch, per output, the values that do not count (:func:`decoder_unread`)."""
     if len(references) != len(candidates):
         return failed(f"{len(candidates)} batches of outputs, expected {len(references)}")
+    if unread is not None:
+        candidates = [got if masks is None else tuple(settle(r, g, m) for r, g, m in zip(ref, got, masks))
+                      for ref, got, masks in zip(references, candidates, unread)]
     valids = list(valids) if valids is not None else [None] * len(references)
     count = {len(r) for r in references} | {len(c) for c in candidates}
     if len(count) > 1:
