@@ -6,7 +6,7 @@ reference + fake) and declares the modules holding their ONNX lowerings
 exporter imports; so importing the ops loads neither onnxscript nor onnxruntime.
 """
 
-from graphopt.attention import fused, hedgehog, lsh, nystrom, packed, pooled  # noqa: F401  (registers the ops)
+from graphopt.attention import fused, gqa, hedgehog, lsh, nystrom, packed, pooled, rotary  # noqa: F401  (registers the ops)
 from graphopt.attention.reference import (
     exact_attention,
     lsh_attention,

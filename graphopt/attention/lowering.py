@@ -19,7 +19,7 @@ from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-from graphopt.attention import fused, packed  # noqa: F401  (defines the ops the lowerings are registered for)
+from graphopt.attention import fused, gqa, packed, rotary  # noqa: F401  (defines the ops the lowerings are registered for)
 from graphopt.lowerings import register_lowering
 
 msft = Opset("com.microsoft", 1)
@@ -64,7 +64,48 @@ def attention_qkv_biased_onnx(x: FLOAT, w_qkv: FLOAT, bias: FLOAT, mask: FLOAT, 
     return msft.Attention(x, w_qkv, bias, None, None, full, num_heads=heads, scale=scale, unidirectional=causal, qkv_hidden_sizes=qkv_sizes)
 
 
+@script()
+def gqa_attention_onnx(q: FLOAT, k: FLOAT, v: FLOAT, past_k: FLOAT, past_v: FLOAT, bias: FLOAT, scale: float, heads: int, kv_heads: int) -> tuple[FLOAT, FLOAT, FLOAT]:
+    # (b, h, s, d) -> (b, s, h * d); the cache stays (b, kv_heads, T, d). See graphopt.attention.gqa.
+    flat = op.Constant(value_ints=[0, 0, -1])
+    q3 = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), flat)
+    k3 = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), flat)
+    v3 = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), flat)
+    # The lengths come from the mask (batch, 1, seq, T) alone: every layer shares it, so ORT
+    # computes them once (common subexpressions) instead of once per layer from its cache.
+    batch = op.Shape(bias, start=0, end=1)
+    seq = op.Shape(bias, start=2, end=3)
+    total = op.Shape(bias, start=3, end=4)
+    seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)  # int32, T - 1 for every row
+    total_length = op.Cast(op.Squeeze(total), to=6)
+    query_seqlens = op.Cast(op.Expand(seq, batch), to=6)
+    out, present_k, present_v = msft.GroupQueryAttention(q3, k3, v3, past_k, past_v, seqlens_k, total_length, None, None, None, bias,
+                                                         None, None, None, None, None, query_seqlens,
+                                                         num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+    split = op.Concat(op.Constant(value_ints=[0, 0]), op.Shape(q, start=1, end=2), op.Shape(q, start=3, end=4), axis=0)
+    return op.Transpose(op.Reshape(out, split), perm=[0, 2, 1, 3]), present_k, present_v
+
+
+@script()
+def rotary_onnx(x: FLOAT, cos: FLOAT, sin: FLOAT) -> FLOAT:
+    # this step's own tables, one row per (batch, position): see graphopt.attention.rotary.
+    # The kernel runs on (batch, seq, heads * dim): ORT cancels the transposes around it with
+    # the ones that made x (batch, heads, seq, dim) and the ones GroupQueryAttention's lowering adds.
+    rows = op.Constant(value_ints=[-1])
+    table = op.Concat(rows, op.Shape(cos, start=2, end=3), axis=0)
+    count = op.ReduceProd(op.Shape(cos, start=0, end=2), keepdims=1)
+    positions = op.Reshape(op.Range(op.Constant(value_int=0), op.Squeeze(count), op.Constant(value_int=1)), op.Shape(cos, start=0, end=2))
+    # tables of batch 1 (position_ids of batch 1) serve every row
+    positions = op.Expand(positions, op.Concat(op.Shape(x, start=0, end=1), op.Shape(cos, start=1, end=2), axis=0))
+    flat = op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    turned = msft.RotaryEmbedding(flat, positions, op.Reshape(cos, table), op.Reshape(sin, table), interleaved=0)
+    split = op.Concat(op.Constant(value_ints=[0, 0]), op.Shape(x, start=1, end=2), op.Shape(x, start=3, end=4), axis=0)
+    return op.Transpose(op.Reshape(turned, split), perm=[0, 2, 1, 3])
+
+
 custom = torch.ops.graphopt
+register_lowering(custom.rotary.default, rotary_onnx)
+register_lowering(custom.gqa_attention.default, gqa_attention_onnx)
 register_lowering(custom.fused_attention.default, fused_attention_onnx)
 register_lowering(custom.fused_attention_biased.default, fused_attention_biased_onnx)
 register_lowering(custom.attention_qkv.default, attention_qkv_onnx)

@@ -147,12 +147,14 @@ def finish_graph(program: Program, onnx_program: torch.onnx.ONNXProgram, *, opti
     model = onnx_program.model
     exported = onnx_program.exported_program
     sites = op_sites(program, exported) if exported is not None else []  # under the exporter's names
+    aliases: dict[str, ir.Value] = {}
     if optimize:
         _optimize(model)
+        aliases = drop_identity_reshapes(model.graph)
     deduplicated = deduplicate_initializers(model)
     if strip_metadata:
         strip_metadata_props(model)
-    survivors = _all_value_names(model.graph)
+    survivors = {**aliases, **_all_value_names(model.graph)}
     _rename_inputs(model.graph, input_names(program))
     _rename_outputs(model.graph, program.output_names)
     return rename_sites(sites, {old: str(value.name) for old, value in survivors.items()}), deduplicated
@@ -272,6 +274,79 @@ def deduplicate_initializers(model: ir.Model) -> int:
         graph.initializers.pop(name)
         dropped += 1
     return dropped
+
+
+# Contrib kernels whose first output has their first input's shape (shape inference does
+# not know them): a Reshape chain through them can still be proven an identity.
+_SHAPE_OF_FIRST_INPUT = {("com.microsoft", "RotaryEmbedding"), ("com.microsoft", "GroupQueryAttention")}
+
+
+def _known_shape(value: ir.Value, depth: int = 0) -> tuple[int | str, ...] | None:
+    """``value``'s shape with every dimension a number or a named symbol, else None."""
+    producer = value.producer()
+    if value.shape is None:
+        if producer is not None and (producer.domain, producer.op_type) in _SHAPE_OF_FIRST_INPUT and value is producer.outputs[0] and depth < 4:
+            first = producer.inputs[0]
+            return _known_shape(first, depth + 1) if first is not None else None
+        return None
+    dims: list[int | str] = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif getattr(dim, "value", None):
+            dims.append(str(dim.value))
+        else:
+            return None
+    return tuple(dims)
+
+
+def drop_identity_reshapes(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Skip every chain of Reshapes (and Identities) that ends in the shape it started from.
+
+    The exporter writes a view for each ``(batch, seq, heads * dim)`` <-> ``(batch, seq,
+    heads, dim)`` change, and the attention lowerings add their own around kernels that take
+    the flat layout: a 24-layer decoder ends with about 290 Reshapes, of which ORT's
+    optimizer removes none (each a kernel launch per token). Shapes are compared by the
+    exporter's symbolic dimensions (torch's own: equal names are equal sizes), so a chain is
+    only skipped when it provably changes nothing. Returns the removed values' names with the
+    values that replace them (the op-parity sites follow them)."""
+    outputs = set(graph.outputs)
+    aliases: dict[str, ir.Value] = {}
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or node.outputs[0] in outputs:
+            continue
+        out = node.outputs[0]
+        want = _known_shape(out)
+        if want is None:
+            continue
+        source, match = node.inputs[0], None
+        while source is not None:
+            if _known_shape(source) == want:
+                match = source
+            producer = source.producer()
+            if producer is None or producer.op_type not in ("Reshape", "Identity") or producer.domain not in ("", "ai.onnx"):
+                break
+            source = producer.inputs[0]
+        if match is None:
+            continue
+        if out.name:
+            aliases[out.name] = match
+        out.replace_all_uses_with(match)
+    if aliases:
+        _remove_dead(graph)
+    return aliases
+
+
+def _remove_dead(graph: ir.Graph) -> None:
+    """Remove the nodes none of whose outputs is used or a graph output (last first), then
+    the initializers nothing reads."""
+    outputs = set(graph.outputs)
+    for node in reversed(list(graph)):
+        if not any(v in outputs or v.uses() for v in node.outputs):
+            graph.remove(node, safe=True)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and value not in outputs and value not in graph.inputs:
+            del graph.initializers[name]
 
 
 def _all_value_names(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -1,0 +1,131 @@
+"""Decoder kernels: gqa-attention (cache update, kv-head repeat and attention as one
+GroupQueryAttention, exact on everything a later step can read), rotary (one
+RotaryEmbedding per query and key) and pack-linears (Q/K/V and gate/up as one GEMM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import graphopt
+from graphopt import zoo
+from graphopt.data import left_pad
+from graphopt.decoder import capture_decoder
+from graphopt.export import check_parity, make_session, to_onnx
+from graphopt.export.generation import Generator
+from graphopt.verify import decoder_unread, drift_many
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]  # the second is left-padded
+
+
+FUSED = "gqa-attention, rotary, pack-linears"
+
+
+@pytest.fixture(scope="module", params=[("llama", "sdpa", FUSED), ("qwen2", "eager", f"sdpa, {FUSED}")], ids=["llama-sdpa", "qwen2-eager"])
+def fused(request, tmp_path_factory):
+    arch, attn, recipe = request.param
+    model = zoo.tiny_causal_lm(arch, attn)
+    program = capture_decoder(model)
+    result = graphopt.optimize(program, recipe)
+    path = tmp_path_factory.mktemp(f"gqa-{arch}") / "model.onnx"
+    to_onnx(result.program, path)
+    return model, program, result, path
+
+
+def test_every_layer_fuses_and_exports_one_kernel(fused):
+    _, program, result, path = fused
+    assert result.report.ok, result.report.passes
+    records = {r.name: r for r in result.report.passes}
+    assert records["gqa-attention"].status == "applied" and records["gqa-attention"].info["fused"] == 2
+    assert records["rotary"].info["fused"] == 4  # queries and keys of both layers
+    assert records["pack-linears"].info["packed"] == 4 and records["pack-linears"].info["linears"] == 10  # q/k/v and gate/up per layer
+    ops = result.program.op_histogram()
+    assert ops.get("graphopt::gqa_attention") == 2 and ops.get("graphopt::rotary") == 4
+    assert ops.get("aten::expand", 0) == 1 and "aten::neg" not in ops  # the mask's expand only: no repeated keys, no rotate_half
+    assert ops["aten::linear"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
+    nodes = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+    assert nodes.count("GroupQueryAttention") == 2 and nodes.count("RotaryEmbedding") == 4 and "Softmax" not in nodes
+    assert "graphopt::gqa_attention" not in program.op_histogram()  # the input program is left alone
+
+
+def test_parity_on_prefill_and_decode_steps(fused):
+    _, _, result, path = fused
+    report = check_parity(result.program, path, raise_on_failure=False)
+    assert report.passed, report.failure_message()
+    assert any("decode" in label for label in report.input_sets)
+
+
+def test_generates_what_transformers_generates(fused):
+    model, _, _, path = fused
+    ours = Generator(make_session(path, threads=1)).generate(PROMPTS, max_new_tokens=32, return_logits=True, eos_token_id=[], pad_token_id=0)
+    ids, mask = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences.numpy())
+    assert max(float(np.abs(a - b.numpy()).max()) for a, b in zip(ours.logits, theirs.logits)) <= 1e-4
+
+
+def test_unread_values_do_not_count_but_nan_there_does():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    logits, present = torch.randn(2, 4, 5), torch.randn(2, 2, 4, 3)
+    unread = decoder_unread({"attention_mask": mask}, [logits, present])
+    assert unread[0] is not None and unread[0][1, :2].all() and not unread[0][0].any() and not unread[0][1, 2:].any()
+    assert unread[1] is not None and unread[1][1, :, :2].all() and not unread[1][1, :, 2:].any()
+    moved_pad = (logits.clone(), present.clone())
+    moved_pad[0][1, 0] += 5.0
+    moved_pad[1][1, :, 1] = 0.0
+    assert drift_many([(logits, present)], [moved_pad], unread=[unread]).max_rel == 0.0
+    assert drift_many([(logits, present)], [moved_pad]).max_rel > 0.1  # without the decoder's rule it is a difference
+    moved_real = (logits.clone(), present.clone())
+    moved_real[0][1, 3] += 5.0
+    assert drift_many([(logits, present)], [moved_real], unread=[unread]).max_rel > 0.1
+    nan_pad = (logits.clone(), present.clone())
+    nan_pad[1][1, :, 0] = float("nan")
+    assert drift_many([(logits, present)], [nan_pad], unread=[unread]).problem  # a later step's 0 x NaN is NaN
+
+
+def test_an_encoder_or_uncached_graph_is_a_reported_failure():
+    program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
+    result = graphopt.optimize(program, "sdpa, gqa-attention")
+    record = result.report.passes[-1]
+    assert not result.report.ok and record.status == "unchanged"
+    assert "concatenated KV cache" in record.reason
+
+
+def test_packed_int4_quantizes_to_the_same_codes():
+    """MatMulNBits blocks run along each output column's inputs: the packed weight's codes are the parts' codes."""
+    program = capture_decoder(zoo.tiny_causal_lm("llama", "sdpa"))
+    recipe = "quantize{mode=weight_only,bits=4,group_size=16}"
+    packed = graphopt.optimize(program, f"pack-linears, {recipe}")
+    plain = graphopt.optimize(program, recipe)
+    assert packed.report.ok and plain.report.ok
+    assert packed.program.op_histogram()["graphopt::linear_nbits"] == 2 * 4 + 1
+    inputs = dict(program.kwargs)
+    for ours, theirs in zip(packed.program.run((), inputs), plain.program.run((), inputs)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_or_interleaved_rotary_is_left_alone():
+    program = graphopt.capture(zoo.tiny_model("bert"), kwargs=zoo.example_inputs("bert"))
+    result = graphopt.optimize(program, "rotary")
+    assert not result.report.ok and result.report.passes[0].status == "unchanged"
+    assert "rotate_half" in result.report.passes[0].reason
+
+
+def test_the_exporter_skips_reshape_chains_that_change_nothing(fused, monkeypatch, tmp_path):
+    """(batch, seq, heads * dim) -> (batch, seq, heads, dim) -> back around each kernel: gone;
+    what is left reshapes the position and rotary tables."""
+    from graphopt.export import onnx_export
+
+    def activation_reshapes(path) -> int:
+        model = onnx.load(path)
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+        return sum(1 for n in model.graph.node if n.op_type == "Reshape" and ranks.get(n.output[0], 3) >= 3)
+
+    _, _, result, path = fused
+    assert activation_reshapes(path) == 0
+    monkeypatch.setattr(onnx_export, "drop_identity_reshapes", lambda graph: {})
+    assert activation_reshapes(to_onnx(result.program, tmp_path / "kept.onnx").path) >= 2 * 12  # q, k, v and out: 12 a layer
