@@ -13,7 +13,7 @@ def test_presets_load_and_are_exact_pipelines():
     manager = recipe.manager()
     # every pass of the lossless preset is optional: on a model without attention or
     # duplicate weights it still builds, and stays exact
-    assert str(manager) == "dce?,dedup?,sdpa?,fused-attention?,bias-gelu?,dce?"
+    assert str(manager) == "dce?,dedup?,sdpa?,gqa-attention?,rotary?,rms-norm?,pack-linears?,fused-attention?,bias-gelu?,dce?"
     assert manager.exact and all(p.optional for p in manager.passes)
     assert recipe.gates.require_parity
 
