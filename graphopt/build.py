@@ -171,15 +171,15 @@ def build_decoder(loaded, recipe: Recipe, options: BuildOptions, splits: TextSpl
     Optimum's names, check parity, then measure prefill latency and decode tokens/s against
     PyTorch's cached ``generate`` and the plain export, and next-token agreement and
     perplexity ratio on held-out text."""
-    from graphopt.decoder import capture_decoder, decoder_context
+    from graphopt.decoder import capture_decoder, decoder_context, text_prompt_batches
 
     out = Path(options.out_dir)
     with _step(say, "capture (KV-cache decoder)", timings):
         program = capture_decoder(loaded.model)
     with _step(say, "data", timings):
         if splits is not None:
-            calibration = _prompt_batches(loaded.tokenizer, splits.calibration_texts(), recipe.data.max_length)
-            verification = _prompt_batches(loaded.tokenizer, list(splits.verification), recipe.data.max_length)
+            calibration = text_prompt_batches(loaded.tokenizer, splits.calibration_texts(), recipe.data.max_length)
+            verification = text_prompt_batches(loaded.tokenizer, list(splits.verification), recipe.data.max_length)
             ctx = decoder_context(program, calibration=calibration, verification=verification, artifacts=out, target=target,
                                   tokenizer=loaded.tokenizer, training_texts=tuple(splits.train))
         else:
@@ -221,18 +221,6 @@ def build_decoder(loaded, recipe: Recipe, options: BuildOptions, splits: TextSpl
     atomic_write_text(out / GENAI_CONFIG, json.dumps(genai_config(decoder_spec(program), loaded.model.config, threads=threads), indent=2))
     _finish(build_result, loaded, recipe, out, threads, target)
     return build_result
-
-
-def _prompt_batches(tokenizer: Any, texts: list[str], max_length: int, sizes: tuple[int, ...] = (1, 3, 2, 4)) -> list[list[list[int]]]:
-    """Texts as batches of token lists (cycling batch sizes), each at most ``max_length`` tokens."""
-    rows = [ids for ids in (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts) if ids]
-    batches: list[list[list[int]]] = []
-    index = 0
-    while index < len(rows):
-        size = sizes[len(batches) % len(sizes)]
-        batches.append(rows[index : index + size])
-        index += size
-    return batches
 
 
 def _benchmark_prompt(loaded, program: Program, length: int, splits: TextSplits | None) -> list[int]:
@@ -305,9 +293,10 @@ def measure_decoder(loaded, result: OptimizeResult, program: Program, options: B
         row["decode_speedup_vs_eager"] = round(row["decode_tokens_per_s"] / eager["decode_tokens_per_s"], 3)
         row["prefill_speedup_vs_eager"] = round(eager["prefill_ms"] / row["prefill_ms"], 3)
     if loaded.tokenizer is not None and splits is not None and splits.heldout:
+        from graphopt.decoder import text_prompt_batches
         from graphopt.fidelity import next_token_fidelity
 
-        blocks = _prompt_batches(loaded.tokenizer, list(splits.heldout), result.recipe.data.max_length, sizes=(4,))
+        blocks = text_prompt_batches(loaded.tokenizer, list(splits.heldout), result.recipe.data.max_length, sizes=(4,))
         for name, (open_session, _) in sessions.items():
             figures = next_token_fidelity(loaded.model, Generator(open_session()), blocks)
             rows[name].update({"heldout_agreement": figures["agreement"], "heldout_ppl_ratio": figures["ppl_ratio"], "heldout_tokens": figures["tokens"]})

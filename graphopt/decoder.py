@@ -325,6 +325,20 @@ def decoder_steps(spec: DecoderSpec, program: Program, *, seed: int = 0, prompts
     return steps
 
 
+def text_prompt_batches(tokenizer: Any, texts: list[str], max_length: int, sizes: tuple[int, ...] = (1, 3, 2, 4)) -> list[list[list[int]]]:
+    """Texts as batches of token lists for :func:`decoder_context` (cycling batch sizes, so
+    the verification runs see batch 1 and left-padded batches), each at most ``max_length``
+    tokens; empty texts are dropped."""
+    rows = [ids for ids in (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts) if ids]
+    batches: list[list[list[int]]] = []
+    index = 0
+    while index < len(rows):
+        size = sizes[len(batches) % len(sizes)]
+        batches.append(rows[index : index + size])
+        index += size
+    return batches
+
+
 def prompt_batches(spec: DecoderSpec, count: int, *, seed: int, lengths: tuple[int, ...] = (5, 11, 3, 8), batch_sizes: tuple[int, ...] = (1, 3, 2)) -> list[list[list[int]]]:
     """``count`` batches of random prompts (ids within the vocabulary), sizes and lengths cycling."""
     generator = torch.Generator().manual_seed(seed)
