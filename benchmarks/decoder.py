@@ -33,10 +33,12 @@ QWEN25_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads"
               "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
               "bos_token_id": 151643, "eos_token_id": 151643}
 RECIPES = {
-    "graphopt fp32": "dce,dedup",
-    "graphopt int8": "dce,dedup,rms-norm,quantize{mode=dynamic}",
+    "graphopt fp32": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears",
+    "graphopt int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=dynamic}",
     # as the builder's int4: 4-bit weights in groups of 32 with int8 compute, LM head and embeddings too
-    "graphopt int4": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    "graphopt int4": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    # the same int4 without the decoder kernels (GroupQueryAttention, RotaryEmbedding, packed GEMMs): what they are worth
+    "graphopt int4 unfused": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
 }
 
 
@@ -87,11 +89,11 @@ def export_recipe(model_dir: Path, pipeline: str, out: Path, *, texts: bool = Fa
 
     spec = graphopt.decoder.decoder_spec(program)
     if texts:
-        from graphopt.build import _prompt_batches
         from graphopt.data import train_sentences, verification_sentences
+        from graphopt.decoder import text_prompt_batches
 
-        context = decoder_context(program, calibration=_prompt_batches(loaded.tokenizer, train_sentences(64), 128),
-                                  verification=_prompt_batches(loaded.tokenizer, verification_sentences(32), 128))
+        context = decoder_context(program, calibration=text_prompt_batches(loaded.tokenizer, train_sentences(64), 128),
+                                  verification=text_prompt_batches(loaded.tokenizer, verification_sentences(32), 128))
     else:
         context = decoder_context(program, calibration=prompt_batches(spec, 1, seed=7), verification=prompt_batches(spec, 1, seed=11))
     result = graphopt.optimize(program, pipeline, context=context, budget={"min_cosine": -1.0})
@@ -236,7 +238,7 @@ def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/decoder"))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (0: build and cache the exports only)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             genai_dir = build_genai(model_dir, out / "genai-int4", precision="int4")
             variants["onnxruntime-genai builder int4"] = ("genai", genai_dir)
             sizes["onnxruntime-genai builder int4"] = folder_bytes(genai_dir / "model.onnx")
+    if args.rounds == 0:  # build (and cache) only
+        return 0
     table = time_all(variants, model_dir, rounds=args.rounds, prompt=args.prompt, new_tokens=args.new_tokens, threads=args.threads)
     text = markdown(table, sizes)
     print(text)
