@@ -95,8 +95,6 @@ def rotary_onnx(x: FLOAT, cos: FLOAT, sin: FLOAT) -> FLOAT:
     table = op.Concat(rows, op.Shape(cos, start=2, end=3), axis=0)
     count = op.ReduceProd(op.Shape(cos, start=0, end=2), keepdims=1)
     positions = op.Reshape(op.Range(op.Constant(value_int=0), op.Squeeze(count), op.Constant(value_int=1)), op.Shape(cos, start=0, end=2))
-    # tables of batch 1 (position_ids of batch 1) serve every row
-    positions = op.Expand(positions, op.Concat(op.Shape(x, start=0, end=1), op.Shape(cos, start=1, end=2), axis=0))
     flat = op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
     turned = msft.RotaryEmbedding(flat, positions, op.Reshape(cos, table), op.Reshape(sin, table), interleaved=0)
     split = op.Concat(op.Constant(value_ints=[0, 0]), op.Shape(x, start=1, end=2), op.Shape(x, start=3, end=4), axis=0)

@@ -3,7 +3,7 @@
     graphopt::rotary(x, cos, sin) -> x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)
 
 ``x`` is ``(batch, heads, seq, head_dim)``; ``cos`` and ``sin`` are the half tables
-``(batch, seq, head_dim / 2)`` of the positions being embedded (transformers builds the full
+``(batch, seq, head_dim / 2)`` of the positions being embedded, at x's batch (transformers builds the full
 tables as ``cat(freqs, freqs)``, so each half holds the same values). ``rotate_half(x)`` is
 ``cat(-x2, x1)`` of the two halves of the last axis (Llama / Qwen / Mistral's
 non-interleaved form). In PyTorch the op computes exactly what the graph it replaces did.

@@ -71,7 +71,7 @@ def _table(node: Any, fn: Any) -> tuple[fx.Node, fx.Node] | NoMatch:
 
 
 def rotary_rule() -> RewriteRule:
-    halves: dict[fx.Node, fx.Node] = {}  # one half table per full table, shared by every layer
+    halves: dict[tuple[fx.Node, str], fx.Node] = {}  # one half table per full table (and batch), shared by every layer
 
     def match(node: fx.Node) -> Match | NoMatch:
         a: Any = node.args[0]
@@ -107,14 +107,23 @@ def rotary_rule() -> RewriteRule:
                                  bindings={"x": x, "cos": cos_table[0], "sin": sin_table[0], "half": dim // 2})
         return NoMatch("pattern", f"'{node.name}' is not x * cos + rotate_half(x) * sin")
 
-    def half_of(graph: fx.Graph, table: fx.Node, half: int) -> fx.Node:
-        if table not in halves:  # the rules run in graph order: the first use comes first
-            halves[table] = emit(graph, aten.slice.Tensor, (table, -1, 0, half))
-        return halves[table]
+    def half_of(graph: fx.Graph, table: fx.Node, half: int, x: fx.Node) -> fx.Node:
+        """The first half of ``table``, at ``x``'s batch: a table of batch 1 (position_ids of
+        batch 1) is expanded once here, since ORT's kernel wants one position row per batch row."""
+        batch = fake(x).shape[0]
+        key = (table, str(batch))
+        if key not in halves:  # the rules run in graph order: the first use comes first
+            piece = emit(graph, aten.slice.Tensor, (table, -1, 0, half))
+            if str(fake(table).shape[0]) != str(batch):
+                size = emit(graph, aten.sym_size.int, (x, 0))
+                piece = emit(graph, aten.expand.default, (piece, [size, -1, -1]))
+            halves[key] = piece
+        return halves[key]
 
     def replace(graph: fx.Graph, m: Match) -> fx.Node:
-        cos, sin = half_of(graph, m.bindings["cos"], m.bindings["half"]), half_of(graph, m.bindings["sin"], m.bindings["half"])
-        return emit(graph, torch.ops.graphopt.rotary.default, (m.bindings["x"], cos, sin))
+        x = m.bindings["x"]
+        cos, sin = half_of(graph, m.bindings["cos"], m.bindings["half"], x), half_of(graph, m.bindings["sin"], m.bindings["half"], x)
+        return emit(graph, torch.ops.graphopt.rotary.default, (x, cos, sin))
 
     return RewriteRule("rotary", frozenset({aten.add.Tensor}), match, replace)
 
