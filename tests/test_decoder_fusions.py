@@ -127,5 +127,5 @@ def test_the_exporter_skips_reshape_chains_that_change_nothing(fused, monkeypatc
 
     _, _, result, path = fused
     assert activation_reshapes(path) == 0
-    monkeypatch.setattr(onnx_export, "drop_identity_reshapes", lambda graph: {})
+    monkeypatch.setattr(onnx_export, "drop_identity_reshapes", lambda model: {})
     assert activation_reshapes(to_onnx(result.program, tmp_path / "kept.onnx").path) >= 2 * 12  # q, k, v and out: 12 a layer

@@ -150,7 +150,7 @@ def finish_graph(program: Program, onnx_program: torch.onnx.ONNXProgram, *, opti
     aliases: dict[str, ir.Value] = {}
     if optimize:
         _optimize(model)
-        aliases = drop_identity_reshapes(model.graph)
+        aliases = drop_identity_reshapes(model)
     deduplicated = deduplicate_initializers(model)
     if strip_metadata:
         strip_metadata_props(model)
@@ -300,7 +300,7 @@ def _known_shape(value: ir.Value, depth: int = 0) -> tuple[int | str, ...] | Non
     return tuple(dims)
 
 
-def drop_identity_reshapes(graph: ir.Graph) -> dict[str, ir.Value]:
+def drop_identity_reshapes(model: ir.Model) -> dict[str, ir.Value]:
     """Skip every chain of Reshapes (and Identities) that ends in the shape it started from.
 
     The exporter writes a view for each ``(batch, seq, heads * dim)`` <-> ``(batch, seq,
@@ -310,6 +310,7 @@ def drop_identity_reshapes(graph: ir.Graph) -> dict[str, ir.Value]:
     exporter's symbolic dimensions (torch's own: equal names are equal sizes), so a chain is
     only skipped when it provably changes nothing. Returns the removed values' names with the
     values that replace them (the op-parity sites follow them)."""
+    graph = model.graph
     outputs = set(graph.outputs)
     aliases: dict[str, ir.Value] = {}
     for node in list(graph):
@@ -333,20 +334,8 @@ def drop_identity_reshapes(graph: ir.Graph) -> dict[str, ir.Value]:
             aliases[out.name] = match
         out.replace_all_uses_with(match)
     if aliases:
-        _remove_dead(graph)
+        ir.passes.common.RemoveUnusedNodesPass()(model)  # the skipped Reshapes and their shape inputs
     return aliases
-
-
-def _remove_dead(graph: ir.Graph) -> None:
-    """Remove the nodes none of whose outputs is used or a graph output (last first), then
-    the initializers nothing reads."""
-    outputs = set(graph.outputs)
-    for node in reversed(list(graph)):
-        if not any(v in outputs or v.uses() for v in node.outputs):
-            graph.remove(node, safe=True)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in outputs and value not in graph.inputs:
-            del graph.initializers[name]
 
 
 def _all_value_names(graph: ir.Graph) -> dict[str, ir.Value]:
