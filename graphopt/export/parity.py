@@ -73,7 +73,7 @@ from graphopt.inputs import (
     split_inputs,
 )
 from graphopt.program import Program
-from graphopt.verify import decoder_unread, drift, real_positions
+from graphopt.verify import decoder_unread, drift, real_positions, settle
 
 from . import op_parity
 from .op_parity import OpCheck
@@ -330,12 +330,11 @@ def _feed(session, named: Mapping[str, Any], label: str) -> dict[str, np.ndarray
 
 # ---- comparisons --------------------------------------------------------------------------------
 def _settled(ref: np.ndarray, out: np.ndarray, unread: torch.Tensor | None) -> np.ndarray:
-    """``out`` with the values no later step reads (:func:`graphopt.verify.decoder_unread`)
-    taken from ``ref`` where they are finite (a NaN or inf there is still a difference)."""
+    """:func:`graphopt.verify.settle` on arrays: ``out`` with the values no later step reads
+    taken from ``ref`` where they are finite."""
     if unread is None or ref.shape != out.shape:
         return out
-    keep = unread.numpy()
-    return np.where(keep & np.isfinite(out), ref, out).astype(out.dtype, copy=False)
+    return settle(torch.from_numpy(ref), torch.from_numpy(out), unread).numpy()
 
 
 def _against_program(label, shapes, name, ref, out, atol, rtol, floor, real) -> OutputParity:
