@@ -23,7 +23,7 @@ from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
 from graphopt.rewrite import emit
-from graphopt.surgery import add_parameter, get_tensor, remove_unused_tensors, stamp
+from graphopt.surgery import add_parameter, get_tensor, stamp
 
 aten = torch.ops.aten
 
@@ -73,46 +73,38 @@ class PackLinears(Pass):
             return PassResult.of(program, False, PackLinearsInfo(), "not a decoder (capture_decoder); fused-attention packs an encoder's "
                                  "Q/K/V into its Attention kernel (decoders_only=false packs here anyway)")
         gm = program.module
-        graph = gm.graph
-        groups: dict[tuple[fx.Node, bool, torch.dtype], list[fx.Node]] = {}
-        for node in graph.nodes:
+        # (input, biased, dtype) -> the linears reading that input, with their weight and bias
+        groups: dict[tuple[fx.Node, bool, torch.dtype], list[tuple[fx.Node, fx.Node, fx.Node | None]]] = {}
+        for node in gm.graph.nodes:
             found = _weights(node)
-            if found is None:
-                continue
-            weight = get_tensor(gm, str(found[0].target))
-            groups.setdefault((node.args[0], found[1] is not None, weight.dtype), []).append(node)
+            if found is not None:
+                weight, bias = found
+                groups.setdefault((node.args[0], bias is not None, get_tensor(gm, str(weight.target)).dtype), []).append((node, weight, bias))
         info = PackLinearsInfo()
-        for (_x, biased, _dtype), linears in groups.items():
+        for linears in groups.values():
             if len(linears) < 2:
                 continue
-            self._pack(gm, linears, biased)
+            self._pack(gm, linears)
             info.packed += 1
             info.linears += len(linears)
             if len(info.groups) < 16:
-                info.groups.append({"layers": [module_path(n) or n.name for n in linears]})
-        if info.packed:
-            graph.eliminate_dead_code()
-            remove_unused_tensors(gm)
+                info.groups.append({"layers": [module_path(n) or n.name for n, _, _ in linears]})
         return PassResult.of(program, info.packed > 0, info, "no two linears with constant weights read the same input")
 
-    def _pack(self, gm: fx.GraphModule, linears: list[fx.Node], biased: bool) -> None:
+    def _pack(self, gm: fx.GraphModule, linears: list[tuple[fx.Node, fx.Node, fx.Node | None]]) -> None:
+        """One wider linear before the first of ``linears``, a split, a piece for each (the
+        pass manager's clean-up erases the old linears and their tensors)."""
         graph = gm.graph
-        parts = [_weights(n) for n in linears]
-        weights = [get_tensor(gm, str(p[0].target)) for p in parts if p is not None]
-        sizes = [int(w.shape[0]) for w in weights]
-        first = linears[0]
+        first, first_weight, first_bias = linears[0]
+        weights = [get_tensor(gm, str(w.target)) for _, w, _ in linears]
+        created_by = f"{self.name}:pack"
         with graph.inserting_before(first):
-            weight = add_parameter(gm, f"{str(parts[0][0].target) if parts[0] else 'linear'}_packed", torch.cat(weights, dim=0))
-            bias = None
-            if biased:
-                biases = [get_tensor(gm, str(p[1].target)) for p in parts if p is not None and p[1] is not None]
-                bias = add_parameter(gm, f"{str(parts[0][1].target) if parts[0] and parts[0][1] is not None else 'linear'}_packed", torch.cat(biases, dim=0))
-            wide = emit(graph, aten.linear.default, (first.args[0], weight, bias) if bias is not None else (first.args[0], weight))
-            split = emit(graph, aten.split_with_sizes.default, (wide, sizes, -1))
-            for created in (weight, wide, split):
-                stamp(created, f"{self.name}:pack", first)
-            for index, old in enumerate(linears):
-                piece = stamp(emit(graph, operator.getitem, (split, index)), f"{self.name}:pack", old)
-                old.replace_all_uses_with(piece)
-        if bias is not None:
-            stamp(bias, f"{self.name}:pack", first)
+            weight = stamp(add_parameter(gm, f"{first_weight.target}_packed", torch.cat(weights, dim=0)), created_by, first)
+            args: tuple = (first.args[0], weight)
+            if first_bias is not None:
+                biases = [get_tensor(gm, str(b.target)) for _, _, b in linears if b is not None]
+                args += (stamp(add_parameter(gm, f"{first_bias.target}_packed", torch.cat(biases, dim=0)), created_by, first),)
+            wide = stamp(emit(graph, aten.linear.default, args), created_by, first)
+            split = stamp(emit(graph, aten.split_with_sizes.default, (wide, [int(w.shape[0]) for w in weights], -1)), created_by, first)
+            for index, (old, _, _) in enumerate(linears):
+                old.replace_all_uses_with(stamp(emit(graph, operator.getitem, (split, index)), created_by, old))
