@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         exported = result.exported
         build_s = time.perf_counter() - start
         disabled = result.report.sections["session"]["disabled_optimizers"]
+        if recipe.runtime.provider == "openvino":  # the openvino target: OpenVINO's runtime at the recipe's precision, as open_session runs it
+            hint = {"fp32": "f32", "bf16": "bf16"}[recipe.runtime.precision]
+            variants[label] = {**ov_variant(exported.path, args.threads, hint), "kind": "graphopt", "build_s": build_s, "pipeline": recipe.pipeline_text(),
+                               "runtime": f"openvino {recipe.runtime.precision}", "rss": {"openvino": str(exported.path), "precision": hint}}
+            continue
         variants[label] = {
             **ort_variant(exported.path, args.threads, disabled_optimizers=disabled),
             "kind": "graphopt", "build_s": build_s, "pipeline": recipe.pipeline_text(), "disabled_optimizers": disabled,
@@ -249,7 +254,7 @@ def _distinct_presets(chosen: list[str] | None) -> list[tuple[str, Recipe, list[
     seen: dict[str, tuple[str, Recipe, list[str]]] = {}
     for name in chosen if chosen is not None else presets():
         recipe = Recipe.load(name)
-        key = json.dumps([recipe.pipeline_text(), recipe.export.model_dump(mode="json")], sort_keys=True)
+        key = json.dumps([recipe.pipeline_text(), recipe.export.model_dump(mode="json"), recipe.runtime.provider, recipe.runtime.precision], sort_keys=True)
         if key in seen:
             seen[key][2].append(name)
         else:

@@ -83,7 +83,7 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
     out.mkdir(parents=True, exist_ok=True)
     threads = options.threads or recipe.runtime.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    target = Target(provider=recipe.runtime.provider, threads=threads)
+    target = Target(provider=recipe.runtime.provider, threads=threads, precision=recipe.runtime.precision)
     timings: dict[str, float] = {}
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -143,7 +143,7 @@ def _finish(build_result: BuildResult, loaded, recipe: Recipe, out: Path, thread
     session = report.sections.get("session", {})
     write_manifest(out, recipe=recipe, figures=build_result.rows, provider=recipe.runtime.provider, threads=threads, model=loaded.name,
                    disabled_optimizers=session.get("disabled_optimizers"), graph_optimization=recipe.runtime.graph_optimization,
-                   target=target.to_dict(), data=report.sections.get("data"))
+                   target=target.to_dict(), data=report.sections.get("data"), precision=recipe.runtime.precision)
 
 
 @contextlib.contextmanager
@@ -398,6 +398,16 @@ def benchmark_inputs(loaded, batch: int, seq: int, sentences: list[str] | tuple[
 
 
 # ---- measurement -----------------------------------------------------------------------------
+def baseline_label(runtime) -> str:
+    """The plain export's row: run on the recipe's runtime, at its precision."""
+    from graphopt.export.openvino_session import RUNTIME
+    from graphopt.export.session import resolve_provider
+
+    if runtime.provider.lower() in ("openvino", "openvinoruntime") and resolve_provider(runtime.provider) == RUNTIME:
+        return f"OpenVINO {runtime.precision} (plain export)"
+    return "ORT fp32 (plain export)"
+
+
 def eager_latency(model: torch.nn.Module, inputs: dict, repeat: int) -> dict[str, float]:
     """PyTorch eager fp32 latency on ``inputs``: time it before any ORT session exists."""
     from graphopt.export import measure_latency
@@ -431,10 +441,13 @@ def measure(loaded, result: OptimizeResult, options: BuildOptions, threads: int,
     if options.baseline_onnx:
         baseline_program = capture(model, kwargs=loaded.example_kwargs or {})
         baseline = to_onnx(baseline_program, Path(options.out_dir) / "baseline" / "model.onnx")
-        sessions["ORT fp32 (plain export)"] = (lambda: make_session(baseline.path, provider=runtime.provider, threads=threads), baseline.bytes)
+        # on the recipe's runtime and precision: the plain export is what graphopt must beat there
+        sessions[baseline_label(runtime)] = (lambda: make_session(baseline.path, provider=runtime.provider, threads=threads, precision=runtime.precision),
+                                               baseline.bytes)
     disabled = result.report.sections.get("session", {}).get("disabled_optimizers")
     sessions[OURS] = (
-        lambda: make_session(result.exported.path, provider=runtime.provider, threads=threads, graph_optimization=runtime.graph_optimization, disabled_optimizers=disabled),
+        lambda: make_session(result.exported.path, provider=runtime.provider, threads=threads, graph_optimization=runtime.graph_optimization, disabled_optimizers=disabled,
+                             precision=runtime.precision),
         result.exported.bytes,
     )
 
@@ -493,7 +506,9 @@ def session_settings(runtime, path: str | os.PathLike, inputs: dict, threads: in
     from graphopt.export import tune_disabled_optimizers
     from graphopt.export.session import resolve_disabled_optimizers
 
-    section: dict[str, Any] = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization}
+    section: dict[str, Any] = {"provider": runtime.provider, "threads": threads, "graph_optimization": runtime.graph_optimization, "precision": runtime.precision}
+    if runtime.precision != "fp32":
+        section["parity_precision"] = "fp32"  # parity checks the export; the held-out gates measure the bf16 run
     if runtime.disabled_optimizers == "auto":
         declared = {i.name for i in onnx.load(path, load_external_data=False).graph.input}
         feed = {k: v for k, v in inputs.items() if k in declared}

@@ -23,7 +23,7 @@ from graphopt.report import atomic_write_text
 MANIFEST = "manifest.json"
 # Folders a build writes beside the bundle that are not part of it.
 _SCRATCH = ("baseline/", "candidates/", "graphopt-repro-", "ir/")
-_VERSIONED = ("graphopt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir")
+_VERSIONED = ("graphopt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "openvino")
 
 
 def file_digest(path: Path) -> str:
@@ -57,6 +57,7 @@ def write_manifest(
     graph_optimization: str = "all",
     target: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """Hash every file of the bundle (all files under ``out_dir`` except the manifest and
     scratch folders) and write ``manifest.json`` atomically.
@@ -81,13 +82,27 @@ def write_manifest(
         "recipe": recipe.model_dump(mode="json") if hasattr(recipe, "model_dump") else recipe,
         "tuned_for": {"provider": provider, "threads": threads, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()},
         "target": target or {"provider": provider, "threads": threads},
-        "session": {"provider": provider, "threads": threads, "graph_optimization": graph_optimization, "disabled_optimizers": list(disabled_optimizers or [])},
+        "session": {"provider": provider, "threads": threads, "graph_optimization": graph_optimization, "disabled_optimizers": list(disabled_optimizers or []),
+                    "precision": precision, "runtime": _runtime_name(provider)},
         "data": data or {},
         "figures": figures,
     }
     path = out / MANIFEST
     atomic_write_text(path, json.dumps(manifest, indent=2, default=str))
     return path
+
+
+def _runtime_name(provider: str) -> str:
+    """Which runtime ``provider`` opens on this machine: onnxruntime, or OpenVINO's own runtime
+    for ``"openvino"`` where onnxruntime has no OpenVINO EP. The manifest records it because the
+    bundle's figures were measured on it."""
+    from graphopt.export.session import ProviderError, resolve_provider
+
+    try:
+        name = resolve_provider(provider)
+    except ProviderError:
+        return "unavailable"
+    return "openvino" if name == "OpenVINORuntime" else "onnxruntime"
 
 
 def verify_manifest(out_dir: str | os.PathLike) -> list[str]:
@@ -106,7 +121,8 @@ def verify_manifest(out_dir: str | os.PathLike) -> list[str]:
 
 def open_session(out_dir: str | os.PathLike, *, threads: int | None = None, verify: bool = True):
     """An ORT session on a bundle's ``model.onnx`` with the settings it was tuned with (provider,
-    threads, ORT transformers left out), after checking the files against the manifest."""
+    threads, ORT transformers left out, precision), after checking the files against the
+    manifest. A bundle built for ``openvino`` opens on OpenVINO's runtime, at its precision."""
     from graphopt.errors import ExportError
     from graphopt.export import make_session
 
@@ -123,6 +139,7 @@ def open_session(out_dir: str | os.PathLike, *, threads: int | None = None, veri
         threads=threads if threads is not None else session.get("threads"),
         graph_optimization=session.get("graph_optimization", "all"),
         disabled_optimizers=session.get("disabled_optimizers") or None,
+        precision=session.get("precision", "fp32"),
     )
 
 

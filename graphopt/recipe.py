@@ -70,7 +70,10 @@ class ExportSettings(_Strict):
 
 
 class RuntimeSettings(_Strict):
-    provider: str = "cpu"
+    provider: str = Field("cpu", description="ORT execution provider ('cpu', 'cuda', ...); 'openvino' runs OpenVINO's runtime when ORT has no OpenVINO EP")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="inference precision of the runtime: 'bf16' needs provider 'openvino' and a CPU with bf16 instructions; "
+        "parity is still checked at fp32 on that runtime, and the held-out gates measure the bf16 run")
     threads: int | None = Field(None, ge=1)
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     save_optimized: bool = False
@@ -81,6 +84,13 @@ class RuntimeSettings(_Strict):
         "None keeps ORT's defaults",
     )
 
+
+    @model_validator(mode="after")
+    def _precision_needs_openvino(self) -> RuntimeSettings:
+        if self.precision != "fp32" and self.provider.lower() not in ("openvino", "openvinoexecutionprovider", "openvinoruntime"):
+            raise ValueError(f"runtime.precision = {self.precision!r} needs runtime.provider = 'openvino' (onnxruntime's "
+                             f"{self.provider!r} provider has no bf16 kernels for MatMul, Gemm or Add on x86)")
+        return self
 
 class InstrumentSettings(_Strict):
     """Which instrumentations run around every pass (verification and rollback always do)."""

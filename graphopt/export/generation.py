@@ -91,6 +91,9 @@ class Generator:
     """Generate with a decoder session; ``spec`` defaults to the one the export recorded."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec | None = None) -> None:
+        if not hasattr(session, "io_binding"):
+            raise ConfigError(f"generation needs an onnxruntime session (KV buffers are bound in place through its IO binding); "
+                              f"this one runs on {session.get_providers()}: build decoders for an onnxruntime provider")
         self.session = session
         self.spec = spec = spec if spec is not None else session_spec(session)
         declared = [i.name for i in session.get_inputs()]

@@ -17,6 +17,7 @@ import torch
 
 from graphopt.errors import ConfigError, ExportError
 
+from . import openvino_session
 from .onnx_export import (
     UnsafeExternalDataError,
     external_data_locations,
@@ -31,7 +32,7 @@ PROVIDER_ALIASES = {
     "trt": "TensorrtExecutionProvider",
     "rocm": "ROCMExecutionProvider",
     "migraphx": "MIGraphXExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",  # ORT's EP where installed, else OpenVINO's runtime
     "dml": "DmlExecutionProvider",
     "directml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
@@ -91,6 +92,13 @@ def resolve_provider(provider: str) -> str:
     available = available_providers()
     if name in available:
         return name
+    if name in ("OpenVINOExecutionProvider", openvino_session.RUNTIME) and openvino_session.available():
+        # No OpenVINO EP in this onnxruntime build (the usual case: it needs its own
+        # onnxruntime package): OpenVINO's runtime reads the ONNX file itself.
+        return openvino_session.RUNTIME
+    if name == "OpenVINOExecutionProvider":
+        raise ProviderError(f"provider {provider!r}: neither this onnxruntime build ({available}) nor Python has OpenVINO; "
+                            "install it with `pip install graphopt[openvino]` (OpenVINO's runtime then runs the model)")
     known = sorted(set(PROVIDER_ALIASES) | set(PROVIDER_ALIASES.values()))
     if name not in known:
         raise ProviderError(f"unknown execution provider {provider!r}; installed: {available}; known names: {sorted(PROVIDER_ALIASES)}")
@@ -109,8 +117,15 @@ def make_session(
     graph_optimization: str = "all",
     optimized_model_path: str | os.PathLike | None = None,
     disabled_optimizers: str | Sequence[str] | None = None,
+    precision: str = "fp32",
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` on ``provider`` (CPU as the fallback for nodes it lacks).
+
+    ``provider="openvino"`` without ORT's OpenVINO EP gives an
+    :class:`~graphopt.export.openvino_session.OpenVINOSession` (same ``run`` / ``get_inputs``
+    interface); ``precision`` (``"fp32"`` or ``"bf16"``) is its inference precision. ORT's own
+    providers run what the graph declares: ``"bf16"`` there is an error (ORT 1.32 has no bf16
+    MatMul, Gemm or Add kernels on x86), and the ORT graph options do not apply to OpenVINO.
 
     ``threads``/``inter_threads``: intra-/inter-op thread counts (``None``: ORT's default;
     inter-op threads only matter in parallel execution mode, which ``inter_threads > 1``
@@ -124,6 +139,14 @@ def make_session(
     if graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
         raise ConfigError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATION_LEVELS)}, got {graph_optimization!r}")
     provider_name = resolve_provider(provider)
+    if provider_name == openvino_session.RUNTIME:
+        if threads is not None:
+            _positive(threads, "threads")
+        # _model_source: the same checks (file exists, external data stays in its folder) as ORT's
+        return openvino_session.OpenVINOSession(_model_source(path_or_bytes), threads=threads, precision=precision)
+    if precision != "fp32":
+        raise ConfigError(f"precision {precision!r} needs provider 'openvino': onnxruntime's {provider_name} has no bf16 kernels for "
+                          "MatMul, Gemm or Add on x86, so it runs the graph in the precision it declares")
     options = ort.SessionOptions()
     options.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[graph_optimization]
     if threads is not None:
