@@ -133,7 +133,7 @@ class OpenVINOSession:
         feed = {self._in_ports[name]: np.ascontiguousarray(value) for name, value in input_feed.items()}
         results = self._request.infer(feed, share_inputs=False, share_outputs=False)
         names = list(output_names) if output_names else self._output_names
-        return [np.array(results[self._out_ports[name]]) for name in names]
+        return [np.asarray(results[self._out_ports[name]]) for name in names]  # share_outputs=False: already copies
 
 
 def _as_path(model: str | os.PathLike | bytes | onnx.ModelProto, tmp: Path) -> Path:
