@@ -135,6 +135,9 @@ def _finish(build_result: BuildResult, loaded, recipe: Recipe, out: Path, thread
     result, report = build_result.result, build_result.result.report
     build_result.gate_failures = evaluate_gates(recipe, result, build_result.rows)
     report.sections["gates"] = {"passed": not build_result.gate_failures, "failures": build_result.gate_failures}
+    not_applied = gates_not_applied(recipe, is_decoder="decoder" in result.program.meta)
+    if not_applied:  # said, not dropped: a gate the user set and nothing checked must show
+        report.sections["gates"]["not applied"] = not_applied
     report.failures.extend(f"gate: {g}" for g in build_result.gate_failures)
     report.sections["timings (s)"] = {k: round(v, 2) for k, v in build_result.timings.items()}
     if loaded.tokenizer is not None:
@@ -558,6 +561,18 @@ def evaluate_gates(recipe: Recipe, result: OptimizeResult, rows: dict[str, dict[
     return failures
 
 
+ENCODER_GATES = {"min_heldout_cosine": "held-out cosine of mean-pooled embeddings is an encoder's measure; a decoder is gated by min_token_agreement and max_perplexity_ratio"}
+DECODER_GATES = {"min_token_agreement": "next-token agreement is a decoder's measure; an encoder is gated by min_heldout_cosine",
+                 "max_perplexity_ratio": "perplexity is a decoder's measure; an encoder is gated by min_heldout_cosine"}
+
+
+def gates_not_applied(recipe: Recipe, *, is_decoder: bool) -> list[str]:
+    """The recipe's gates that do not apply to this kind of model, each with the reason (the
+    presets carry encoder gates, and a decoder build must say it did not check them)."""
+    other = ENCODER_GATES if is_decoder else DECODER_GATES
+    return [f"{key} = {getattr(recipe.gates, key)}: {why}" for key, why in other.items() if getattr(recipe.gates, key) is not None]
+
+
 def _shared_gates(recipe: Recipe, result: OptimizeResult) -> list[str]:
     """The gates of every build, encoder or decoder: parity, an export, the file size."""
     gates = recipe.gates
@@ -574,7 +589,8 @@ def _shared_gates(recipe: Recipe, result: OptimizeResult) -> list[str]:
 def _decoder_gates(recipe: Recipe, ours: dict[str, Any]) -> list[str]:
     """A decoder's own gates: next-token agreement and perplexity ratio on held-out text,
     decode speed-up over PyTorch's own cached generation, prefill latency. The embedding
-    gates (``min_heldout_cosine``) are an encoder's and do not apply."""
+    gates (``min_heldout_cosine``) are an encoder's and do not apply: :func:`gates_not_applied`
+    lists them in the report."""
     gates = recipe.gates
     failures: list[str] = []
     _gate_min(failures, "min_token_agreement", ours.get("heldout_agreement"), gates.min_token_agreement, "held-out next-token agreement")
@@ -633,6 +649,7 @@ __all__ = [
     "evaluate_gates",
     "export_and_check",
     "format_table",
+    "gates_not_applied",
     "heldout_fidelity",
     "measure",
     "session_settings",

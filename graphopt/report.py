@@ -189,7 +189,13 @@ def _section_markdown(section: Any) -> list[str]:
             rows.append(f"| {name} | " + " | ".join(_fmt(values.get(k)) for k in keys) + " |")
         return rows
     if isinstance(section, dict):
-        return [f"- {k}: {_fmt(v)}" for k, v in section.items()]
+        lines = []
+        for key, value in section.items():
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):  # e.g. the gates' failures
+                lines += [f"- {key}:"] + [f"  - {v}" for v in value]
+            else:
+                lines.append(f"- {key}: {_fmt(value)}")
+        return lines
     if isinstance(section, list):
         return [f"- {_fmt(v)}" for v in section]
     return [str(section)]

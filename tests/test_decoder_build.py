@@ -33,7 +33,8 @@ def causal_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(causal_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle")
-    code = main(["optimize", "--model", str(causal_dir), "--recipe", recipe(out, "dce,dedup?"), "--out", str(out), *FAST])
+    # an encoder's gate in the recipe (the presets carry one): not checked, and the report says so
+    code = main(["optimize", "--model", str(causal_dir), "--recipe", recipe(out, "dce,dedup?", "min_heldout_cosine = 0.99"), "--out", str(out), *FAST])
     assert code == EXIT_OK
     return out
 
@@ -47,6 +48,9 @@ def test_build_keeps_the_head_and_writes_a_generation_bundle(bundle):
     assert ours["heldout_agreement"] == 1.0 and abs(ours["heldout_ppl_ratio"] - 1.0) < 1e-4  # an exact recipe
     assert ours["decode_tokens_per_s"] > 0 and ours["prefill_ms"] > 0
     assert report["sections"]["parity"]["passed"]
+    assert report["sections"]["gates"]["not applied"] == [
+        "min_heldout_cosine = 0.99: held-out cosine of mean-pooled embeddings is an encoder's measure; a decoder is gated by min_token_agreement and max_perplexity_ratio"]
+    assert "- not applied:\n  - min_heldout_cosine = 0.99: held-out cosine" in (bundle / "report.md").read_text()
     assert {"manifest.json", "model.onnx", "generation_config.json"} <= {p.name for p in bundle.iterdir()}
     assert (bundle / "tokenizer").is_dir()
 
@@ -98,6 +102,16 @@ def test_missed_agreement_gate_fails_the_build(causal_dir, tmp_path, capsys):
     code = main(["optimize", "--model", str(causal_dir), "--recipe", path, "--out", str(tmp_path / "out"), *FAST, "--no-baseline"])
     assert code == EXIT_FAILED
     assert "min_token_agreement: held-out next-token agreement" in capsys.readouterr().err
+
+
+def test_gates_of_the_other_kind_of_model_are_listed_as_not_applied():
+    from graphopt.build import gates_not_applied
+    from graphopt.recipe import Recipe
+
+    recipe = Recipe.model_validate({"pipeline": "dce", "gates": {"min_token_agreement": 0.97, "min_heldout_cosine": 0.99}})
+    assert [g.split(":")[0] for g in gates_not_applied(recipe, is_decoder=False)] == ["min_token_agreement = 0.97"]
+    assert [g.split(":")[0] for g in gates_not_applied(recipe, is_decoder=True)] == ["min_heldout_cosine = 0.99"]
+    assert gates_not_applied(Recipe.model_validate({"pipeline": "dce"}), is_decoder=True) == []
 
 
 def test_onnxruntime_genai_runs_the_bundle(bundle):
