@@ -103,8 +103,10 @@ def _select(ctx: RuleContext, node: fx.Node) -> None:
 
 @rule(aten.cat)
 def _cat(ctx: RuleContext, node: fx.Node) -> None:
-    tensors = [t for t in arg_list(node, 0) if is_tensor(t)]
     r = ctx.rank(node)
+    # torch.cat skips 1-D empty tensors beside tensors of any rank (transformers' DynamicCache
+    # starts every layer's keys and values from one): they hold no channel.
+    tensors = [t for t in arg_list(node, 0) if is_tensor(t) and not (r > 1 and _empty_1d(t))]
     dim = arg_int(node, 1, default=0) % r
     for t in tensors:
         if ctx.rank(t) != r:
@@ -114,6 +116,11 @@ def _cat(ctx: RuleContext, node: fx.Node) -> None:
             if d != dim:
                 ctx.b.union(ctx.slot(node, d), ctx.slot(t, d))
     ctx.b.relations.append(("concat", ctx.known_slot(node, dim), [ctx.known_slot(t, dim) for t in tensors]))
+
+
+def _empty_1d(node: object) -> bool:
+    val = value_of(node)
+    return isinstance(val, torch.Tensor) and val.dim() == 1 and val.shape[0] == 0
 
 
 @rule(aten.split, aten.split_with_sizes)

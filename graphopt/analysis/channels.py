@@ -18,7 +18,10 @@ A space that is the result of a relation is *derived*; the others are *free*. Fr
 are what a pruner chooses indices in; derived spaces follow. A space is *blocked* (with a
 reason) when an op touches it that no rule understands, when it is sliced or indexed, or
 when it is a graph input; blocking a derived space blocks its parts too. Graph outputs are
-flagged separately: a model's interface only changes when the caller allows it.
+flagged separately: a model's interface only changes when the caller allows it. The
+exception is an :class:`Interface` dim, one that a runtime sizes from the weights (a
+decoder's KV cache heads, ``past_key_values.N`` in and ``present.N`` out): it is flagged
+``cache`` instead, and the caller decides whether it may change.
 
 Nothing here knows about architectures: the rules are per ATen op.
 
@@ -31,6 +34,7 @@ joined slots into spaces.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sympy
@@ -70,6 +74,15 @@ class Space:
         return int(self.size) if self.size.is_Integer else None
 
 
+@dataclass(frozen=True)
+class Interface:
+    """Dims of graph inputs (by placeholder name) and outputs (by position) that follow the
+    weights instead of the caller: cutting them changes what the runtime allocates."""
+
+    inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    outputs: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+
 @dataclass
 class ChannelGraph:
     spaces: dict[int, Space]
@@ -92,19 +105,26 @@ class ChannelGraph:
 
 
 # ---- building ---------------------------------------------------------------------------
-def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
+def build_channel_graph(gm: fx.GraphModule, interface: Interface | None = None) -> ChannelGraph:
     """Run the op rules over ``gm`` and return its channel spaces."""
+    interface = interface or Interface()
     b = ChannelBuilder(gm)
     _register_slots(b, gm)
     ctx = RuleContext(b)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            for slot in ctx.slots(node):
-                b.block(slot, "a graph input's dimension")
+            for d, slot in enumerate(ctx.slots(node)):
+                if d in interface.inputs.get(node.name, ()):
+                    b.flag(slot, "cache")
+                else:
+                    b.block(slot, "a graph input's dimension")
         elif node.op == "output":
-            for leaf in pytree.tree_leaves(node.args):
-                if is_tensor(leaf):
-                    b.outputs.update(ctx.slots(leaf))
+            for position, leaf in enumerate(pytree.tree_leaves(node.args)):
+                for d, slot in enumerate(ctx.slots(leaf) if is_tensor(leaf) else []):
+                    if d in interface.outputs.get(position, ()):
+                        b.flag(slot, "cache")
+                    else:
+                        b.outputs.add(slot)
         elif node.op == "call_function":
             apply_rule(ctx, node)
         elif node.op == "call_module" and node.target != "_guards_fn":

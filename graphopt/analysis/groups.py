@@ -17,6 +17,11 @@ Kinds are read off the graph, not off module names:
   attention scale depend on it);
 * ``ffn``: any other space a matmul reads or writes (MLP intermediate channels);
 * ``other``: the rest (vocabulary rows, position tables): never cut.
+
+In a decoder program (``program.meta["decoder"]``) the kv-head axis of every
+``past_key_values.N`` input and ``present.N`` output is the cache's
+(:class:`graphopt.analysis.channels.Interface`): its groups are marked ``cache`` and, like
+the hidden width at an output, cut only when the caller allows the interface to change.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import cast
 import torch
 from torch import fx
 
-from graphopt.analysis.channels import ChannelGraph, Space, build_channel_graph
+from graphopt.analysis.channels import ChannelGraph, Interface, Space, build_channel_graph
+from graphopt.decoder import decoder_spec, is_decoder_spec, python_past_names
 from graphopt.program import Program
 
 KINDS = ("heads", "kv_heads", "ffn", "hidden", "head_dim", "other")
@@ -50,6 +56,7 @@ class Group:
     module_path: str
     members: list[Member]
     touches_output: bool = False
+    cache: bool = False  # a decoder's KV cache axis: cutting it changes the past/present shapes
     blocked: list[str] = field(default_factory=list)
 
     @property
@@ -72,11 +79,13 @@ class DependencyAnalysis:
 
     def prunable(self, kind: str | None = None, *, allow_output_change: bool = False) -> list[Group]:
         """Groups that may be cut; of those reaching a graph output, only the hidden width
-        and only when ``allow_output_change`` (a pooler's width is not worth an interface)."""
+        and only when ``allow_output_change`` (a pooler's width is not worth an interface);
+        of a decoder's cache axes, only when ``allow_output_change`` too."""
         return [
             g for g in self.groups
             if g.prunable and (kind is None or g.kind == kind)
             and (not g.touches_output or (allow_output_change and g.kind == "hidden"))
+            and (not g.cache or allow_output_change)
         ]
 
     def kept_indices(self, space_id: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -92,11 +101,21 @@ class DependencyAnalysis:
 
 def dependency_groups(program: Program) -> DependencyAnalysis:
     """The program's dependency groups, cached on it until a pass modifies it."""
-    return program.analysis("prune.dependency_groups", lambda p: analyse(p.module))
+    return program.analysis("prune.dependency_groups", lambda p: analyse(p.module, cache_interface(p)))
 
 
-def analyse(gm: fx.GraphModule) -> DependencyAnalysis:
-    graph = build_channel_graph(gm)
+def cache_interface(program: Program) -> Interface:
+    """A decoder's cache axes that follow the weights: dim 1 (kv heads) of every past input
+    and present output; nothing for other programs."""
+    if not is_decoder_spec(program):
+        return Interface()
+    layers = decoder_spec(program).layers
+    return Interface(inputs=dict.fromkeys(python_past_names(layers), (1,)),
+                     outputs=dict.fromkeys(range(1, 1 + 2 * layers), (1,)))  # output 0 is the logits
+
+
+def analyse(gm: fx.GraphModule, interface: Interface | None = None) -> DependencyAnalysis:
+    graph = build_channel_graph(gm, interface)
     coords: dict[int, dict[int, torch.Tensor]] = {}
     for space in graph.spaces.values():
         if space.params or space.sites:
@@ -124,6 +143,7 @@ def analyse(gm: fx.GraphModule) -> DependencyAnalysis:
                 module_path=_common_path([paths.get(m.attr, "") for m in group_members]),
                 members=group_members,
                 touches_output=space.output,
+                cache="cache" in space.flags,
                 blocked=list(dict.fromkeys(space.blocked)),
             )
         )

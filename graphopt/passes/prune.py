@@ -29,6 +29,19 @@ planning widths without measuring them is what ``latency_aware=false`` already d
 Hidden width is the residual stream, which is also the output of an encoder: it is only
 cut with ``allow_output_change=true``, since it changes the output's shape (the pass
 manager then cannot compare outputs with the reference; use it outside a budgeted run).
+
+Decoders (:func:`graphopt.decoder.capture_decoder`): heads are found at
+``scaled_dot_product_attention`` (run ``sdpa`` first on eager attention). Query heads
+under grouped-query attention are the axis ``repeat_kv`` expands, so each kv group loses
+the same ones and the cache is untouched; FFN channels (SwiGLU's gate, up and down) are cut
+alike. Kv heads are the KV cache's head axis (``past_key_values.N`` / ``present.N`` dim 1),
+so cutting them changes the cache layout: each kv head goes with its query heads (the
+ratio stays uniform), every layer must keep the same count (the cache has one layout,
+``DecoderSpec.kv_heads``, which the pass updates with the example inputs), and it takes
+``allow_output_change=true``. Verification data of the old layout (the manager's decoder
+steps carry caches of the unpruned kv heads) cannot run the result, so the cut is skipped
+with that reason when the context has such data: make it on the program directly and check
+it by generation.
 """
 
 from __future__ import annotations
@@ -40,9 +53,10 @@ import torch
 from graphopt.analysis.groups import DependencyAnalysis, Group, dependency_groups
 from graphopt.analysis.importance import importance
 from graphopt.context import Batch, PassContext
+from graphopt.decoder import DecoderSpec, decoder_spec, is_decoder_spec, python_past_names
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.pruning.apply import apply_plan
+from graphopt.pruning.apply import apply_plan, changed_spaces, input_cuts
 from graphopt.pruning.config import (
     GroupLatency,
     GroupReport,
@@ -55,6 +69,7 @@ from graphopt.pruning.latency import latency_widths
 from graphopt.pruning.plan import Keep, fit_params, plan
 from graphopt.pruning.reconstruct import reconstruct
 
+aten = torch.ops.aten
 _DATA_CRITERIA = ("taylor", "activation")
 
 
@@ -86,7 +101,12 @@ class Prune(Pass):
         keep = self._plan(program, ctx, analysis, groups, calibration, info)
         cut = {gid: kept for gid, kept in keep.items() if kept.numel() < analysis.group(gid).size}
         if not cut:
-            return PassResult.unchanged(program, info, _nothing_to_cut(groups, info, cfg))
+            return PassResult.unchanged(program, info, _nothing_to_cut(program, analysis, groups, info, cfg))
+        kv_heads = _cache_heads(program, analysis, cut)
+        if kv_heads is not None:
+            refusal = _cache_refusal(program, ctx, kv_heads)
+            if refusal:
+                return PassResult.skipped(program, refusal, info)
         if cfg.reconstruct:
             fitted = reconstruct(program, analysis, cut, calibration, cfg.reconstruct_damp)
             info.reconstruction = ReconstructionSummary(data=source, batches=len(calibration), damp=cfg.reconstruct_damp)
@@ -95,6 +115,10 @@ class Prune(Pass):
                 for key, value in fitted.get(gid, {}).items():
                     setattr(entry, key, value)
         self._apply(program, analysis, cut, keep, info)
+        if kv_heads is not None:
+            spec = decoder_spec(program)
+            program.meta["decoder"] = DecoderSpec.from_dict({**spec.to_dict(), "kv_heads": kv_heads[0]}).to_dict()
+            info.cache_kv_heads = kv_heads[0]
         return PassResult.applied(program, info)
 
     def _plan(self, program: Program, ctx: PassContext, analysis: DependencyAnalysis, groups: list[Group],
@@ -132,11 +156,47 @@ def _describe(group: Group, kept: torch.Tensor, latency: GroupLatency | None) ->
                        kept_indices=kept.tolist(), latency_ms=latency)
 
 
-def _nothing_to_cut(groups: list[Group], info: PruneInfo, cfg: PruneConfig) -> str:
+def _cache_heads(program: Program, analysis: DependencyAnalysis, cut: Keep) -> list[int] | None:
+    """Kv heads of each past input of a decoder after the cut, or None when the cache keeps its layout."""
+    if not is_decoder_spec(program):
+        return None
+    spec = decoder_spec(program)
+    cuts = input_cuts(program, analysis, changed_spaces(analysis, cut))
+    heads = [int(cuts[name][1].numel()) if 1 in cuts.get(name, {}) else spec.kv_heads for name in python_past_names(spec.layers)]
+    return heads if set(heads) != {spec.kv_heads} else None
+
+
+def _cache_refusal(program: Program, ctx: PassContext, kv_heads: list[int]) -> str:
+    """Why a cut of the cache's kv heads to ``kv_heads`` (per past input) cannot be made, or ""."""
+    spec = decoder_spec(program)
+    if len(set(kv_heads)) > 1:
+        per_layer = ", ".join(f"layer {i}: {n}" for i, n in enumerate(kv_heads[::2]))
+        return (f"the plan leaves the layers different kv-head counts ({per_layer}), but a decoder's KV cache has one layout "
+                f"for every layer (DecoderSpec.kv_heads={spec.kv_heads}): use scope=layer, or cut every layer's kv heads")
+    names = set(python_past_names(spec.layers))
+    stale = any(isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[1] != kv_heads[0]
+                for _, kwargs in ctx.verification for name, v in kwargs.items() if name in names)
+    if stale:
+        return (f"cutting kv heads {spec.kv_heads} -> {kv_heads[0]} changes the KV cache layout, and the context's verification "
+                f"steps carry caches of {spec.kv_heads} kv heads that the pruned program cannot read: run Prune(kv_heads=..., "
+                "allow_output_change=True) on the program directly and check it by generation")
+    return ""
+
+
+def _nothing_to_cut(program: Program, analysis: DependencyAnalysis, groups: list[Group], info: PruneInfo, cfg: PruneConfig) -> str:
     if groups:
         return "nothing to cut after rounding"
-    asked_hidden = "hidden" in info.kinds_without_groups and not cfg.allow_output_change
-    hint = " (hidden width reaches the output: allow_output_change=true cuts it)" if asked_hidden else ""
+    hints = []
+    if "hidden" in info.kinds_without_groups and not cfg.allow_output_change:
+        hints.append("hidden width reaches the output: allow_output_change=true cuts it")
+    if "kv_heads" in info.kinds_without_groups and not cfg.allow_output_change and any(g.cache for g in analysis.prunable("kv_heads", allow_output_change=True)):
+        hints.append("kv heads are the KV cache's head axis (past_key_values.N / present.N dim 1): allow_output_change=true cuts them "
+                     "and updates the DecoderSpec")
+    heads_asked = {"heads", "kv_heads"} & set(info.kinds_without_groups)
+    if heads_asked and not any(n.target is aten.scaled_dot_product_attention.default for n in program.graph.nodes):
+        hints.append("heads are found at scaled_dot_product_attention and this graph has none: run sdpa first on eager attention, "
+                     "and prune before fusing attention kernels")
+    hint = f" ({'; '.join(hints)})" if hints else ""
     return f"no prunable group of the kinds asked for ({', '.join(info.kinds_without_groups)}){hint}"
 
 

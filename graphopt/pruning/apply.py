@@ -5,7 +5,9 @@ product or concat relation) is sliced in every weight dimension that belongs to 
 integer site the channel analysis recorded for it (view / reshape / expand sizes, split
 sizes, layer-norm shapes, sizes of created tensors) is set to the new width; splits become
 ``split_with_sizes``. The graph's FakeTensors are then recomputed so later passes and the
-exporter see the new shapes. The pass's caller (:meth:`graphopt.passbase.Pass.__call__`)
+exporter see the new shapes. A graph input whose dim belongs to a cut space (a decoder's
+past keys and values, whose kv heads follow the weights) is resized too: its FakeTensor
+and the program's example input. The pass's caller (:meth:`graphopt.passbase.Pass.__call__`)
 lints and recompiles the module afterwards; call :func:`graphopt.surgery.cleanup` when
 using :func:`apply_plan` alone.
 """
@@ -29,7 +31,38 @@ def apply_plan(program: Program, analysis: DependencyAnalysis, keep: Keep) -> No
     changed = changed_spaces(analysis, keep)
     _slice_tensors(program.module, analysis, changed)
     _rewrite_sites(program.module, analysis, changed)
+    _resize_inputs(program, analysis, changed)
     _propagate_shapes(program.module)
+
+
+def input_cuts(program: Program, analysis: DependencyAnalysis, changed: dict[int, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+    """For every graph input that ``changed`` resizes, the kept indices of each dim it cuts."""
+    cuts: dict[str, dict[int, torch.Tensor]] = {}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            dims = {d: changed[sid] for d in range(val.dim()) if (sid := analysis.graph.slot_space.get((node.name, 0, d))) in changed}
+            if dims:
+                cuts[node.name] = dims
+    return cuts
+
+
+def _resize_inputs(program: Program, analysis: DependencyAnalysis, changed: dict[int, torch.Tensor]) -> None:
+    kwargs = dict(program.kwargs)
+    nodes = {n.name: n for n in program.graph.nodes}
+    for name, dims in input_cuts(program, analysis, changed).items():
+        if name not in kwargs:
+            raise ValueError(f"input '{name}' loses channels but is not one of the program's keyword example inputs")
+        val, example = nodes[name].meta["val"], kwargs[name]
+        shape = list(val.shape)
+        for d, kept in dims.items():
+            shape[d] = int(kept.numel())
+            example = example.index_select(d, kept)
+        kwargs[name] = example.contiguous()
+        if isinstance(val, torch._subclasses.FakeTensor):
+            with val.fake_mode:
+                nodes[name].meta["val"] = val.new_empty(shape)
+    program.kwargs = kwargs
 
 
 def changed_spaces(analysis: DependencyAnalysis, keep: Keep) -> dict[int, torch.Tensor]:

@@ -114,3 +114,4 @@ class PruneInfo(PassInfo):
     reconstruction: ReconstructionSummary | None = None
     params_before: int = 0
     params_after: int = 0
+    cache_kv_heads: int | None = None  # a decoder's new DecoderSpec.kv_heads, when its cache's kv heads were cut
