@@ -184,7 +184,7 @@ def test_qwen2_eager_needs_sdpa_then_cuts_heads_kv_heads_and_ffn_with_biases():
     check_decoder(program, _sliced_model(model, result.info))
 
 
-def test_share_layers_ties_weights_and_keeps_every_layers_cache(llama):
+def test_share_layers_ties_weights_and_keeps_every_layers_cache(llama, tmp_path):
     _, program = llama
     twins = program.clone()
     for attr in list(twins.tensors()):  # layer 1 becomes a copy of layer 0
@@ -206,3 +206,8 @@ def test_share_layers_ties_weights_and_keeps_every_layers_cache(llama):
     assert lossy.report.ok and record.status == "applied" and not record.exact and record.info["unique_layers"] == 1
     assert 0.8 <= lossy.report.final_drift["cosine"] < 1.0
     _cache_matches_spec(lossy.program)
+    path = to_onnx(lossy.program, tmp_path / "model.onnx").path
+    graph = onnx.load(path, load_external_data=False).graph
+    assert [o.name for o in graph.output] == ["logits", *decoder_spec(program).present_names()]
+    assert len([i for i in graph.initializer if "q_proj" in i.name]) == 1  # one stored copy for both layers
+    _generates_like_the_program(lossy.program, path)
