@@ -53,8 +53,10 @@ def test_generates_past_the_window_and_the_trained_context(windowed):
     _, _, window, full = windowed
     long = window.generate(PROMPTS, max_new_tokens=300, eos_token_id=[])  # 307 > the 256 positions of the tiny llama
     assert long.new_tokens.shape == (2, 300)
+    assert long.cache_lengths[0] == 7 and max(long.cache_lengths) == 32 and long.cache_lengths[-1] == 32  # capped, as the generator reports it
     with pytest.raises(ConfigError, match="exceeds the model's context"):
         full.generate(PROMPTS, max_new_tokens=300, eos_token_id=[])
+    assert full.generate(PROMPTS, max_new_tokens=40, eos_token_id=[]).cache_lengths[-1] == 7 + 39  # the full cache grows each step
     differs = window.generate(PROMPTS, max_new_tokens=80, eos_token_id=[]).sequences != full.generate(PROMPTS, max_new_tokens=80, eos_token_id=[]).sequences
     assert not differs[:, : 7 + 25].any()  # identical while the cache fits
 

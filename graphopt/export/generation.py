@@ -37,13 +37,15 @@ Streamer = Callable[[np.ndarray], None]  # new token of every row, shape [batch]
 class GenerationResult:
     """``sequences [batch, prompt + new]`` (the left-padded prompt, then the new tokens; rows
     that stopped early are filled with the pad token), the per-step ``logits [batch, vocab]``
-    when asked for, and the run's timings."""
+    when asked for, the run's timings, and the cache length after each step (what a windowed
+    cache caps)."""
 
     sequences: np.ndarray
     prompt_length: int
     logits: list[np.ndarray] = field(default_factory=list)
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)
+    cache_lengths: list[int] = field(default_factory=list)  # entries the graph's present cache holds after each step
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -170,6 +172,7 @@ class Generator:
             outputs = self._run_step(binding, step_ids, cache_mask, step_positions, past_values)
             logits = outputs[0].numpy()[:, -1, :]
             past_values = outputs[1 : 1 + 2 * spec.layers]
+            result.cache_lengths.append(int(past_values[0].shape()[2]) if past_values else 0)
             token = _choose(logits, sampling, rng)
             token = np.where(finished, pad, token)
             elapsed = (time.perf_counter() - start) * 1e3
