@@ -61,6 +61,18 @@ def test_generates_past_the_window_and_the_trained_context(windowed):
     assert not differs[:, : 7 + 25].any()  # identical while the cache fits
 
 
+def test_a_prompt_shorter_than_the_sinks(tmp_path):
+    program = capture_decoder(zoo.tiny_causal_lm("llama"))
+    result = graphopt.optimize(program, "window-attention{sinks=6,window=26}")
+    to_onnx(result.program, tmp_path / "window.onnx")
+    to_onnx(program, tmp_path / "full.onnx")
+    short = [[5, 6, 7]]  # 3 tokens: the first cache holds fewer entries than the 6 sinks
+    ours = Generator(make_session(tmp_path / "window.onnx", threads=1)).generate(short, max_new_tokens=40, eos_token_id=[])
+    theirs = Generator(make_session(tmp_path / "full.onnx", threads=1)).generate(short, max_new_tokens=40, eos_token_id=[])
+    assert ours.cache_lengths[:4] == [3, 4, 5, 6] and ours.cache_lengths[-1] == 32
+    np.testing.assert_array_equal(ours.sequences[:, : 3 + 29], theirs.sequences[:, : 3 + 29])  # identical while the 32 entries hold it all
+
+
 def test_a_window_shorter_than_the_verification_runs_is_refused(tmp_path):
     program = capture_decoder(zoo.tiny_causal_lm("llama"))
     result = graphopt.optimize(program, "window-attention{sinks=2,window=6}", reproducer_dir=tmp_path)
