@@ -63,11 +63,11 @@ def random_model_dir(folder: Path, config: dict | None = None, seed: int = 0) ->
     return folder
 
 
-def recipe_folder(out: Path, name: str) -> Path:
-    """Where a recipe's export is cached: its name and a digest of its pipeline."""
+def recipe_folder(out: Path, name: str, pipeline: str | None = None) -> Path:
+    """Where a recipe's export is cached: its name and a digest of its pipeline (default: ``RECIPES[name]``)."""
     import hashlib
 
-    return out / f"{name.replace(' ', '-')}-{hashlib.sha256(RECIPES[name].encode()).hexdigest()[:8]}"
+    return out / f"{name.replace(' ', '-')}-{hashlib.sha256((pipeline or RECIPES[name]).encode()).hexdigest()[:8]}"
 
 
 def export_recipe(model_dir: Path, pipeline: str, out: Path, *, texts: bool = False) -> dict:

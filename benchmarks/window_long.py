@@ -22,14 +22,13 @@ cache, memory and per-token time keep growing. Quality past the window is a diff
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from decoder import _PEAK_RSS, QWEN25_05B, RECIPES, _run_json, export_recipe, random_model_dir
+from decoder import _PEAK_RSS, QWEN25_05B, RECIPES, _run_json, export_recipe, random_model_dir, recipe_folder
 
 VARIANTS = {"graphopt int4, full attention": RECIPES["graphopt int4"],
             "graphopt int4 + window-attention 1024": RECIPES["graphopt int4"] + ",window-attention{sinks=4,window=1020}",
@@ -53,11 +52,6 @@ result = generator.generate([prompt], max_new_tokens=new_tokens, eos_token_id=[]
 print(json.dumps({"prefill_ms": result.prefill_ms, "decode_ms": result.decode_ms, "cache_lengths": result.cache_lengths, "rss_mb": rss,
                   "peak_rss_mb": peak_rss_mb()}))
 """
-
-
-def variant_folder(out: Path, name: str) -> Path:
-    """Where a variant's export is cached: its name and a digest of its pipeline."""
-    return out / f"long-{name.split(',')[0].replace(' ', '-').replace('+', '')}-{hashlib.sha256(VARIANTS[name].encode()).hexdigest()[:8]}"
 
 
 def kv_bytes(entries: int, config: dict) -> int:
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = random_model_dir(out / "qwen2.5-0.5b-random")
-    paths = {name: variant_folder(out, name) / "model.onnx" for name in VARIANTS}
+    paths = {name: recipe_folder(out, name, pipeline) / "model.onnx" for name, pipeline in VARIANTS.items()}
     if args.build is not None:
         build = export_recipe(model_dir, VARIANTS[args.build], paths[args.build].parent)
         print(f"[build] {args.build}: {json.dumps(build, default=str)[:300]}", flush=True)
