@@ -82,16 +82,26 @@ def hedgehog_attention_onnx(
         weights = op.Exp(op.Sub(scores, op.ReduceMax(scores, last1, keepdims=1)))
         exact_part = op.MatMul(weights, v_loc)  # (b, h, C, B, d + 1)
         # linear part: feature maps, per-block states of the far keys
+        # [softmax(y), softmax(-y)] as one MatMul on [w, -w] and one Softmax over (2, f): no Concat of features
         axes02 = op.Constant(value_ints=[0, 2])
-        yq = op.Add(op.MatMul(qb, op.Unsqueeze(wq, axes02)), op.Unsqueeze(bq, axes02))
-        yk = op.Add(op.MatMul(kb, op.Unsqueeze(wk, axes02)), op.Unsqueeze(bk, axes02))
-        fq = op.Concat(op.Softmax(yq, axis=-1), op.Softmax(op.Neg(yq), axis=-1), axis=-1)
-        fk = op.Mul(op.Concat(op.Softmax(yk, axis=-1), op.Softmax(op.Neg(yk), axis=-1), axis=-1), op.Transpose(valid, perm=[0, 1, 2, 4, 3]))
+        halves = op.Constant(value_ints=[0, 0, 0, 0, 2, -1])
+        joined = op.Constant(value_ints=[0, 0, 0, 0, -1])
+        wq2 = op.Unsqueeze(op.Concat(wq, op.Neg(wq), axis=-1), axes02)
+        bq2 = op.Unsqueeze(op.Concat(bq, op.Neg(bq), axis=-1), axes02)
+        wk2 = op.Unsqueeze(op.Concat(wk, op.Neg(wk), axis=-1), axes02)
+        bk2 = op.Unsqueeze(op.Concat(bk, op.Neg(bk), axis=-1), axes02)
+        fq = op.Reshape(op.Softmax(op.Reshape(op.Add(op.MatMul(qb, wq2), bq2), halves), axis=-1), joined)
+        fk = op.Mul(op.Reshape(op.Softmax(op.Reshape(op.Add(op.MatMul(kb, wk2), bk2), halves), axis=-1), joined),
+                    op.Transpose(valid, perm=[0, 1, 2, 4, 3]))
         state = op.MatMul(op.Transpose(fk, perm=[0, 1, 2, 4, 3]), vb)  # (b, h, C, F, d + 1)
         fk0 = op.Slice(op.Squeeze(op.Slice(fk, zero1, one1, axis2), axis2), zero1, s1, axis2)  # (b, h, s, F)
         vb0 = op.Slice(op.Squeeze(op.Slice(vb, zero1, one1, axis2), axis2), zero1, s1, axis2)
         sink_state = op.Unsqueeze(op.MatMul(op.Transpose(fk0, perm=[0, 1, 3, 2]), vb0), axis2)  # (b, h, 1, F, d + 1)
-        seen = op.Where(op.Cast(op.Constant(value_int=causal), to=9), op.CumSum(state, op.Constant(value_int=2)), op.ReduceSum(state, axis2, keepdims=1))
+        # only the taken branch runs (a Where computed both, then copied one); onnxscript needs an if statement, not a ternary
+        if op.Cast(op.Constant(value_int=causal), to=9):  # noqa: SIM108
+            seen = op.CumSum(state, op.Constant(value_int=2))
+        else:
+            seen = op.ReduceSum(state, axis2, keepdims=1)
         state_prev = op.Concat(op.Mul(op.Slice(state, zero1, one1, axis2), op.CastLike(op.Constant(value_float=0.0), q)), op.Slice(state, zero1, last1, axis2), axis=2)
         far_state = op.Sub(op.Sub(op.Sub(seen, state), state_prev), op.Mul(far, sink_state))
         gamma = op.Reshape(op.Exp(mix), op.Constant(value_ints=[1, -1, 1, 1, 1]))
