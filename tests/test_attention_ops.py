@@ -90,9 +90,11 @@ def test_reference_matches_onnxruntime(case):
     module = OpCall(case.split("-")[0], **dict(CASES[case]))
     session = _session(module)
     names = [i.name for i in session.get_inputs()]
-    # Lengths below and above any threshold, not multiples of the chunk, and the export length.
-    for batch, seq in ((1, 5), (2, 16), (3, 21), (2, 37)):
+    # Lengths below and above any threshold, multiples of the chunk (24: of every block here) and not, and the export length.
+    for batch, seq in ((1, 5), (2, 16), (3, 21), (1, 24), (2, 37)):
         inputs = _inputs(batch, seq, seed=seq)
+        if batch == 3:  # left padding over whole blocks: query rows whose every key is masked match too
+            inputs[3][2, ..., : seq // 2] = LOW
         got = session.run(None, {name: t.numpy() for name, t in zip(names, inputs)})[0]
         with torch.no_grad():
             want = module(*inputs).numpy()
