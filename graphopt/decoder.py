@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -323,6 +324,54 @@ def decoder_steps(spec: DecoderSpec, program: Program, *, seed: int = 0, prompts
         mask = torch.cat([steps[-1][1][ATTENTION_MASK], torch.ones(len(prompts), new, dtype=torch.long)], dim=1)
         steps.append((label, decoder_inputs(spec, ids, mask, past)))
     return steps
+
+
+def cache_layout(program: Program) -> tuple[int, int] | None:
+    """(kv heads, head dim) of a decoder program's cache; ``None`` for other programs."""
+    if not is_decoder_spec(program):
+        return None
+    spec = decoder_spec(program)
+    return spec.kv_heads, spec.head_dim
+
+
+def replay_steps(program: Program, batches: Sequence[tuple[tuple, dict[str, Any]]]) -> tuple[tuple[tuple, dict[str, Any]], ...]:
+    """``batches``, generation runs as :func:`decoder_steps` lays them out (a prefill, then
+    steps on its cache), with every cache rebuilt by ``program`` itself: the same ids, masks
+    and positions, each decode step's past the presents of ``program``'s step before it.
+
+    What a program whose cache layout changed (a kv-head cut) is verified and calibrated on:
+    steps built on the old program carry caches it cannot read. Raises
+    :class:`CaptureError` when a step's cache does not continue the step before it."""
+    spec = decoder_spec(program)
+    names = python_past_names(spec.layers)
+    replayed: list[tuple[tuple, dict[str, Any]]] = []
+    previous: dict[str, Any] | None = None
+    for index, (args, kwargs) in enumerate(batches):
+        past = kwargs.get(names[0])
+        if args or not isinstance(past, torch.Tensor) or past.dim() != 4:
+            raise CaptureError(f"step {index} of the generation runs has no past {names[0]!r} keyword input; a decoder's steps are keyword "
+                               "inputs (graphopt.decoder.decoder_steps)")
+        ids, mask = kwargs[INPUT_IDS], kwargs[ATTENTION_MASK]
+        if past.shape[2] == 0:
+            cache = spec.empty_past(int(ids.shape[0]), getattr(torch, spec.cache_dtype))
+        elif previous is not None and _continues(previous, ids, mask):
+            with torch.no_grad():
+                cache = list(program.run((), previous)[1:])
+        else:
+            raise CaptureError(f"step {index} of the generation runs carries a cache of {past.shape[2]} positions that is not the step before "
+                               "it's output, so a program with another cache layout cannot rebuild it: build the steps as generation runs "
+                               "(graphopt.decoder.decoder_context)")
+        step = {**kwargs, **dict(zip(names, cache))}
+        replayed.append(((), step))
+        previous = step
+    return tuple(replayed)
+
+
+def _continues(previous: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether a step of ``ids`` under ``mask`` follows ``previous`` (same rows, its mask extended)."""
+    before = previous[ATTENTION_MASK]
+    width = mask.shape[1] - ids.shape[1]
+    return bool(before.shape[0] == mask.shape[0] and before.shape[1] == width and torch.equal(mask[:, :width], before))
 
 
 def text_prompt_batches(tokenizer: Any, texts: list[str], max_length: int, sizes: tuple[int, ...] = (1, 3, 2, 4)) -> list[list[list[int]]]:

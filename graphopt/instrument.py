@@ -34,6 +34,7 @@ import torch
 
 from graphopt.context import Batch, PassContext
 from graphopt.datasets import program_context
+from graphopt.decoder import cache_layout, replay_steps
 from graphopt.errors import VerificationError
 from graphopt.passbase import Pass, PassResult
 from graphopt.program import Program
@@ -94,7 +95,12 @@ class Verify(Instrumentation):
     decoder step's logits at padding and cache entries of padding slots, which nothing
     reads, only for being finite), on the example inputs and every verification batch (several shapes per dynamic axis),
     ``max_rel <= budget.exact_rtol``. Lossy passes: against the original program's outputs
-    on the verification batches, real positions only, within the budget."""
+    on the verification batches, real positions only, within the budget.
+
+    A decoder pass that changes the cache's layout (a kv-head cut) cannot run on steps whose
+    caches the old program built: its verification runs are replayed on its own cache
+    (:func:`graphopt.decoder.replay_steps`, the same ids and masks), and across layouts only
+    the logits are compared; later passes are verified on the replayed steps."""
 
     name: ClassVar[str] = "verify"
 
@@ -104,36 +110,49 @@ class Verify(Instrumentation):
         self.batches: list[Batch] = list(ctx.verification)
         self.source = ctx.verification_source or f"{len(self.batches)} batches"
         batches = self.batches
-        self.reference = self._outputs(program)
+        self.decoder = "decoder" in program.meta
+        self.layout = self.original_layout = cache_layout(program)
+        self.reference = self._outputs(program, self.example, batches)
         # a decoder step's padding logits and padding cache slots are read by nothing
-        decoder = "decoder" in program.meta
-        self.unread = [decoder_unread(kwargs, ref) if decoder else None for (_, kwargs), ref in zip([self.example, *batches], self.reference)]
+        self.unread = self._unread(self.example, batches, self.reference)
         self.current = self.reference
+        self.current_example, self.current_batches = self.example, list(batches)  # what the current program runs on
         self.floor = self.rounding_floor(program)
         run.report.verification = {"source": self.source, "batches": len(batches), "samples": _samples(batches),
                                    "rounding_floor": self.floor, "exact_tolerance": run.budget.exact_tolerance(self.floor)}
 
-    def _outputs(self, program: Program) -> list[Outputs]:
-        return [program.run(args, kwargs) for args, kwargs in [self.example, *self.batches]]
+    @staticmethod
+    def _outputs(program: Program, example: Batch, batches: Sequence[Batch]) -> list[Outputs]:
+        return [program.run(args, kwargs) for args, kwargs in [example, *batches]]
+
+    def _unread(self, example: Batch, batches: Sequence[Batch], outputs: list[Outputs]) -> list:
+        return [decoder_unread(kwargs, out) if self.decoder else None for (_, kwargs), out in zip([example, *batches], outputs)]
 
     def rounding_floor(self, program: Program, copies: int = 2) -> float:
         """max_rel of the program against copies whose fp32 tensors moved by one ulp, on the
         same data: how far rounding alone moves these outputs (see verify.EXACT_FLOOR_FACTOR)."""
         floor = 0.0
         for seed in range(copies):
-            moved = drift_many(self.reference, self._outputs(perturbed(program, seed)), unread=self.unread)
+            moved = drift_many(self.reference, self._outputs(perturbed(program, seed), self.example, self.batches), unread=self.unread)
             floor = max(floor, moved.max_rel if not moved.problem else 0.0)
         return floor
 
     def after_pass(self, p: Pass, result: PassResult, run: RunState, record: PassRecord) -> None:
         if not result.modified:
             return
+        layout = cache_layout(result.program)
+        example, batches = self.current_example, self.current_batches
         try:
-            outputs = self._outputs(result.program)
+            if layout != self.layout:  # the old steps' caches do not fit: the candidate's own runs and example
+                example, batches = (tuple(result.program.args), dict(result.program.kwargs)), list(replay_steps(result.program, self.batches))
+            outputs = self._outputs(result.program, example, batches)
         except Exception as exc:  # a program that no longer runs is a rejected pass
             raise PassRejected(f"the program no longer runs after the pass: {type(exc).__name__}: {exc}") from exc
-        step = drift_many(self.current, outputs, unread=self.unread)
-        total = self.total(outputs)
+        unread = self._unread(example, batches, outputs)
+        # across cache layouts only the logits compare
+        shared = _logits if layout != self.layout else list
+        step = drift_many(shared(self.current), shared(outputs), unread=shared(unread))
+        total = self.total(outputs, layout)
         record.drift_step, record.drift_total = step.to_dict(), total.to_dict()
         # Lossy passes are measured on real positions, but a value that turned non-finite
         # anywhere (padding included: a masked mean-pool still turns NaN into NaN) is no drift.
@@ -141,15 +160,24 @@ class Verify(Instrumentation):
         if reason:
             kind = "exact pass" if record.exact else "lossy pass"
             raise PassRejected(f"{kind} '{p.name}' broke its tolerance: {reason}")
-        self.current = outputs
+        self.current, self.layout = outputs, layout
+        self.current_example, self.current_batches = example, batches
 
-    def total(self, outputs: list[Outputs]) -> Drift:
-        """Drift from the original on the verification batches, real positions only."""
+    def total(self, outputs: list[Outputs], layout: tuple[int, int] | None = None) -> Drift:
+        """Drift from the original on the verification batches, real positions only (the
+        logits only, when the cache ``layout`` of ``outputs`` is not the original's)."""
         valids = [real_positions(kwargs) for _, kwargs in self.batches]
+        if (layout if layout is not None else self.layout) != self.original_layout:
+            return drift_many(_logits(self.reference[1:]), _logits(outputs[1:]), valids, _logits(self.unread[1:]))
         return drift_many(self.reference[1:], outputs[1:], valids, self.unread[1:])
 
     def after_pipeline(self, program: Program, run: RunState) -> None:
         run.report.final_drift = self.total(self.current).to_dict()
+
+
+def _logits(per_batch: Sequence) -> list:
+    """The first output of every batch (a decoder's logits): what two cache layouts share."""
+    return [None if outputs is None else outputs[:1] for outputs in per_batch]
 
 
 def _samples(batches: list[Batch]) -> int:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict
 
 from graphopt.context import PassContext
+from graphopt.decoder import cache_layout, replay_steps
 from graphopt.errors import PassFailedError
 from graphopt.instrument import Instrumentation, PassRejected, RunState, default_instrumentations
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, Status, format_options
@@ -143,11 +144,14 @@ class PassManager(Pass):
         try:
             for hook in run.instrumentations:
                 hook.before_pass(p, program, run, record)
+            layout = cache_layout(program)  # before the pass: passes rewrite the program in place
             result = p(program, run.ctx)
             record.status, record.reason = result.status.value, result.reason
             record.info = result.info.model_dump(mode="json")
+            ctx = _follow_cache(run.ctx, layout, result.program) if result.modified else run.ctx
             for hook in reversed(run.instrumentations):
                 hook.after_pass(p, result, run, record)
+            run.ctx = ctx
         except Exception as exc:  # noqa: BLE001 - any failure of a pass is reported and, with a rollback, undone
             return self._failed(p, program, exc, run, record), False
         return result.program, result.modified
@@ -163,6 +167,18 @@ class PassManager(Pass):
             raise PassFailedError(run.report.failures[-1]) from error
         run.stopped = self.on_failure == "stop"
         return restored
+
+
+def _follow_cache(ctx: PassContext, layout: tuple[int, int] | None, program: Program) -> PassContext:
+    """The context later passes get: when a decoder pass changed the cache's ``layout`` (a
+    kv-head cut), its calibration and verification steps, whose caches the old program
+    built, are replayed on the new ``program``'s own cache (the same ids and masks)."""
+    if cache_layout(program) == layout:
+        return ctx
+    return ctx.replace(
+        calibration=replay_steps(program, ctx.calibration) if ctx.calibration else ctx.calibration,
+        verification=replay_steps(program, ctx.verification) if ctx.verification else ctx.verification,
+    )
 
 
 def _describe(error: BaseException) -> str:

@@ -19,12 +19,14 @@ import transformers as tf
 import graphopt
 from graphopt import zoo
 from graphopt.data import left_pad
-from graphopt.decoder import capture_decoder, check_decoder, decoder_inputs, decoder_spec, decoder_steps
+from graphopt.decoder import capture_decoder, check_decoder, decoder_context, decoder_inputs, decoder_spec, decoder_steps, replay_steps
+from graphopt.errors import CaptureError
 from graphopt.export import make_session, to_onnx
 from graphopt.export.generation import Generator
 from graphopt.passes.prune import Prune, PruneInfo
 from graphopt.passes.sdpa import AttentionToSDPA
 from graphopt.surgery import get_tensor, set_tensor
+from graphopt.verify import decoder_unread, drift_many, real_positions
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]  # different lengths: the second is left-padded
 NEW_TOKENS = 16
@@ -149,15 +151,54 @@ def test_later_passes_are_verified_on_the_pruned_cache(kv_pruned):
     check_decoder(fused.program, _sliced_model(model, result.info))
 
 
-def test_kv_heads_are_refused_without_permission_or_with_verification_data_of_the_old_cache(llama):
+def test_kv_heads_are_refused_without_permission(llama):
     _, program = llama
     result = Prune(kv_heads=0.5)(program.clone())
     assert result.status == "unchanged" and "kv heads are the KV cache's head axis" in result.reason
     assert "allow_output_change=true" in result.reason
-    managed = graphopt.optimize(program, "prune{kv_heads=0.5,allow_output_change=true}")
-    (record,) = managed.report.passes
-    assert record.status == "skipped" and "carry caches of 2 kv heads" in record.reason
-    assert decoder_spec(managed.program).kv_heads == zoo.KV_HEADS
+
+
+def test_replayed_steps_are_the_runs_the_program_itself_builds(llama):
+    _, program = llama
+    spec = decoder_spec(program)
+    steps = [((), kwargs) for _, kwargs in decoder_steps(spec, program, seed=3)]
+    replayed = replay_steps(program, steps)
+    assert len(replayed) == len(steps)
+    for (_, want), (_, got) in zip(steps, replayed):
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(CaptureError, match="not the step before it's output"):
+        replay_steps(program, steps[1:])  # a decode step without the prefill that built its cache
+
+
+def test_kv_heads_under_the_manager_are_verified_on_their_own_cache(llama):
+    model, program = llama
+    spec = decoder_spec(program)
+    pipeline = "prune{kv_heads=0.5,allow_output_change=true},gqa-attention,quantize{mode=static}"
+    managed = graphopt.optimize(program, pipeline, budget={"min_cosine": 0.3})
+    cut, fused, quantized = managed.report.passes
+    assert managed.report.ok and {r.status for r in managed.report.passes} == {"applied"}, managed.report.failures
+    assert "generation runs" in quantized.info["calibration"]  # calibrated on the replayed runs: the old caches do not fit
+    assert decoder_spec(managed.program).kv_heads == 1 and decoder_spec(program).kv_heads == zoo.KV_HEADS
+    # the same cut made directly: a smaller llama's numbers, and what the budget saw, the logits of its own
+    # generation runs (the verification prompts, replayed on its cache) against the original's
+    direct = Prune(kv_heads=0.5, allow_output_change=True)(program.clone())
+    pruned = direct.program
+    assert _kept(direct.info, "kv_heads", 0, []) == _kept(cut.info, "kv_heads", 0, []) and _kept(direct.info, "kv_heads", 1, []) == _kept(cut.info, "kv_heads", 1, [])
+    check_decoder(pruned, _sliced_model(model, cut.info))
+    ctx = decoder_context(program)
+    ours = replay_steps(pruned, ctx.verification)
+    reference = [program.run((), kwargs)[0] for _, kwargs in ctx.verification]
+    got = [pruned.run((), kwargs)[0] for _, kwargs in ours]
+    batches = [kwargs for _, kwargs in ctx.verification]
+    want = drift_many([(r,) for r in reference], [(g,) for g in got], [real_positions(kw) for kw in batches],
+                      [decoder_unread(kw, (r,)) for kw, r in zip(batches, reference)])
+    assert 0.3 <= cut.drift_total["cosine"] < 0.9999
+    assert abs(cut.drift_total["cosine"] - want.cosine) < 1e-6
+    assert fused.exact and fused.drift_step["max_rel"] <= 1e-4  # gqa-attention is checked exactly, on the pruned cache
+    tight = graphopt.optimize(program, "prune{kv_heads=0.5,allow_output_change=true}", budget={"min_cosine": 0.9999})
+    (record,) = tight.report.passes
+    assert record.status == "rolled-back" and "broke its tolerance" in record.reason
+    assert decoder_spec(tight.program).kv_heads == spec.kv_heads
 
 
 def test_every_layer_keeps_one_cache_layout(llama):

@@ -38,10 +38,11 @@ alike. Kv heads are the KV cache's head axis (``past_key_values.N`` / ``present.
 so cutting them changes the cache layout: each kv head goes with its query heads (the
 ratio stays uniform), every layer must keep the same count (the cache has one layout,
 ``DecoderSpec.kv_heads``, which the pass updates with the example inputs), and it takes
-``allow_output_change=true``. Verification data of the old layout (the manager's decoder
-steps carry caches of the unpruned kv heads) cannot run the result, so the cut is skipped
-with that reason when the context has such data: make it on the program directly and check
-it by generation.
+``allow_output_change=true``. Under the pass manager the cut is verified like any lossy
+pass: steps built on the old cache cannot run the result, so the manager replays each
+verification run (prefill, then decode steps) on the pruned program's own cache and
+compares the logits with the original's; later passes get the replayed steps
+(:func:`graphopt.decoder.replay_steps`).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Prune(Pass):
             return PassResult.unchanged(program, info, _nothing_to_cut(program, analysis, groups, info, cfg))
         kv_heads = _cache_heads(program, analysis, cut)
         if kv_heads is not None:
-            refusal = _cache_refusal(program, ctx, kv_heads)
+            refusal = _cache_refusal(program, kv_heads)
             if refusal:
                 return PassResult.skipped(program, refusal, info)
         if cfg.reconstruct:
@@ -166,20 +167,13 @@ def _cache_heads(program: Program, analysis: DependencyAnalysis, cut: Keep) -> l
     return heads if set(heads) != {spec.kv_heads} else None
 
 
-def _cache_refusal(program: Program, ctx: PassContext, kv_heads: list[int]) -> str:
+def _cache_refusal(program: Program, kv_heads: list[int]) -> str:
     """Why a cut of the cache's kv heads to ``kv_heads`` (per past input) cannot be made, or ""."""
     spec = decoder_spec(program)
     if len(set(kv_heads)) > 1:
         per_layer = ", ".join(f"layer {i}: {n}" for i, n in enumerate(kv_heads[::2]))
         return (f"the plan leaves the layers different kv-head counts ({per_layer}), but a decoder's KV cache has one layout "
                 f"for every layer (DecoderSpec.kv_heads={spec.kv_heads}): use scope=layer, or cut every layer's kv heads")
-    names = set(python_past_names(spec.layers))
-    stale = any(isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[1] != kv_heads[0]
-                for _, kwargs in ctx.verification for name, v in kwargs.items() if name in names)
-    if stale:
-        return (f"cutting kv heads {spec.kv_heads} -> {kv_heads[0]} changes the KV cache layout, and the context's verification "
-                f"steps carry caches of {spec.kv_heads} kv heads that the pruned program cannot read: run Prune(kv_heads=..., "
-                "allow_output_change=True) on the program directly and check it by generation")
     return ""
 
 
