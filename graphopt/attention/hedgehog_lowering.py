@@ -12,9 +12,10 @@ length).
 Where the ops differ from the reference's, the numbers do not (tests/test_attention_ops.py):
 - The window weights ``exp(s - max)`` come from one Softmax, ``exp(s - max) / Z``, and the
   linear part, weighted relative to ``exp(max)``, is scaled by the largest of them, ``1 / Z``.
-- Block 0's previous block gathers row 0 and padding rows are ones, where the reference has zero
-  keys and values at bias ``low``; here their bias is ``-inf``, so they weigh nothing, which is
-  what the zero values made of them there (padded queries, whose every key is masked, included).
+- Block 0's previous block gathers row 0, and v's padding rows are ones, where the reference
+  has zero keys and values at bias ``low``; here their bias is ``-inf``, so they weigh nothing,
+  which is what the zero values made of them there (padded queries, whose every key is masked,
+  included).
 """
 
 from __future__ import annotations
