@@ -55,6 +55,7 @@ class RunState:
     budget: Budget
     instrumentations: Sequence[Instrumentation]
     snapshot: Program | None = None  # the program before the current pass, once someone asked
+    following: PassContext | None = None  # the context the passes after the current one get (graphopt.manager)
     stopped: bool = False
     records: dict[int, list[PassRecord]] = field(default_factory=dict)  # id(pass) -> its records
 
@@ -108,6 +109,7 @@ class Verify(Instrumentation):
         ctx = run.ctx if run.ctx.verification else program_context(program)
         self.example: Batch = (tuple(program.args), dict(program.kwargs))
         self.batches: list[Batch] = list(ctx.verification)
+        self.from_context = bool(run.ctx.verification)  # then the manager's replayed context holds these runs, replayed
         self.source = ctx.verification_source or f"{len(self.batches)} batches"
         batches = self.batches
         self.decoder = "decoder" in program.meta
@@ -144,7 +146,8 @@ class Verify(Instrumentation):
         example, batches = self.current_example, self.current_batches
         try:
             if layout != self.layout:  # the old steps' caches do not fit: the candidate's own runs and example
-                example, batches = (tuple(result.program.args), dict(result.program.kwargs)), list(replay_steps(result.program, self.batches))
+                replayed = run.following.verification if self.from_context and run.following is not None else replay_steps(result.program, self.batches)
+                example, batches = (tuple(result.program.args), dict(result.program.kwargs)), list(replayed)
             outputs = self._outputs(result.program, example, batches)
         except Exception as exc:  # a program that no longer runs is a rejected pass
             raise PassRejected(f"the program no longer runs after the pass: {type(exc).__name__}: {exc}") from exc

@@ -148,10 +148,10 @@ class PassManager(Pass):
             result = p(program, run.ctx)
             record.status, record.reason = result.status.value, result.reason
             record.info = result.info.model_dump(mode="json")
-            ctx = _follow_cache(run.ctx, layout, result.program) if result.modified else run.ctx
+            run.following = _follow_cache(run.ctx, layout, result.program) if result.modified else run.ctx
             for hook in reversed(run.instrumentations):
                 hook.after_pass(p, result, run, record)
-            run.ctx = ctx
+            run.ctx = run.following
         except Exception as exc:  # noqa: BLE001 - any failure of a pass is reported and, with a rollback, undone
             return self._failed(p, program, exc, run, record), False
         return result.program, result.modified

@@ -89,16 +89,15 @@ def hedgehog_attention_onnx(
                            op.Mul(op.Sub(op.CastLike(op.Constant(value_float=1.0), q), far), low))
         sink_bias = op.Expand(sink_bias, op.Concat(op.Shape(bias_b, start=0, end=2), chunks1, one1, s1, axis=0))
         bias_loc = op.Concat(prev_bias, bias_b, sink_bias, axis=-1)  # (b or 1, 1, C, 1, 2B + s)
+        two_blocks = op.Mul(block0, op.Constant(value_int=2))
+        window = op.Sub(op.Range(op.Constant(value_int=0), two_blocks, op.Constant(value_int=1)), block0)  # (2B,): -B .. B-1 from the block's start
         q_pos = op.Unsqueeze(op.Range(op.Constant(value_int=0), block0, op.Constant(value_int=1)), one1)
-        k_pos = op.Unsqueeze(op.Concat(op.Sub(op.Range(op.Constant(value_int=0), op.Mul(block0, op.Constant(value_int=2)), op.Constant(value_int=1)), block0),
-                                       op.Expand(op.Neg(block1), s1), axis=0), zero1)
+        k_pos = op.Unsqueeze(op.Concat(window, op.Expand(op.Neg(block1), s1), axis=0), zero1)
         later = op.And(op.Greater(k_pos, q_pos), op.Cast(op.Constant(value_int=causal), to=9))  # (B, 2B + s)
         bias_loc = op.Add(bias_loc, op.Where(later, low, op.CastLike(op.Constant(value_float=0.0), q)))
         # the local keys and values of every block, gathered in one copy each: the block before (none for block 0),
         # the own block, the sinks; block 0's previous block is row 0 again (its bias is -inf)
-        two_blocks = op.Mul(block0, op.Constant(value_int=2))
-        rows = op.Concat(op.Sub(op.Range(op.Constant(value_int=0), two_blocks, op.Constant(value_int=1)), block0),
-                         op.Range(op.Constant(value_int=0), op.Squeeze(s1), op.Constant(value_int=1)), axis=0)  # (2B + s,)
+        rows = op.Concat(window, op.Range(op.Constant(value_int=0), op.Squeeze(s1), op.Constant(value_int=1)), axis=0)  # (2B + s,)
         moves = op.Concat(op.Expand(op.Constant(value_int=1), op.Unsqueeze(two_blocks, zero1)), op.Expand(op.Constant(value_int=0), s1), axis=0)
         starts = op.Unsqueeze(op.Mul(block_index, block0), one1)  # (C, 1): the window moves with the block, the sinks do not
         index = op.Max(op.Add(op.Mul(starts, op.Unsqueeze(moves, zero1)), op.Unsqueeze(rows, zero1)), zero1)  # (C, 2B + s)
