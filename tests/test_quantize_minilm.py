@@ -2,7 +2,8 @@
 
 The layers kept in fp32 are the five most sensitive ones the pass's own sensitivity analysis
 finds on MiniLM (training sentences; see benchmarks/README.md); pinning them by module path
-keeps this test fast. One capture for the module.
+keeps this test fast. One capture for the module. The lossy presets' rebuilds are in
+test_quantize_minilm_presets.py and test_quantize_minilm_int4.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 
 import graphopt
 from graphopt.data import heldout_sentences
-from graphopt.datasets import load_splits, text_context
 from graphopt.export import make_session, to_onnx
 from graphopt.export import run as ort_run
 from graphopt.fidelity import compare_encoders
@@ -68,33 +68,3 @@ def test_minilm_int8_heldout_fidelity(quantized):
     fidelity = compare_encoders(loaded.model, encoder, loaded.tokenizer, heldout_sentences(64, source="topics"), input_names=names)
     assert fidelity["mean_cosine"] >= 0.995 and fidelity["min_cosine"] >= 0.98, fidelity
     assert fidelity["spearman"] >= 0.99, fidelity
-
-
-@pytest.fixture(scope="module")
-def captured(quantized):
-    loaded = quantized[0]
-    program = graphopt.capture(loaded.model, kwargs=loaded.example_kwargs)
-    # 16 training sentences calibrate; the budget is measured on verification texts.
-    splits = load_splits(calibration=16, verification=32, heldout=0)
-    return program, text_context(loaded.tokenizer, splits, list(loaded.example_kwargs))
-
-
-@pytest.mark.parametrize("preset", ["int8", "balanced", "int4"])
-def test_lossy_presets_are_kept_by_their_own_budget_and_pass_ort_parity(captured, preset, tmp_path):
-    # Padded positions' outputs may drift far (int8: cosine 0.91 over every position) while
-    # the real tokens stay at 0.99. The budget counts the real tokens only, so the preset's
-    # quantize stage must survive it.
-    captured, ctx = captured
-    result = graphopt.optimize(captured, preset, context=ctx)
-    statuses = {record.name: record.status for record in result.report.passes}
-    assert statuses["quantize"] == "applied", result.report.failures
-    if preset != "int8":  # balanced calibrates its static ranges (and smooth its α), int4 rounds with GPTQ: on the context's texts
-        quantize = next(record for record in result.report.passes if record.name == "quantize")
-        assert ctx.calibration_source in quantize.info["calibration"]
-    assert not result.report.failures
-    assert result.report.final_drift["cosine"] >= result.recipe.budget.min_cosine
-    assert result.program.parameter_stats() != captured.parameter_stats()
-    # Static int8 (balanced) and int8-compute weight-only (int4) programs differ from ORT
-    # by rounding flips, not by lowering errors: parity holds them to their rounding floor.
-    result.export(tmp_path / "model.onnx")
-    assert result.parity.passed
