@@ -25,6 +25,13 @@ Three parts, one run:
    building it here). Held-out mean / min cosine of mean-pooled embeddings, per-layer
    attention-output error on held-out passages, attention FLOPs at 512 relative to exact,
    latency, peak memory.
+5. ``bounds``: what limits the per-layer error at 512 tokens, on MiniLM's own q, k, v for the
+   same held-out passages, with nothing fitted: attention restricted to Hedgehog's exact part
+   (the 64-token block, the one before it, [CLS]), plus [SEP] and punctuation keys, plus the far
+   keys mean-pooled in groups, and an oracle that adds each query's top-k far keys by their true
+   score (not realisable below O(n²): it needs every score). Attention-output error
+   ‖approx − exact‖ / ‖exact‖ over the real query positions, per layer, and the keys each
+   query attends to as a fraction of 512 (the FLOPs of the score and value products).
 
     python benchmarks/attention_long.py --out benchmarks/results/attention_long
     python benchmarks/attention_long.py --parts trained --bundle out/long --out benchmarks/results/attention_trained
@@ -381,6 +388,100 @@ def trained_benchmark(args, out: Path) -> dict:
     return {"variants": variants, "timings": timings}
 
 
+# ---- part 5: error bounds of sub-quadratic forms at 512 tokens ------------------------------------
+BOUND_FORMS = ("window + [CLS]", "+ [SEP], punctuation", "+ far keys pooled by 16", "+ far keys pooled by 4",
+               "+ oracle top-64 far keys", "+ oracle top-128 far keys")
+PUNCTUATION = (".", ",", ":", ";", "(", ")", "'", '"', "-")
+
+
+@torch.no_grad()
+def _bound_outputs(q, k, v, key_bias, global_keys, block: int = 64):
+    """Every form of :data:`BOUND_FORMS` on one layer's (b, h, n, d) q, k, v: name -> (output, keys per query / n)."""
+    n, d = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-1, -2) * d**-0.5 + key_bias
+    qi, ki = torch.arange(n)[:, None] // block, torch.arange(n)[None, :] // block
+    local = (ki == qi) | (ki == qi - 1) | (torch.arange(n)[None, :] == 0)  # own block, previous block, [CLS]
+    outputs = {}
+
+    def restricted(name, keep, extra=None):
+        masked = scores.masked_fill(~keep, float("-inf"))
+        if extra is None:
+            outputs[name] = (torch.softmax(masked, -1) @ v, float(keep.float().sum(-1).mean()) / n)
+            return
+        pooled_scores, pooled_v, count = extra
+        weights = torch.softmax(torch.cat([masked, pooled_scores], -1), -1)
+        outputs[name] = (weights[..., :n] @ v + weights[..., n:] @ pooled_v, (float(keep.float().sum(-1).mean()) + count) / n)
+
+    restricted(BOUND_FORMS[0], local.expand_as(scores))
+    restricted(BOUND_FORMS[1], local | global_keys[:, None, None, :])
+    valid = (key_bias > -1e4).float().reshape(key_bias.shape[0], 1, 1, n)
+    for name, group in ((BOUND_FORMS[2], 16), (BOUND_FORMS[3], 4)):
+        # a far group of g keys as one key: the mean key and value of its valid keys, weight (valid count) · exp(q · mean key)
+        g = n // group
+        w = valid.reshape(valid.shape[0], 1, g, group, 1)
+        count = w.sum(3).clamp(min=1e-30)
+        k_mean, v_mean = (k.reshape(*k.shape[:2], g, group, d) * w).sum(3) / count, (v.reshape(*v.shape[:2], g, group, d) * w).sum(3) / count
+        group_block = (torch.arange(g) * group // block)[None, :]
+        far_group = ~((group_block == qi) | (group_block == qi - 1))  # (n, g): groups outside the query's window
+        pooled = (q @ k_mean.transpose(-1, -2) * d**-0.5 + count.reshape(count.shape[0], 1, 1, g).log()).masked_fill(~far_group, float("-inf"))
+        restricted(name, local.expand_as(scores), (pooled, v_mean, float(far_group.float().sum(-1).mean())))
+    far_scores = scores.masked_fill(local, float("-inf"))
+    for name, top in ((BOUND_FORMS[4], 64), (BOUND_FORMS[5], 128)):
+        restricted(name, local | (far_scores >= far_scores.topk(top, -1).values[..., -1:]))
+    return outputs
+
+
+def bounds_benchmark(lm, batches: int = 8) -> dict:
+    """Per-layer attention-output error of :data:`BOUND_FORMS` on MiniLM's held-out 512-token passages."""
+    from graphopt.data import tokenize
+    from graphopt.datasets import load_splits, passage_joiner
+    from graphopt.recipe import Recipe
+
+    settings = Recipe.load("long-attention").data
+    splits = load_splits(calibration=settings.calibration, verification=settings.verification, heldout=settings.heldout,
+                         join=passage_joiner(lm.tokenizer, settings.passage_tokens or 512))
+    heldout = list(splits.heldout)
+    config = lm.model.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    punctuation = torch.tensor([lm.tokenizer.sep_token_id, *lm.tokenizer.convert_tokens_to_ids(list(PUNCTUATION))])
+    captured: dict = {}
+    hooks = [getattr(layer.attention.self, part).register_forward_hook(lambda _m, _i, out, key=(i, part): captured.__setitem__(key, out))
+             for i, layer in enumerate(lm.model.encoder.layer) for part in ("query", "key", "value")]
+    sums = {(layer, form): [0.0, 0.0] for layer in range(config.num_hidden_layers) for form in BOUND_FORMS}
+    keys = dict.fromkeys(BOUND_FORMS, 0.0)
+    try:
+        for start in range(0, len(heldout), batches):
+            batch = tokenize(lm.tokenizer, heldout[start : start + batches], max_length=512, padding="max_length")
+            with torch.no_grad():
+                lm.model(**{k: v for k, v in batch.items() if k in lm.example_kwargs})
+            mask = batch["attention_mask"].bool()
+            key_bias = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+            real = mask[:, None, :, None].float()
+            for layer in range(config.num_hidden_layers):
+                q, k, v = (captured[(layer, p)].reshape(mask.shape[0], -1, heads, head_dim).transpose(1, 2) for p in ("query", "key", "value"))
+                exact = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5 + key_bias, -1) @ v
+                for form, (out, fraction) in _bound_outputs(q, k, v, key_bias, torch.isin(batch["input_ids"], punctuation)).items():
+                    sums[(layer, form)][0] += float((((out - exact) ** 2) * real).sum())
+                    sums[(layer, form)][1] += float(((exact**2) * real).sum())
+                    keys[form] += fraction / (config.num_hidden_layers * -(-len(heldout) // batches))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    errors = {form: {layer: (sums[(layer, form)][0] / sums[(layer, form)][1]) ** 0.5 for layer in range(config.num_hidden_layers)} for form in BOUND_FORMS}
+    result = {"passages": len(heldout), "errors": errors, "keys_fraction": keys}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def bounds_markdown(result: dict) -> str:
+    layers = sorted(next(iter(result["errors"].values())))
+    lines = ["| form (nothing fitted) | keys per query / 512 | " + " | ".join(f"layer {i}" for i in layers) + " |",
+             "|---|---:|" + "---:|" * len(layers)]
+    for form, errors in result["errors"].items():
+        lines.append(f"| {form} | {result['keys_fraction'][form]:.2f} | " + " | ".join(f"{errors[i]:.3f}" for i in layers) + " |")
+    return "\n".join(lines)
+
+
 def _bundle_variant(bundle: Path, lm, heldout: list[str], names: list[str], heads: int, head_dim: int) -> dict:
     """A built bundle's model.onnx: its fidelity on the same held-out passages, through ORT."""
     import onnx
@@ -502,7 +603,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/attention_long")
     parser.add_argument("--seqs", default=",".join(map(str, SEQS)))
-    parser.add_argument("--parts", default="attention,block,layers,minilm,trained")
+    parser.add_argument("--parts", default="attention,block,layers,minilm,trained,bounds")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--landmarks", type=int, default=64)
@@ -551,6 +652,10 @@ def main() -> None:
         results["trained"] = trained_benchmark(args, out)
         (out / "trained.md").write_text(trained_markdown(results["trained"]) + "\n")
         print(trained_markdown(results["trained"]))
+    if "bounds" in parts:
+        results["bounds"] = bounds_benchmark(lm)
+        (out / "bounds.md").write_text(bounds_markdown(results["bounds"]) + "\n")
+        print(bounds_markdown(results["bounds"]))
     results["environment"]["load_at_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
