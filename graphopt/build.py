@@ -78,11 +78,23 @@ class BuildResult:
 
 
 def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str], None] = print) -> BuildResult:
-    """Run the whole build step for a loaded model (graphopt.models.LoadedModel)."""
+    """Run the whole build step for a loaded model (graphopt.models.LoadedModel).
+
+    PyTorch runs on the build's threads (options, else the recipe's, else every core) while
+    it lasts; the caller's thread count is restored afterwards, so a build called from
+    Python leaves the process as it found it."""
+    threads = options.threads or recipe.runtime.threads or os.cpu_count() or 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _build(loaded, recipe, options, threads, say)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build(loaded, recipe: Recipe, options: BuildOptions, threads: int, say: Callable[[str], None]) -> BuildResult:
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = options.threads or recipe.runtime.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
     target = Target(provider=recipe.runtime.provider, threads=threads, precision=recipe.runtime.precision)
     timings: dict[str, float] = {}
     rank = int(os.environ.get("RANK", "0"))

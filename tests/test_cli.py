@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from factories import save_tiny_text_model
 
 import graphopt.errors
@@ -348,11 +349,16 @@ def test_build_checks_parity_on_the_deployed_session_settings(tmp_path, monkeypa
 
     monkeypatch.setattr(OptimizeResult, "check_parity", check_parity, raising=False)
     recipe = Recipe.load(fast_recipe(tmp_path, "dce"))
-    options = BuildOptions(out_dir=tmp_path / "o", bench_repeat=3, heldout=0, baseline_onnx=False, progress=False)
+    callers_threads = torch.get_num_threads()
+    options = BuildOptions(out_dir=tmp_path / "o", bench_repeat=3, heldout=0, baseline_onnx=False, progress=False, threads=callers_threads + 1)
     outcome = build(load_model("factories:tiny_bert"), recipe, options, say=lambda _m: None)
     assert outcome.ok, outcome.result.report.failures
+    # the build ran on its own threads and gave the caller's back (a build that kept them
+    # oversubscribed every later test of its pytest worker: 8x slower int8 rebuilds)
+    assert torch.get_num_threads() == callers_threads
     (call,) = calls
     threads = outcome.result.report.sections["target"]["threads"]
+    assert threads == callers_threads + 1
     assert call["session"] == {"provider": "cpu", "threads": threads, "graph_optimization": "all", "disabled_optimizers": []}
     assert call["measured"]["disabled_optimizers"] == [] and call["parity"] is None  # settings first; export checked no parity itself
     assert call["original"].ir == "aten" and call["original"] is not outcome.result.program
