@@ -73,7 +73,6 @@ def distill(
     config = config or DistillConfig()
     import graphopt.quant.training  # noqa: F401 - gradients through quantized ops (straight-through)
 
-    torch.manual_seed(config.seed)
     _check_pair(student, teacher)
     params = [p for p in student.module.parameters() if p.is_floating_point()]
     if not params:
@@ -81,7 +80,9 @@ def distill(
     for p in params:
         p.requires_grad_(True)
     try:
-        run = _train(student, teacher, data, config, tokenizer)
+        with torch.random.fork_rng(devices=[]):  # seeded training; the caller's random state comes back afterwards
+            torch.manual_seed(config.seed)
+            run = _train(student, teacher, data, config, tokenizer)
     finally:
         for p in params:
             p.requires_grad_(False)
