@@ -80,7 +80,7 @@ def distill(
     for p in params:
         p.requires_grad_(True)
     try:
-        with torch.random.fork_rng(devices=[]):  # seeded training; the caller's random state comes back afterwards
+        with torch.random.fork_rng():  # seeded training (CPU and any CUDA devices); the caller's random state comes back afterwards
             torch.manual_seed(config.seed)
             run = _train(student, teacher, data, config, tokenizer)
     finally:
