@@ -325,11 +325,21 @@ def attention_flops(seq: int, head_dim: int, method: str | None, block: int = 64
     return 2 * 2.0 * landmarks * n * d + 4.0 * n * landmarks * d * 2 + 2.0 * landmarks**3 * 6 * 3  # nystrom-learned
 
 
+def long_attention_splits(lm):
+    """The long-attention preset's text: its [data] split sizes, sentences joined into 512-token passages."""
+    from graphopt.datasets import load_splits, passage_joiner
+    from graphopt.recipe import Recipe
+
+    settings = Recipe.load("long-attention").data
+    return load_splits(calibration=settings.calibration, verification=settings.verification, heldout=settings.heldout,
+                       join=passage_joiner(lm.tokenizer, settings.passage_tokens or 512))
+
+
 def trained_benchmark(args, out: Path) -> dict:
     import graphopt
     from graphopt.attention.transfer import capture, sample_error, trainable_sites
     from graphopt.data import tokenize
-    from graphopt.datasets import load_splits, passage_joiner, text_context
+    from graphopt.datasets import text_context
     from graphopt.export import to_onnx
     from graphopt.fidelity import compare_encoders
     from graphopt.recipe import Recipe
@@ -337,8 +347,7 @@ def trained_benchmark(args, out: Path) -> dict:
     lm = load_model("minilm")
     recipe = Recipe.load("long-attention")
     settings = recipe.data
-    splits = load_splits(calibration=settings.calibration, verification=settings.verification, heldout=settings.heldout,
-                         join=passage_joiner(lm.tokenizer, settings.passage_tokens or 512))
+    splits = long_attention_splits(lm)
     names = list(lm.example_kwargs)
     ctx = text_context(lm.tokenizer, splits, names, max_length=settings.max_length)
     program = graphopt.capture(lm.model, kwargs=lm.example_kwargs)
@@ -434,13 +443,8 @@ def _bound_outputs(q, k, v, key_bias, global_keys, block: int = 64):
 def bounds_benchmark(lm, batches: int = 8) -> dict:
     """Per-layer attention-output error of :data:`BOUND_FORMS` on MiniLM's held-out 512-token passages."""
     from graphopt.data import tokenize
-    from graphopt.datasets import load_splits, passage_joiner
-    from graphopt.recipe import Recipe
 
-    settings = Recipe.load("long-attention").data
-    splits = load_splits(calibration=settings.calibration, verification=settings.verification, heldout=settings.heldout,
-                         join=passage_joiner(lm.tokenizer, settings.passage_tokens or 512))
-    heldout = list(splits.heldout)
+    heldout = list(long_attention_splits(lm).heldout)
     config = lm.model.config
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     punctuation = torch.tensor([lm.tokenizer.sep_token_id, *lm.tokenizer.convert_tokens_to_ids(list(PUNCTUATION))])
@@ -459,7 +463,7 @@ def bounds_benchmark(lm, batches: int = 8) -> dict:
             real = mask[:, None, :, None].float()
             for layer in range(config.num_hidden_layers):
                 q, k, v = (captured[(layer, p)].reshape(mask.shape[0], -1, heads, head_dim).transpose(1, 2) for p in ("query", "key", "value"))
-                exact = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5 + key_bias, -1) @ v
+                exact = reference.exact_attention(q, k, v, key_bias, head_dim**-0.5)
                 for form, (out, fraction) in _bound_outputs(q, k, v, key_bias, torch.isin(batch["input_ids"], punctuation)).items():
                     sums[(layer, form)][0] += float((((out - exact) ** 2) * real).sum())
                     sums[(layer, form)][1] += float(((exact**2) * real).sum())
