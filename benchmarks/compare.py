@@ -58,6 +58,7 @@ import graphopt
 from graphopt.build import benchmark_inputs, export_and_check, session_settings
 from graphopt.datasets import load_splits, text_context
 from graphopt.export import alternating_latency, interleaved_latency, to_onnx
+from graphopt.export.session import resolve_precision
 from graphopt.fidelity import compare_encoders
 from graphopt.models import load_model
 from graphopt.quant.cpu import cpu_int8_support
@@ -152,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - start
         disabled = result.report.sections["session"]["disabled_optimizers"]
         if recipe.runtime.provider == "openvino":  # the openvino target: OpenVINO's runtime at the recipe's precision, as open_session runs it
-            hint = {"fp32": "f32", "bf16": "bf16"}[recipe.runtime.precision]
+            precision = resolve_precision(recipe.runtime.provider, recipe.runtime.precision)  # "auto": what this CPU runs
+            hint = {"fp32": "f32", "bf16": "bf16"}[precision]
             variants[label] = {**ov_variant(exported.path, args.threads, hint), "kind": "graphopt", "build_s": build_s, "pipeline": recipe.pipeline_text(),
-                               "runtime": f"openvino {recipe.runtime.precision}", "rss": {"openvino": str(exported.path), "precision": hint}}
+                               "runtime": f"openvino {precision}", "rss": {"openvino": str(exported.path), "precision": hint}}
             continue
         variants[label] = {
             **ort_variant(exported.path, args.threads, disabled_optimizers=disabled),
@@ -291,6 +293,10 @@ def openvino_rows(fp32_onnx: Path, splits, tokenizer, names: list[str], threads:
     rows[f"OpenVINO + NNCF int8 (f32 hint; {count} training texts)"] = {
         **ov_variant(path, threads, "f32", files=nncf_files(path)), "kind": "peer", "peer": "ov_nncf", "build_s": info["quantize_s"], "nncf": info,
         "rss": {"openvino": str(path), "precision": "f32"}}
+    if precision != "f32":  # the same model under the plugin's default hint: what NNCF's users get on this CPU
+        rows[f"OpenVINO + NNCF int8 (default hint: {precision})"] = {
+            **ov_variant(path, threads, files=nncf_files(path)), "kind": "peer", "peer": "ov_nncf_default", "build_s": info["quantize_s"],
+            "nncf": info, "rss": {"openvino": str(path), "precision": None}}
     return rows
 
 

@@ -95,6 +95,7 @@ def build(loaded, recipe: Recipe, options: BuildOptions, *, say: Callable[[str],
 def _build(loaded, recipe: Recipe, options: BuildOptions, threads: int, say: Callable[[str], None]) -> BuildResult:
     out = Path(options.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    recipe = _resolve_precision(recipe, say)
     target = Target(provider=recipe.runtime.provider, threads=threads, precision=recipe.runtime.precision)
     timings: dict[str, float] = {}
     rank = int(os.environ.get("RANK", "0"))
@@ -510,6 +511,18 @@ def _fidelity_row(prefix: str, figures: dict[str, Any]) -> dict[str, Any]:
     row = {f"{prefix}_mean_cos": figures.get("mean_cosine"), f"{prefix}_min_cos": figures.get("min_cosine"), f"{prefix}_n": figures.get("n")}
     row["spearman" if prefix == "heldout" else f"{prefix}_spearman"] = figures.get("spearman")
     return row
+
+
+def _resolve_precision(recipe: Recipe, say: Callable[[str], None]) -> Recipe:
+    """The recipe with ``runtime.precision = "auto"`` replaced by what this machine's runtime
+    runs at, so the report, the gates and the bundle all name the precision that was used."""
+    if recipe.runtime.precision != "auto":
+        return recipe
+    from graphopt.export.session import resolve_precision
+
+    precision = resolve_precision(recipe.runtime.provider, "auto")
+    say(f"[graphopt] runtime.precision 'auto' -> {precision!r} on this machine ({recipe.runtime.provider})")
+    return recipe.model_copy(update={"runtime": recipe.runtime.model_copy(update={"precision": precision})})
 
 
 def session_settings(runtime, path: str | os.PathLike, inputs: dict, threads: int) -> dict[str, Any]:

@@ -71,9 +71,10 @@ class ExportSettings(_Strict):
 
 class RuntimeSettings(_Strict):
     provider: str = Field("cpu", description="ORT execution provider ('cpu', 'cuda', ...); 'openvino' runs OpenVINO's runtime when ORT has no OpenVINO EP")
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="inference precision of the runtime: 'bf16' needs provider 'openvino' and a CPU with bf16 instructions; "
-        "parity is still checked at fp32 on that runtime, and the held-out gates measure the bf16 run")
+        "'auto' is bf16 on OpenVINO where the CPU has it and fp32 elsewhere, resolved when the build starts and recorded in "
+        "the bundle; parity is still checked at fp32 on that runtime, and the held-out gates measure the run at the precision used")
     threads: int | None = Field(None, ge=1)
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     save_optimized: bool = False
@@ -87,7 +88,7 @@ class RuntimeSettings(_Strict):
 
     @model_validator(mode="after")
     def _precision_needs_openvino(self) -> RuntimeSettings:
-        if self.precision != "fp32" and self.provider.lower() not in ("openvino", "openvinoexecutionprovider", "openvinoruntime"):
+        if self.precision == "bf16" and self.provider.lower() not in ("openvino", "openvinoexecutionprovider", "openvinoruntime"):
             raise ValueError(f"runtime.precision = {self.precision!r} needs runtime.provider = 'openvino' (onnxruntime's "
                              f"{self.provider!r} provider has no bf16 kernels for MatMul, Gemm or Add on x86)")
         return self

@@ -105,6 +105,24 @@ def test_precision_errors_name_the_problem(block_onnx, monkeypatch):
         make_session(path, provider="openvino")
 
 
+def test_auto_precision_is_bf16_where_the_cpu_has_it_and_fp32_elsewhere(block_onnx, monkeypatch):
+    import graphopt.export.openvino_session as ovs
+    from graphopt.build import _resolve_precision
+    from graphopt.export.session import resolve_precision
+
+    _, path = block_onnx
+    assert resolve_precision("cpu", "auto") == "fp32"  # ORT runs what the graph declares
+    assert Recipe.from_dict({"name": "x", "pipeline": "dce", "runtime": {"precision": "auto"}}).runtime.precision == "auto"
+    recipe = Recipe.from_dict({"name": "x", "pipeline": "dce", "runtime": {"provider": "openvino", "precision": "auto"}})
+    for caps, expected in ((["FP32", "BF16", "INT8"], "bf16"), (["FP32", "INT8"], "fp32")):
+        monkeypatch.setattr(ovs, "capabilities", lambda caps=caps: caps)
+        assert resolve_precision("openvino", "auto") == expected
+        assert _resolve_precision(recipe, lambda _m: None).runtime.precision == expected  # what the report and bundle record
+    monkeypatch.undo()
+    session = make_session(path, provider="openvino", precision="auto")
+    assert session.precision == ("bf16" if "BF16" in capabilities() else "fp32")
+
+
 def test_generation_refuses_a_session_without_io_binding(block_onnx):
     from graphopt.export.generation import Generator
 
@@ -134,3 +152,28 @@ def test_bf16_preset_builds_minilm_for_openvino_and_the_bundle_reopens_there(tmp
     assert manifest["target"]["precision"] == "bf16" and "openvino" in manifest["versions"]
     session = open_session(out)
     assert isinstance(session, OpenVINOSession) and session.precision == "bf16"
+
+
+def test_openvino_int8_preset_passes_op_parity_on_openvino_and_the_bundle_reopens_there(tmp_path):
+    # OpenVINO rounds a few activation codes the other way (x / scale + zero point in fp32):
+    # op parity must excuse exactly those flips and pass, not fail or be skipped.
+    from graphopt.build import BuildOptions, build
+    from graphopt.bundle import open_session
+    from graphopt.models import load_model
+    recipe = Recipe.load("openvino-int8")
+    assert recipe.runtime.precision == "auto"
+    out = tmp_path / "bundle"
+    result = build(load_model("minilm"), recipe, BuildOptions(out_dir=out, threads=2, heldout=48, bench_repeat=5), say=lambda _m: None)
+    assert not result.gate_failures, result.gate_failures
+    report = json.loads((out / "report.json").read_text())
+    parity = report["sections"]["parity"]
+    assert parity["passed"] is True
+    assert parity["ops"]["linear_static_int8"]["count"] == 37 and parity["ops"]["linear_static_int8"]["failed"] == 0
+    expected = "bf16" if "BF16" in capabilities() else "fp32"
+    assert report["sections"]["session"]["precision"] == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["session"]["runtime"] == "openvino" and manifest["session"]["precision"] == expected
+    ours = report["sections"]["comparison"]["graphopt → ORT"]
+    assert ours["heldout_mean_cos"] >= recipe.gates.min_heldout_cosine
+    session = open_session(out)
+    assert isinstance(session, OpenVINOSession) and session.precision == expected

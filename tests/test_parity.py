@@ -214,6 +214,26 @@ def test_flip_allowance_excuses_a_code_on_a_rounding_boundary_and_nothing_else()
     assert op_parity.flip_allowance("bias_gelu", args, {}, ref, flipped) == ""  # no activation rounding, no excuse
 
 
+def test_static_int8_flips_are_judged_on_the_quotient_plus_zero_point():
+    # OpenVINO rounds x / scale + zero_point (its FakeQuantize), so its fp32 error is relative
+    # to that sum: a quotient 5e-5 past .5 is ambiguous with zero point 200 (tolerance
+    # 2**-20 * 210.5 = 2e-4), not with zero point 0 (2**-20 * 10.5 = 1e-5).
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=generator)
+    w_q = torch.randint(-127, 128, (64, 16), generator=generator, dtype=torch.int8)
+    w_scale, w_zero, bias = torch.rand(16, generator=generator) / 100, torch.zeros(16, dtype=torch.int8), torch.zeros(16)
+    x_scale = torch.tensor(0.05)
+    x[0, 5] = (10.5 + 5e-5) * x_scale
+    for zero_point, excused in ((200, True), (0, False)):
+        args = (x, x_scale, torch.tensor(zero_point, dtype=torch.uint8), w_q, w_scale, w_zero, bias)
+        ref = torch.ops.graphopt.linear_static_int8(*args).numpy()
+        flipped = ref.copy()
+        flipped[0] -= (x_scale * w_q[5].float() * w_scale).numpy()  # rounded down instead of up
+        note = op_parity.flip_allowance("linear_static_int8", args, {}, ref, flipped)
+        assert ("1 of 256 activation codes sit on a rounding boundary" in note) is excused, (zero_point, note)
+        assert op_parity.flip_allowance("linear_static_int8", args, {}, ref, ref * np.float32(1.02)) == ""  # a wrong scale is not a flip
+
+
 # ---- the session it runs on ---------------------------------------------------------------------
 def test_parity_runs_on_the_given_session_settings(int8, monkeypatch):
     opened = []

@@ -51,10 +51,19 @@ def capabilities() -> list[str]:
     return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
+def resolve_precision(precision: str) -> str:
+    """``"auto"``: ``"bf16"`` where OpenVINO reports bf16 kernels on this CPU (AVX-512 BF16 or
+    AMX), else ``"fp32"``, as OpenVINO's own default precision hint chooses. Others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if "BF16" in capabilities() else "fp32"
+
+
 def check_precision(precision: str) -> str:
     """The OpenVINO hint for ``precision``; a clear error when it is unknown or this CPU lacks it."""
+    precision = resolve_precision(precision)
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)} on the OpenVINO runtime, got {precision!r}")
+        raise ConfigError(f"precision must be one of {[*sorted(PRECISIONS), 'auto']} on the OpenVINO runtime, got {precision!r}")
     if precision == "bf16" and "BF16" not in capabilities():
         raise ConfigError("precision 'bf16' needs a CPU with bf16 instructions (AVX-512 BF16 or AMX); "
                           f"OpenVINO reports only {capabilities()} here, and would run f32 kernels instead")
@@ -88,7 +97,7 @@ class OpenVINOSession:
         import openvino as ov
 
         hint = check_precision(precision)
-        self.precision = precision
+        self.precision = resolve_precision(precision)
         core = ov.Core()
         with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
             path = _as_path(model, Path(tmp))

@@ -108,6 +108,17 @@ def resolve_provider(provider: str) -> str:
     )
 
 
+def resolve_precision(provider: str, precision: str) -> str:
+    """The precision a session on ``provider`` runs at for the requested ``precision``:
+    ``"auto"`` is OpenVINO's choice on its runtime (``"bf16"`` on CPUs with bf16 kernels, else
+    ``"fp32"``) and ``"fp32"`` on ORT's providers, which run what the graph declares."""
+    if precision != "auto":
+        return precision
+    if resolve_provider(provider) == openvino_session.RUNTIME:
+        return openvino_session.resolve_precision(precision)
+    return "fp32"
+
+
 def make_session(
     path_or_bytes: str | os.PathLike | bytes | onnx.ModelProto,
     *,
@@ -123,7 +134,8 @@ def make_session(
 
     ``provider="openvino"`` without ORT's OpenVINO EP gives an
     :class:`~graphopt.export.openvino_session.OpenVINOSession` (same ``run`` / ``get_inputs``
-    interface); ``precision`` (``"fp32"`` or ``"bf16"``) is its inference precision. ORT's own
+    interface); ``precision`` (``"fp32"``, ``"bf16"`` or ``"auto"``: see :func:`resolve_precision`)
+    is its inference precision. ORT's own
     providers run what the graph declares: ``"bf16"`` there is an error (ORT 1.32 has no bf16
     MatMul, Gemm or Add kernels on x86), and the ORT graph options do not apply to OpenVINO.
 
@@ -139,6 +151,7 @@ def make_session(
     if graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
         raise ConfigError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATION_LEVELS)}, got {graph_optimization!r}")
     provider_name = resolve_provider(provider)
+    precision = resolve_precision(provider, precision)
     if provider_name == openvino_session.RUNTIME:
         if threads is not None:
             _positive(threads, "threads")
