@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,17 @@ RECIPES = {
     "graphopt int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=dynamic}",
     # as the builder's int4: 4-bit weights in groups of 32 with int8 compute, LM head and embeddings too
     "graphopt int4": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    # the same in blocks of 128: a quarter of the scales and zero points to read and apply per weight
+    "graphopt int4 g128": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    "graphopt int4 GPTQ g128": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,embeddings=true,embedding_bits=4}",
+    # blocks of 128 in the layers, GPTQ rounding, the LM head (the most sensitive layer) in blocks of 32
+    "graphopt int4 GPTQ g128, head g32": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+                                         "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"]},"
+                                         "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,include=[\"*lm_head\"],embeddings=true,embedding_bits=4}",
+    # its speed twin (round to nearest: the same graph and bytes, no calibration on a 0.5B random model)
+    "graphopt int4 g128, head g32": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+                                    "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*lm_head\"]},"
+                                    "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=4}",
     # int4 blocks, but the LM head and the embedding table at 8 bits (the layers next-token agreement is most sensitive to)
     "graphopt int4, int8 head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,exclude=[\"*lm_head\"]},"
                                 "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
@@ -206,7 +218,7 @@ def markdown(table: dict[str, dict], sizes: dict[str, int]) -> str:
 QUALITY_BLOCKS = 48  # held-out blocks of 128 tokens: 6,096 scored next tokens
 
 
-def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY_BLOCKS) -> dict[str, dict]:
+def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY_BLOCKS, genai_block_sizes: Sequence[int] = ()) -> dict[str, dict]:
     """Held-out perplexity ratio and next-token agreement of each lossy recipe (and of the
     builder's int4) against the fp32 instrument, on held-out blocks no step was fitted on."""
     import numpy as np
@@ -231,13 +243,17 @@ def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY
     if genai:
         from genai_peer import build_genai, genai_logits, model_bytes
 
-        built = build_genai(folder, out / "quality" / "genai-int4", precision="int4")
+        builds = {"onnxruntime-genai builder int4": build_genai(folder, out / "quality" / "genai-int4", precision="int4")}
+        for block in genai_block_sizes:
+            builds[f"onnxruntime-genai builder int4, block {block}"] = build_genai(
+                folder, out / "quality" / f"genai-int4-b{block}", precision="int4", extra_options={"block_size": block})
+        for name, built in builds.items():
 
-        def builder_logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(np.stack([genai_logits(built, row.tolist()) for row in ids]))
+            def builder_logits(ids: torch.Tensor, mask: torch.Tensor, built: Path = built) -> torch.Tensor:
+                return torch.from_numpy(np.stack([genai_logits(built, row.tolist()) for row in ids]))
 
-        rows["onnxruntime-genai builder int4"] = {**fidelity(reference, builder_logits, held), "bytes": model_bytes(built)}
-        print(f"[quality] builder int4: {rows['onnxruntime-genai builder int4']}", flush=True)
+            rows[name] = {**fidelity(reference, builder_logits, held), "bytes": model_bytes(built)}
+            print(f"[quality] {name}: {rows[name]}", flush=True)
     return rows
 
 
@@ -251,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="which graphopt rows")
     parser.add_argument("--no-eager", action="store_true")
     parser.add_argument("--no-genai", action="store_true", help="leave out the onnxruntime-genai builder row")
+    parser.add_argument("--genai-block-sizes", type=int, nargs="*", default=[], help="also the builder at these block_size values (its default: 32)")
     parser.add_argument("--quality", action="store_true", help="measure the lossy recipes on the trained instrument instead of speed")
     args = parser.parse_args(argv)
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
     if args.quality:
-        rows = quality(out, [r for r in args.recipes if r != "graphopt fp32"], genai=not args.no_genai)
+        rows = quality(out, [r for r in args.recipes if r != "graphopt fp32"], genai=not args.no_genai, genai_block_sizes=args.genai_block_sizes)
         (out / "quality.json").write_text(json.dumps(rows, indent=2, default=str))
         return 0
     model_dir = random_model_dir(out / "qwen2.5-0.5b-random")
@@ -282,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             genai_dir = build_genai(model_dir, out / "genai-int4", precision="int4")
             variants["onnxruntime-genai builder int4"] = ("genai", genai_dir)
             sizes["onnxruntime-genai builder int4"] = folder_bytes(genai_dir / "model.onnx")
+            for block in args.genai_block_sizes:  # the same choice of block size, open to the builder's users too
+                name = f"onnxruntime-genai builder int4, block {block}"
+                genai_dir = build_genai(model_dir, out / f"genai-int4-b{block}", precision="int4", extra_options={"block_size": block})
+                variants[name] = ("genai", genai_dir)
+                sizes[name] = folder_bytes(genai_dir / "model.onnx")
     if args.rounds == 0:  # build (and cache) only
         return 0
     table = time_all(variants, model_dir, rounds=args.rounds, prompt=args.prompt, new_tokens=args.new_tokens, threads=args.threads)
