@@ -41,6 +41,9 @@ RECIPES = {
     # the same in blocks of 128: a quarter of the scales and zero points to read and apply per weight
     "graphopt int4 g128": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,embeddings=true,embedding_bits=4}",
     "graphopt int4 GPTQ g128": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,embeddings=true,embedding_bits=4}",
+    # the same two with gqa-rotary: GroupQueryAttention reads the packed Q/K/V and applies rotary itself
+    "graphopt int4 + gqa-rotary": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,gqa-rotary,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    "graphopt int4 g128 + gqa-rotary": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,gqa-rotary,quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,embeddings=true,embedding_bits=4}",
     # blocks of 128 in the layers, GPTQ rounding, the LM head (the most sensitive layer) in blocks of 32
     "graphopt int4 GPTQ g128, head g32": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
                                          "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"]},"

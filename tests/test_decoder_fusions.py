@@ -129,3 +129,51 @@ def test_the_exporter_skips_reshape_chains_that_change_nothing(fused, monkeypatc
     assert activation_reshapes(path) == 0
     monkeypatch.setattr(onnx_export, "drop_identity_reshapes", lambda model: {})
     assert activation_reshapes(to_onnx(result.program, tmp_path / "kept.onnx").path) >= 2 * 12  # q, k, v and out: 12 a layer
+
+
+# ---- gqa-rotary: packed Q/K/V and rotary inside GroupQueryAttention ----------------------------
+def _head_dim_16_lm(arch: str) -> torch.nn.Module:
+    """ORT applies rotary inside GroupQueryAttention only to head dims that are multiples of 16."""
+    import transformers as tf
+
+    config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gqa_rotary_is_one_kernel_and_generates_what_transformers_generates(arch, tmp_path):
+    model = _head_dim_16_lm(arch)
+    program = capture_decoder(model)
+    result = graphopt.optimize(program, f"{FUSED}, gqa-rotary")
+    assert result.report.ok, result.report.passes
+    assert result.report.passes[-1].info["fused"] == 2
+    ops = result.program.op_histogram()
+    assert ops.get("graphopt::gqa_rotary_attention") == 2 and "graphopt::rotary" not in ops and "graphopt::gqa_attention" not in ops
+    path = tmp_path / "model.onnx"
+    to_onnx(result.program, path)
+    nodes = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+    assert nodes.count("GroupQueryAttention") == 2 and "RotaryEmbedding" not in nodes
+    assert nodes.count("Split") == 2  # gate / up per layer: the q / k / v split is gone
+    report = check_parity(result.program, path, raise_on_failure=False)
+    assert report.passed, report.failure_message()
+    # a left-padded batch: each row keeps its own positions through the kernel's rotary
+    ours = Generator(make_session(path, threads=1)).generate(PROMPTS, max_new_tokens=32, return_logits=True, eos_token_id=[], pad_token_id=0)
+    ids, mask = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences.numpy())
+    assert max(float(np.abs(a - b.numpy()).max()) for a, b in zip(ours.logits, theirs.logits)) <= 1e-4
+
+
+def test_gqa_rotary_names_what_it_needs():
+    # head dim 8: ORT's kernel cannot turn it, so the pass leaves the layers and says why
+    unfused = graphopt.optimize(capture_decoder(zoo.tiny_causal_lm("llama", "sdpa")), f"{FUSED}, gqa-rotary")
+    record = unfused.report.passes[-1]
+    assert record.status == "unchanged" and "multiples of 16" in record.reason
+    # without pack-linears the projections are separate: nothing to feed packed
+    separate = graphopt.optimize(capture_decoder(_head_dim_16_lm("llama")), "gqa-attention, rotary, gqa-rotary")
+    assert separate.report.passes[-1].status == "unchanged" and "pack-linears" in separate.report.passes[-1].reason

@@ -42,3 +42,31 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: tor
 def _(q, k, v, past_k, past_v, bias, scale, heads, kv_heads):
     present = past_k.new_empty((k.shape[0], k.shape[1], past_k.shape[2] + k.shape[2], k.shape[3]))
     return torch.empty_like(q), present, torch.empty_like(present)
+
+
+@torch.library.custom_op("graphopt::gqa_rotary_attention", mutates_args=())
+def gqa_rotary_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         scale: float, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gqa_attention` on the packed projection ``qkv`` ``(batch, seq, (heads + 2 kv_heads)
+    head_dim)``, with rotary (:func:`graphopt.attention.rotary.rotary`, half tables ``cos``,
+    ``sin`` of ``(batch, seq, head_dim / 2)``) on its queries and keys: what the split, the head
+    views and the two rotary ops it replaces computed. In ONNX it is one GroupQueryAttention
+    that reads the packed projection and applies rotary itself."""
+    from graphopt.attention.rotary import rotary
+
+    batch, seq, width = qkv.shape
+    dim = width // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q = rotary(q.view(batch, seq, heads, dim).transpose(1, 2), cos, sin)
+    k = rotary(k.view(batch, seq, kv_heads, dim).transpose(1, 2), cos, sin)
+    v = v.view(batch, seq, kv_heads, dim).transpose(1, 2)
+    out, present_k, present_v = gqa_attention(q, k, v, past_k, past_v, bias, scale, heads, kv_heads)
+    return out, present_k, present_v
+
+
+@gqa_rotary_attention.register_fake
+def _(qkv, past_k, past_v, bias, cos, sin, scale, heads, kv_heads):
+    batch, seq, width = qkv.shape
+    dim = width // (heads + 2 * kv_heads)
+    present = past_k.new_empty((batch, kv_heads, past_k.shape[2] + seq, dim))
+    return qkv.new_empty((batch, heads, seq, dim)), present, torch.empty_like(present)

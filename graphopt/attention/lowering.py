@@ -87,6 +87,34 @@ def gqa_attention_onnx(q: FLOAT, k: FLOAT, v: FLOAT, past_k: FLOAT, past_v: FLOA
 
 
 @script()
+def gqa_rotary_attention_onnx(qkv: FLOAT, past_k: FLOAT, past_v: FLOAT, bias: FLOAT, cos: FLOAT, sin: FLOAT, scale: float, heads: int,
+                              kv_heads: int) -> tuple[FLOAT, FLOAT, FLOAT]:
+    # GroupQueryAttention on the packed projection, rotary inside (do_rotary). Lengths as in
+    # gqa_attention_onnx. The rotary tables are this step's own rows, (batch * seq, head_dim / 2),
+    # numbered by position_ids (as rotary_onnx gives RotaryEmbedding), so each row of a
+    # left-padded batch keeps its positions; the kernel wants at least total_sequence_length
+    # rows, so zero rows pad them to that (they are never indexed).
+    batch = op.Shape(bias, start=0, end=1)
+    seq = op.Shape(bias, start=2, end=3)
+    total = op.Shape(bias, start=3, end=4)
+    seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)
+    total_length = op.Cast(op.Squeeze(total), to=6)
+    query_seqlens = op.Cast(op.Expand(seq, batch), to=6)
+    rows = op.Concat(op.Constant(value_ints=[-1]), op.Shape(cos, start=2, end=3), axis=0)
+    cos_rows = op.Reshape(cos, rows)
+    sin_rows = op.Reshape(sin, rows)
+    extra = op.Max(op.Sub(total, op.Shape(cos_rows, start=0, end=1)), op.Constant(value_ints=[0]))
+    pads = op.Concat(op.Constant(value_ints=[0, 0]), extra, op.Constant(value_ints=[0]), axis=0)
+    count = op.ReduceProd(op.Shape(cos, start=0, end=2), keepdims=1)
+    positions = op.Reshape(op.Range(op.Constant(value_int=0), op.Squeeze(count), op.Constant(value_int=1)), op.Shape(cos, start=0, end=2))
+    out, present_k, present_v = msft.GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens_k, total_length, op.Pad(cos_rows, pads),
+                                                         op.Pad(sin_rows, pads), positions, bias, None, None, None, None, None, query_seqlens,
+                                                         num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0)
+    split = op.Concat(op.Constant(value_ints=[0, 0, -1]), op.Shape(past_k, start=3, end=4), axis=0)
+    return op.Transpose(op.Reshape(out, split), perm=[0, 2, 1, 3]), present_k, present_v
+
+
+@script()
 def rotary_onnx(x: FLOAT, cos: FLOAT, sin: FLOAT) -> FLOAT:
     # this step's own tables, one row per (batch, position): see graphopt.attention.rotary.
     # The kernel runs on (batch, seq, heads * dim): ORT cancels the transposes around it with
@@ -104,6 +132,7 @@ def rotary_onnx(x: FLOAT, cos: FLOAT, sin: FLOAT) -> FLOAT:
 custom = torch.ops.graphopt
 register_lowering(custom.rotary.default, rotary_onnx)
 register_lowering(custom.gqa_attention.default, gqa_attention_onnx)
+register_lowering(custom.gqa_rotary_attention.default, gqa_rotary_attention_onnx)
 register_lowering(custom.fused_attention.default, fused_attention_onnx)
 register_lowering(custom.fused_attention_biased.default, fused_attention_biased_onnx)
 register_lowering(custom.attention_qkv.default, attention_qkv_onnx)

@@ -9,6 +9,7 @@ from graphopt.passes.dedup import Deduplicate
 from graphopt.passes.distill import Distill
 from graphopt.passes.fused_attention import FusedAttention
 from graphopt.passes.gqa_attention import GqaAttention
+from graphopt.passes.gqa_rotary import GqaRotary
 from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.pack_linears import PackLinears
 from graphopt.passes.prune import Prune
@@ -20,4 +21,4 @@ from graphopt.passes.share_layers import ShareLayers
 from graphopt.passes.smooth import Smooth
 from graphopt.passes.window_attention import WindowAttention
 
-__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "GqaAttention", "Int8Attention", "PackLinears", "Prune", "Quantize", "RmsNorm", "Rotary", "ShareLayers", "Smooth", "WindowAttention"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "GqaAttention", "GqaRotary", "Int8Attention", "PackLinears", "Prune", "Quantize", "RmsNorm", "Rotary", "ShareLayers", "Smooth", "WindowAttention"]
