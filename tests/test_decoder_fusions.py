@@ -157,6 +157,7 @@ def test_gqa_rotary_is_one_kernel_and_generates_what_transformers_generates(arch
     nodes = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
     assert nodes.count("GroupQueryAttention") == 2 and "RotaryEmbedding" not in nodes
     assert nodes.count("Split") == 2  # gate / up per layer: the q / k / v split is gone
+    assert "Transpose" not in nodes  # the attention comes out as the output projection reads it
     report = check_parity(result.program, path, raise_on_failure=False)
     assert report.passed, report.failure_message()
     # a left-padded batch: each row keeps its own positions through the kernel's rotary

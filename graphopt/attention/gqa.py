@@ -50,8 +50,9 @@ def gqa_rotary_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.
     """:func:`gqa_attention` on the packed projection ``qkv`` ``(batch, seq, (heads + 2 kv_heads)
     head_dim)``, with rotary (:func:`graphopt.attention.rotary.rotary`, half tables ``cos``,
     ``sin`` of ``(batch, seq, head_dim / 2)``) on its queries and keys: what the split, the head
-    views and the two rotary ops it replaces computed. In ONNX it is one GroupQueryAttention
-    that reads the packed projection and applies rotary itself."""
+    views and the two rotary ops it replaces computed. The attention comes out flat, ``(batch,
+    seq, heads * head_dim)``, as the output projection reads it. In ONNX it is one
+    GroupQueryAttention that reads the packed projection and applies rotary itself."""
     from graphopt.attention.rotary import rotary
 
     batch, seq, width = qkv.shape
@@ -61,7 +62,7 @@ def gqa_rotary_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.
     k = rotary(k.view(batch, seq, kv_heads, dim).transpose(1, 2), cos, sin)
     v = v.view(batch, seq, kv_heads, dim).transpose(1, 2)
     out, present_k, present_v = gqa_attention(q, k, v, past_k, past_v, bias, scale, heads, kv_heads)
-    return out, present_k, present_v
+    return out.transpose(1, 2).reshape(batch, seq, heads * dim), present_k, present_v
 
 
 @gqa_rotary_attention.register_fake
@@ -69,4 +70,4 @@ def _(qkv, past_k, past_v, bias, cos, sin, scale, heads, kv_heads):
     batch, seq, width = qkv.shape
     dim = width // (heads + 2 * kv_heads)
     present = past_k.new_empty((batch, kv_heads, past_k.shape[2] + seq, dim))
-    return qkv.new_empty((batch, heads, seq, dim)), present, torch.empty_like(present)
+    return qkv.new_empty((batch, seq, heads * dim)), present, torch.empty_like(present)

@@ -110,8 +110,7 @@ def gqa_rotary_attention_onnx(qkv: FLOAT, past_k: FLOAT, past_v: FLOAT, bias: FL
     out, present_k, present_v = msft.GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens_k, total_length, op.Pad(cos_rows, pads),
                                                          op.Pad(sin_rows, pads), positions, bias, None, None, None, None, None, query_seqlens,
                                                          num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0)
-    split = op.Concat(op.Constant(value_ints=[0, 0, -1]), op.Shape(past_k, start=3, end=4), axis=0)
-    return op.Transpose(op.Reshape(out, split), perm=[0, 2, 1, 3]), present_k, present_v
+    return out, present_k, present_v  # (batch, seq, heads * head_dim), as the op returns it
 
 
 @script()

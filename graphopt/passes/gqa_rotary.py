@@ -53,6 +53,28 @@ def _head_view(node: Any, heads: int, dim: int) -> tuple[fx.Node, int] | NoMatch
     return split, index
 
 
+def _flattened(node: fx.Node, width: int) -> fx.Node | NoMatch:
+    """The ``reshape(transpose(attention, 1, 2), [batch, seq, heads * dim])`` that reads the
+    attention output (``getitem(node, 0)``), through views that keep its shape."""
+    outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+    if len(outs) != 1:
+        return NoMatch("output", f"'{node.name}': its attention output is not read once")
+    current, shape = outs[0], fake(outs[0])
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if user.target in (aten.view.default, aten.reshape.default, aten.clone.default, aten.contiguous.default) and fake(user) is not None \
+                and shape is not None and tuple(fake(user).shape) == tuple(shape.shape):
+            current = user
+            continue
+        if user.target is aten.transpose.int and tuple(user.args[1:]) in ((1, 2), (2, 1)) and len(user.users) == 1:
+            flat = next(iter(user.users))
+            val = fake(flat)
+            if flat.target in (aten.view.default, aten.reshape.default) and val is not None and val.dim() == 3 and val.shape[-1] == width:
+                return flat
+        break
+    return NoMatch("output", f"'{node.name}': its attention is not flattened to (batch, seq, heads * dim) for the output projection")
+
+
 def gqa_rotary_rule() -> RewriteRule:
     def match(node: fx.Node) -> Match | NoMatch:
         args: Any = node.args
@@ -82,14 +104,21 @@ def gqa_rotary_rule() -> RewriteRule:
         sizes, axis = split_args[1], split_args[2] if len(split_args) > 2 else 0
         if list(sizes) != [heads * dim, kv_heads * dim, kv_heads * dim] or axis not in (-1, 2) or len(split.users) != 3:
             return NoMatch("split", f"'{split.name}' splits {list(sizes)} along {axis}, not the packed q, k, v of this attention alone")
+        flat = _flattened(node, heads * dim)
+        if isinstance(flat, NoMatch):
+            return flat
         cos, sin = q.args[1], q.args[2]
         return Match(root=node, nodes=(node,), bindings={"qkv": split.args[0], "past_k": past_k, "past_v": past_v, "bias": bias, "cos": cos,
-                                                         "sin": sin, "scale": scale, "heads": heads, "kv_heads": kv_heads})
+                                                         "sin": sin, "scale": scale, "heads": heads, "kv_heads": kv_heads, "flat": flat})
 
     def replace(graph: fx.Graph, m: Match) -> fx.Node:
         b = m.bindings
-        return emit(graph, _custom.gqa_rotary_attention.default,
-                    (b["qkv"], b["past_k"], b["past_v"], b["bias"], b["cos"], b["sin"], b["scale"], b["heads"], b["kv_heads"]))
+        fused = emit(graph, _custom.gqa_rotary_attention.default,
+                     (b["qkv"], b["past_k"], b["past_v"], b["bias"], b["cos"], b["sin"], b["scale"], b["heads"], b["kv_heads"]))
+        # the op's attention is already (batch, seq, heads * dim): what read the flattening
+        # reads it, and the old getitem -> transpose -> reshape chain dies with the attention
+        b["flat"].replace_all_uses_with(emit(graph, operator.getitem, (fused, 0)))
+        return fused
 
     return RewriteRule("gqa_rotary", frozenset({_custom.gqa_attention.default}), match, replace)
 
