@@ -57,8 +57,8 @@ def test_parity_on_prefill_and_decode_steps(fused):
     assert any("decode" in label for label in report.input_sets)
 
 
-def test_generates_what_transformers_generates(fused):
-    model, _, _, path = fused
+def _assert_generates_like_transformers(model, path) -> None:
+    """32 greedy tokens for a left-padded batch: the same ids as transformers, logits within 1e-4."""
     ours = Generator(make_session(path, threads=1)).generate(PROMPTS, max_new_tokens=32, return_logits=True, eos_token_id=[], pad_token_id=0)
     ids, mask = left_pad(PROMPTS, 0)
     with torch.no_grad():
@@ -66,6 +66,11 @@ def test_generates_what_transformers_generates(fused):
                                 return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     np.testing.assert_array_equal(ours.sequences, theirs.sequences.numpy())
     assert max(float(np.abs(a - b.numpy()).max()) for a, b in zip(ours.logits, theirs.logits)) <= 1e-4
+
+
+def test_generates_what_transformers_generates(fused):
+    model, _, _, path = fused
+    _assert_generates_like_transformers(model, path)
 
 
 def test_unread_values_do_not_count_but_nan_there_does():
@@ -161,13 +166,7 @@ def test_gqa_rotary_is_one_kernel_and_generates_what_transformers_generates(arch
     report = check_parity(result.program, path, raise_on_failure=False)
     assert report.passed, report.failure_message()
     # a left-padded batch: each row keeps its own positions through the kernel's rotary
-    ours = Generator(make_session(path, threads=1)).generate(PROMPTS, max_new_tokens=32, return_logits=True, eos_token_id=[], pad_token_id=0)
-    ids, mask = left_pad(PROMPTS, 0)
-    with torch.no_grad():
-        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(ours.sequences, theirs.sequences.numpy())
-    assert max(float(np.abs(a - b.numpy()).max()) for a, b in zip(ours.logits, theirs.logits)) <= 1e-4
+    _assert_generates_like_transformers(model, path)
 
 
 def test_gqa_rotary_names_what_it_needs():

@@ -22,7 +22,7 @@ import graphopt.attention  # noqa: F401  (graphopt::gqa_attention and its loweri
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, describe_near_misses, emit, fake
 
 aten = torch.ops.aten
 _REPEAT = (aten.reshape.default, aten.view.default, aten.expand.default, aten.unsqueeze.default, aten.slice.Tensor, aten.clone.default,
@@ -124,6 +124,6 @@ class GqaAttention(Pass):
         stats = apply_rules(program.module, [gqa_rule()], provenance=self.name)
         misses = [m.to_dict() for m in stats.near_misses[:8]]
         reason = "no SDPA reads a concatenated KV cache (run sdpa first, on a program from capture_decoder)"
-        if misses:
-            reason += "; near misses: " + "; ".join(f"{m['node']}: {m['check']}: {m['reason']}" for m in misses[:3])
+        if stats.near_misses:
+            reason += "; near misses: " + describe_near_misses(stats.near_misses, 3)
         return PassResult.of(program, stats.total > 0, GqaAttentionInfo(fused=stats.total, near_misses=misses), reason)

@@ -24,7 +24,7 @@ import graphopt.attention  # noqa: F401  (graphopt::gqa_rotary_attention and its
 from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program
-from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit, fake
+from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, describe_near_misses, emit, fake
 
 aten = torch.ops.aten
 _custom = torch.ops.graphopt
@@ -149,6 +149,6 @@ class GqaRotary(Pass):
         stats = apply_rules(program.module, [gqa_rotary_rule()], provenance=self.name)
         misses = [m.to_dict() for m in stats.near_misses[:8]]
         reason = "no GroupQueryAttention reads rotary queries and keys of one packed projection (run gqa-attention, rotary and pack-linears first)"
-        if misses:
-            reason += "; near misses: " + "; ".join(f"{m['node']}: {m['check']}: {m['reason']}" for m in misses[:3])
+        if stats.near_misses:
+            reason += "; near misses: " + describe_near_misses(stats.near_misses, 3)
         return PassResult.of(program, stats.total > 0, GqaRotaryInfo(fused=stats.total, near_misses=misses), reason)
