@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 @dataclass
 class ProgramStats:
@@ -31,15 +33,74 @@ class ProgramStats:
 
 
 def count_flops(program) -> int | None:
-    """FLOPs of one run on the example inputs, as torch's flop counter sees them."""
+    """FLOPs of one run on the example inputs, as torch's flop counter sees them.
+
+    graphopt's own ops (``graphopt::*``: quantized linears, fused attention, ...) are opaque to
+    the counter, which would read 0 for them, so a quantized or fused program would seem to do
+    no work. Each is counted by what its eager reference computes (see :func:`_own_op_formulas`).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_own_op_formulas()) as counter:
             program.run()
         return int(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - FLOPs are informative; never fail a build on them
         return None
+
+
+def _own_op_formulas() -> dict:
+    """A flop formula for CPU SDPA and for every registered ``graphopt::`` custom op: the FLOPs its eager
+    reference performs, counted on meta copies of its inputs (shapes only, no compute) and on
+    the real inputs where the reference needs values (a data-dependent shape, ``.item()``)."""
+    from torch._library.custom_ops import OPDEFS  # the registry torch.library.custom_op fills
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    cpu_sdpa._get_raw = True  # type: ignore[attr-defined]
+    # torch counts SDPA's CUDA kernels but not the CPU one it dispatches to here
+    formulas: dict = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+
+    def counted(reference):
+        def formula(*args, out_val=None, **kwargs) -> int:
+            for inputs in (_on_meta(args, kwargs), (args, kwargs)):
+                try:
+                    with FlopCounterMode(display=False, custom_mapping=formulas) as inner:
+                        reference(*inputs[0], **inputs[1])
+                    return int(inner.get_total_flops())
+                except Exception:  # noqa: BLE001 - meta could not run it: count on the real inputs
+                    continue
+            return 0
+
+        formula._get_raw = True  # called with the op's own arguments
+        return formula
+
+    def linear(weight_at: int, *, nbits: bool = False):
+        # 2 * rows * K * N: the references pad K to whole blocks or split it into exact pieces,
+        # which is how they compute, not the work of the kernel they stand for
+        def formula(*args, out_val=None, **kwargs) -> int:
+            x = args[0]
+            n = int(args[6]) if nbits else int(args[weight_at].shape[1])
+            return 2 * x.numel() * n
+
+        formula._get_raw = True  # type: ignore[attr-defined]
+        return formula
+
+    linears = {"linear_dynamic_int8": linear(1), "linear_static_int8": linear(3), "linear_nbits": linear(0, nbits=True)}
+    for qualname, opdef in OPDEFS.items():
+        namespace, name = qualname.split("::", 1)
+        if namespace == "graphopt":
+            formulas[getattr(torch.ops.graphopt, name)] = linears.get(name) or counted(opdef._init_fn)
+    return formulas
+
+
+def _on_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def meta(value):
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    return torch.utils._pytree.tree_map(meta, args), torch.utils._pytree.tree_map(meta, kwargs)
 
 
 @dataclass
@@ -96,8 +157,7 @@ class Report:
         if self.verification:
             v = self.verification
             lines.append(f"Verified on: {v.get('source', '')} ({v.get('samples', '?')} samples in {v.get('batches', '?')} batches, besides the example)")
-        lines += ["", "| pass | status | time (s) | nodes | parameters | bytes | GFLOPs | step max rel | total cosine | note |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "| pass | status | time (s) | nodes | parameters | bytes | GFLOPs | step max rel | total cosine | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         if self.initial:
             lines.append(_row("(captured)", "", None, self.initial, None, None, ""))
         for rec in self.passes:
@@ -159,18 +219,24 @@ def _row(text, status, wall, stats, step, total, note) -> str:
         return "" if v is None else format(v, fmt)
 
     gflops = None if stats is None or stats.flops is None else stats.flops / 1e9
-    return "| " + " | ".join([
-        f"`{text}`" if text != "(captured)" else text,
-        status,
-        num(wall, ".2f"),
-        num(stats.nodes if stats else None, "d"),
-        num(stats.parameters if stats else None, ","),
-        num(stats.parameter_bytes if stats else None, ","),
-        num(gflops, ".3f"),
-        num(step.get("max_rel") if step else None, ".2e") if step and isinstance(step.get("max_rel"), float) else "",
-        num(total.get("cosine") if total else None, ".6f") if total and isinstance(total.get("cosine"), float) else "",
-        note.replace("|", "/"),
-    ]) + " |"
+    return (
+        "| "
+        + " | ".join(
+            [
+                f"`{text}`" if text != "(captured)" else text,
+                status,
+                num(wall, ".2f"),
+                num(stats.nodes if stats else None, "d"),
+                num(stats.parameters if stats else None, ","),
+                num(stats.parameter_bytes if stats else None, ","),
+                num(gflops, ".3f"),
+                num(step.get("max_rel") if step else None, ".2e") if step and isinstance(step.get("max_rel"), float) else "",
+                num(total.get("cosine") if total else None, ".6f") if total and isinstance(total.get("cosine"), float) else "",
+                note.replace("|", "/"),
+            ]
+        )
+        + " |"
+    )
 
 
 def _summarize_info(info: dict) -> str:

@@ -654,3 +654,24 @@ def test_static_calibration_method_changes_the_ranges_and_still_passes_parity(me
 def test_calibration_method_needs_static_mode():
     with pytest.raises(ConfigError, match="calibration_method applies to mode=static"):
         Quantize(mode="dynamic", calibration_method="mse")
+
+
+def test_report_flops_count_graphopt_ops_as_the_work_they_replace():
+    # graphopt's own ops are opaque to torch's flop counter: it read 0 for a quantized program
+    # and dropped the attention of a fused one. The multiply-adds stay the same through exact
+    # rewrites and quantization; pruning removes some.
+    model, inputs = zoo.tiny_model("bert"), zoo.example_inputs("bert")
+    captured = graphopt.optimize(model, "dce", kwargs=inputs).report.initial.flops
+    assert captured and captured > 0
+    for recipe in ("sdpa, fused-attention", "int8", "balanced", "int4"):
+        report = graphopt.optimize(model, recipe, kwargs=inputs).report
+        assert report.ok, (recipe, report.failures)
+        assert [r.after.flops for r in report.passes] == [captured] * len(report.passes), recipe
+    pruned = graphopt.optimize(model, "sdpa, prune{ffn=0.5}", kwargs=inputs, budget=graphopt.Budget(min_cosine=0.0)).report
+    assert 0 < pruned.final.flops < captured
+    # a decoder: GroupQueryAttention, rotary and int4 linears (whose reference pads K to a whole block)
+    from graphopt.decoder import capture_decoder
+
+    decoder = graphopt.optimize(capture_decoder(zoo.tiny_causal_lm("llama", "sdpa")), "gqa-attention, rotary, pack-linears, quantize{mode=weight_only,bits=4}")
+    assert decoder.report.ok, decoder.report.failures
+    assert len({decoder.report.initial.flops, *(r.after.flops for r in decoder.report.passes)}) == 1 and decoder.report.initial.flops > 0
