@@ -56,12 +56,8 @@ def _own_op_formulas() -> dict:
     from torch._library.custom_ops import OPDEFS  # the registry torch.library.custom_op fills
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    def cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
-        return sdpa_flop_count(query.shape, key.shape, value.shape)
-
-    cpu_sdpa._get_raw = True  # type: ignore[attr-defined]
     # torch counts SDPA's CUDA kernels but not the CPU one it dispatches to here
-    formulas: dict = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    formulas: dict = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _raw(lambda q, k, v, *_, **__: sdpa_flop_count(q.shape, k.shape, v.shape))}
 
     def counted(reference):
         def formula(*args, out_val=None, **kwargs) -> int:
@@ -74,26 +70,29 @@ def _own_op_formulas() -> dict:
                     continue
             return 0
 
-        formula._get_raw = True  # called with the op's own arguments
-        return formula
+        return _raw(formula)
 
-    def linear(weight_at: int, *, nbits: bool = False):
+    def linear(out_features):
         # 2 * rows * K * N: the references pad K to whole blocks or split it into exact pieces,
         # which is how they compute, not the work of the kernel they stand for
-        def formula(*args, out_val=None, **kwargs) -> int:
-            x = args[0]
-            n = int(args[6]) if nbits else int(args[weight_at].shape[1])
-            return 2 * x.numel() * n
+        return _raw(lambda x, *args, **kwargs: 2 * x.numel() * int(out_features(args)))
 
-        formula._get_raw = True  # type: ignore[attr-defined]
-        return formula
-
-    linears = {"linear_dynamic_int8": linear(1), "linear_static_int8": linear(3), "linear_nbits": linear(0, nbits=True)}
+    linears = {
+        "linear_dynamic_int8": linear(lambda args: args[0].shape[1]),  # w_q [K, N]
+        "linear_static_int8": linear(lambda args: args[2].shape[1]),  # x_scale, x_zero_point, w_q [K, N]
+        "linear_nbits": linear(lambda args: args[5]),  # w_packed, scales, zero_points, bias, K, N
+    }
     for qualname, opdef in OPDEFS.items():
         namespace, name = qualname.split("::", 1)
         if namespace == "graphopt":
             formulas[getattr(torch.ops.graphopt, name)] = linears.get(name) or counted(opdef._init_fn)
     return formulas
+
+
+def _raw(formula):
+    """Mark a flop formula as taking the op's own arguments (torch otherwise passes shapes)."""
+    formula._get_raw = True
+    return formula
 
 
 def _on_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -157,7 +156,8 @@ class Report:
         if self.verification:
             v = self.verification
             lines.append(f"Verified on: {v.get('source', '')} ({v.get('samples', '?')} samples in {v.get('batches', '?')} batches, besides the example)")
-        lines += ["", "| pass | status | time (s) | nodes | parameters | bytes | GFLOPs | step max rel | total cosine | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "| pass | status | time (s) | nodes | parameters | bytes | GFLOPs | step max rel | total cosine | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         if self.initial:
             lines.append(_row("(captured)", "", None, self.initial, None, None, ""))
         for rec in self.passes:
@@ -219,24 +219,18 @@ def _row(text, status, wall, stats, step, total, note) -> str:
         return "" if v is None else format(v, fmt)
 
     gflops = None if stats is None or stats.flops is None else stats.flops / 1e9
-    return (
-        "| "
-        + " | ".join(
-            [
-                f"`{text}`" if text != "(captured)" else text,
-                status,
-                num(wall, ".2f"),
-                num(stats.nodes if stats else None, "d"),
-                num(stats.parameters if stats else None, ","),
-                num(stats.parameter_bytes if stats else None, ","),
-                num(gflops, ".3f"),
-                num(step.get("max_rel") if step else None, ".2e") if step and isinstance(step.get("max_rel"), float) else "",
-                num(total.get("cosine") if total else None, ".6f") if total and isinstance(total.get("cosine"), float) else "",
-                note.replace("|", "/"),
-            ]
-        )
-        + " |"
-    )
+    return "| " + " | ".join([
+        f"`{text}`" if text != "(captured)" else text,
+        status,
+        num(wall, ".2f"),
+        num(stats.nodes if stats else None, "d"),
+        num(stats.parameters if stats else None, ","),
+        num(stats.parameter_bytes if stats else None, ","),
+        num(gflops, ".3f"),
+        num(step.get("max_rel") if step else None, ".2e") if step and isinstance(step.get("max_rel"), float) else "",
+        num(total.get("cosine") if total else None, ".6f") if total and isinstance(total.get("cosine"), float) else "",
+        note.replace("|", "/"),
+    ]) + " |"
 
 
 def _summarize_info(info: dict) -> str:
