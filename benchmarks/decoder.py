@@ -142,9 +142,11 @@ _ORT_TIMER = _PEAK_RSS + r"""
 import json, sys, numpy as np
 from graphopt.export import make_session
 from graphopt.export.generation import Generator
-path, prompt_len, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, prompt_len, new_tokens, threads, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 prompt = np.random.default_rng(1).integers(0, 151936, prompt_len).tolist()
 generator = Generator(make_session(path, threads=threads))
+if cache == "copied":  # what the shared buffer is worth: the same graph, its present a new tensor each step
+    generator.shared_buffer = False
 generator.generate([prompt], max_new_tokens=4, eos_token_id=[])
 timings = generator.generate([prompt], max_new_tokens=new_tokens, eos_token_id=[]).timings()
 print(json.dumps({**timings, "peak_rss_mb": peak_rss_mb()}))
@@ -177,7 +179,7 @@ def _run_json(command: list[str], env: dict | None = None) -> dict:
 
 
 def time_all(variants: dict[str, tuple[str, Path]], model_dir: Path, *, rounds: int, prompt: int, new_tokens: int, threads: int) -> dict[str, dict]:
-    """Alternating rounds over every variant (kind "ort", "eager" or "genai"), one subprocess each."""
+    """Alternating rounds over every variant (kind "ort", "ort-copied", "eager" or "genai"), one subprocess each."""
     samples: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(rounds):
         for name, (kind, path) in variants.items():
@@ -188,7 +190,8 @@ def time_all(variants: dict[str, tuple[str, Path]], model_dir: Path, *, rounds: 
 
                 figures = time_genai(path, prompt_len=prompt, new_tokens=new_tokens, rounds=1, threads=threads)
             else:
-                figures = _run_json([sys.executable, "-c", _ORT_TIMER, str(path), str(prompt), str(new_tokens), str(threads)])
+                cache = "copied" if kind == "ort-copied" else "shared"
+                figures = _run_json([sys.executable, "-c", _ORT_TIMER, str(path), str(prompt), str(new_tokens), str(threads), cache])
             samples[name].append(figures)
             print(f"[round {round_index + 1}/{rounds}] {name}: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()})}", flush=True)
     table = {}
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="which graphopt rows")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--copied-cache", action="store_true",
+                        help="also each graphopt row with its cache copied every step (no shared KV buffer): what sharing is worth")
     parser.add_argument("--no-genai", action="store_true", help="leave out the onnxruntime-genai builder row")
     parser.add_argument("--genai-block-sizes", type=int, nargs="*", default=[], help="also the builder at these block_size values (its default: 32)")
     parser.add_argument("--quality", action="store_true", help="measure the lossy recipes on the trained instrument instead of speed")
@@ -293,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[build] {name}: {json.dumps(builds[name], default=str)[:400]}", flush=True)
         variants[name] = ("ort", folder / "model.onnx")
         sizes[name] = folder_bytes(folder / "model.onnx")
+        if args.copied_cache:
+            variants[f"{name}, cache copied"] = ("ort-copied", folder / "model.onnx")
+            sizes[f"{name}, cache copied"] = sizes[name]
     if not args.no_genai:
         try:
             from genai_peer import build_genai

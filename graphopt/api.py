@@ -64,6 +64,8 @@ class OptimizeResult:
             "external_data": str(exported.external_data_path) if exported.external_data_path else None,
             "export_seconds": round(exported.export_seconds, 2),
         }
+        if exported.kv_buffer:  # decoders: whether generation shares one cache buffer between past and present
+            self.report.sections["export"]["kv_buffer"] = exported.kv_buffer
         if parity if parity is not None else settings.parity:
             runtime = self.recipe.runtime
             disabled = list(runtime.disabled_optimizers) if isinstance(runtime.disabled_optimizers, tuple) else runtime.disabled_optimizers

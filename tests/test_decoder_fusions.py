@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -58,8 +59,11 @@ def test_parity_on_prefill_and_decode_steps(fused):
 
 
 def _assert_generates_like_transformers(model, path) -> None:
-    """32 greedy tokens for a left-padded batch: the same ids as transformers, logits within 1e-4."""
-    ours = Generator(make_session(path, threads=1)).generate(PROMPTS, max_new_tokens=32, return_logits=True, eos_token_id=[], pad_token_id=0)
+    """32 greedy tokens for a left-padded batch: the same ids as transformers, logits within 1e-4
+    (every GroupQueryAttention graph runs on one shared buffer per key and value)."""
+    generator = Generator(make_session(path, threads=1))
+    assert generator.shared_buffer
+    ours = generator.generate(PROMPTS, max_new_tokens=32, return_logits=True, eos_token_id=[], pad_token_id=0)
     ids, mask = left_pad(PROMPTS, 0)
     with torch.no_grad():
         theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, output_logits=True,
@@ -134,6 +138,46 @@ def test_the_exporter_skips_reshape_chains_that_change_nothing(fused, monkeypatc
     assert activation_reshapes(path) == 0
     monkeypatch.setattr(onnx_export, "drop_identity_reshapes", lambda model: {})
     assert activation_reshapes(to_onnx(result.program, tmp_path / "kept.onnx").path) >= 2 * 12  # q, k, v and out: 12 a layer
+
+
+# ---- one KV buffer as past and present (GroupQueryAttention's shared-buffer mode) ---------------
+def test_one_buffer_is_past_and_present_and_only_its_written_entries_are_read(fused, monkeypatch):
+    path = fused[3]
+    generator = Generator(make_session(path, threads=1))
+    assert generator.shared_buffer
+    buffers: list = []
+
+    def poisoned(self, batch, capacity):  # NaN wherever the kernel has not written
+        made = [ort.OrtValue.ortvalue_from_numpy(np.full((batch, self.spec.kv_heads, capacity, self.spec.head_dim), np.nan, np.float32))
+                for _ in range(2 * self.spec.layers)]
+        buffers.extend(made)
+        return made
+
+    new = 6
+    monkeypatch.setattr(Generator, "_empty_cache", poisoned)
+    shared = generator.generate(PROMPTS, max_new_tokens=new, return_logits=True, eos_token_id=[], pad_token_id=0)
+    monkeypatch.undo()
+    generator.shared_buffer = False
+    copied = generator.generate(PROMPTS, max_new_tokens=new, return_logits=True, eos_token_id=[], pad_token_id=0)
+    np.testing.assert_array_equal(shared.sequences, copied.sequences)
+    assert all(np.array_equal(a, b) for a, b in zip(shared.logits, copied.logits))  # no NaN read, no entry lost
+    prompt = shared.prompt_length
+    assert shared.cache_lengths == copied.cache_lengths == list(range(prompt, prompt + new))
+    # the kernel wrote every step's keys into the buffers bound as its past: prompt + new - 1 entries
+    # (the last token's are never needed), and nothing past them
+    key = buffers[0].numpy()
+    written = prompt + new - 1
+    assert not np.isnan(key[:, :, :written]).any() and np.isnan(key[:, :, written:]).all()
+
+
+def test_a_cache_written_by_anything_but_group_query_attention_is_not_shared(tmp_path):
+    program = capture_decoder(zoo.tiny_causal_lm("llama", "sdpa"))
+    exported = to_onnx(graphopt.optimize(program, "rms-norm").program, tmp_path / "model.onnx")
+    assert exported.kv_buffer.startswith("not shared: present.0.key is written by Concat")
+    assert "graphopt.kv_buffer" not in {p.key for p in onnx.load(tmp_path / "model.onnx", load_external_data=False).metadata_props}
+    generator = Generator(make_session(tmp_path / "model.onnx", threads=1))
+    assert not generator.shared_buffer
+    assert generator.generate(PROMPTS, max_new_tokens=3, eos_token_id=[], pad_token_id=0).cache_lengths == [7, 8, 9]
 
 
 # ---- gqa-rotary: packed Q/K/V and rotary inside GroupQueryAttention ----------------------------

@@ -7,11 +7,13 @@
 - greedy decoding, or sampling with a seed (temperature, then top-k, then top-p, as
   ``transformers``' logits processors apply them); stop tokens end a row, whose later
   slots get the pad token; ``max_new_tokens`` bounds the run;
-- the cache never leaves ONNX Runtime: each step's ``present.N.*`` outputs are bound, as
-  OrtValues, as the next step's ``past_key_values.N.*`` inputs through IO binding, so a
-  decode step copies no cache into or out of Python. (With a concatenating attention graph
-  ORT still writes the grown cache inside the step; a preallocated buffer shared by past and
-  present needs ``GroupQueryAttention``'s shared-buffer mode.)
+- the cache never leaves ONNX Runtime. Where the export marked the graph shareable
+  (:mod:`graphopt.export.kv_buffer`: every present written by ``GroupQueryAttention`` from
+  its past), one ``[batch, kv_heads, prompt + max_new_tokens, head_dim]`` buffer per key and
+  value is allocated once and bound as both past and present, so no step copies the cache.
+  Otherwise each step's ``present.N.*`` outputs are bound, as OrtValues, as the next step's
+  ``past_key_values.N.*`` inputs through IO binding: nothing goes through Python, but ORT
+  writes the grown cache inside each step.
 - a ``streamer`` callable receives each step's new tokens as they are chosen.
 """
 
@@ -107,10 +109,16 @@ class Generator:
         if self.output_names[: 1 + 2 * spec.layers] != ["logits", *spec.present_names()]:
             raise ConfigError(f"the ONNX model's outputs {self.output_names[:3]}... are not logits, present.0.key, ...")
         self.cache_dtype = np.dtype(spec.cache_dtype)
+        from graphopt.export.kv_buffer import KV_BUFFER_METADATA, SHARED
+
+        metadata = session.get_modelmeta().custom_metadata_map
+        self.shared_buffer = metadata.get(KV_BUFFER_METADATA) == SHARED and spec.cache_window is None
 
     def _run_step(self, binding: Any, step_ids: np.ndarray, cache_mask: np.ndarray, step_positions: np.ndarray, past_values: list[Any]) -> list[Any]:
         feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache_mask, POSITION_IDS: step_positions}
-        return _bind_and_run(self.session, binding, self.output_names, feeds, dict(zip(self.spec.past_names(), past_values)))
+        past = dict(zip(self.spec.past_names(), past_values))
+        shared = dict(zip(self.spec.present_names(), past_values)) if self.shared_buffer else {}
+        return _bind_and_run(self.session, binding, self.output_names, feeds, past, shared)
 
     def logits(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         """Logits of every position of one prefill (past length 0): ``[batch, seq, vocab]``
@@ -158,8 +166,7 @@ class Generator:
         rng = np.random.default_rng(sampling.seed)
 
         binding = self.session.io_binding()
-        past = [np.zeros((batch, spec.kv_heads, 0, spec.head_dim), dtype=self.cache_dtype) for _ in range(2 * spec.layers)]
-        past_values: list[Any] = [ort.OrtValue.ortvalue_from_numpy(p) for p in past]
+        past_values = self._empty_cache(batch, prompt_length + max_new_tokens)
         result = GenerationResult(sequences=ids, prompt_length=prompt_length)
         finished = np.zeros(batch, dtype=bool)
         new_tokens: list[np.ndarray] = []
@@ -171,8 +178,9 @@ class Generator:
             step_positions = _positions(full_mask)[:, -step_ids.shape[1] :]
             outputs = self._run_step(binding, step_ids, cache_mask, step_positions, past_values)
             logits = outputs[0].numpy()[:, -1, :]
-            past_values = outputs[1 : 1 + 2 * spec.layers]
-            result.cache_lengths.append(int(past_values[0].shape()[2]) if past_values else 0)
+            if not self.shared_buffer:  # else the step wrote into the buffers past_values already holds
+                past_values = outputs[1 : 1 + 2 * spec.layers]
+            result.cache_lengths.append(cache_mask.shape[1] if self.shared_buffer else int(past_values[0].shape()[2]) if past_values else 0)
             token = _choose(logits, sampling, rng)
             token = np.where(finished, pad, token)
             elapsed = (time.perf_counter() - start) * 1e3
@@ -196,7 +204,19 @@ class Generator:
         return result
 
 
-def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, np.ndarray], past: dict[str, Any]) -> list[Any]:
+    def _empty_cache(self, batch: int, capacity: int) -> list[Any]:
+        """The past of a prefill: empty, or the shared buffers of ``capacity`` entries."""
+        spec = self.spec
+        if self.shared_buffer:  # never read beyond the mask's entries, so left uninitialised
+            shape = [batch, spec.kv_heads, capacity, spec.head_dim]
+            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype.type, "cpu") for _ in range(2 * spec.layers)]
+        empty = np.zeros((batch, spec.kv_heads, 0, spec.head_dim), dtype=self.cache_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * spec.layers)]
+
+
+def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, np.ndarray], past: dict[str, Any],
+                  shared: dict[str, Any]) -> list[Any]:
+    """One step through IO binding; ``shared`` maps present outputs to the past buffers they write into."""
     binding.clear_binding_inputs()
     binding.clear_binding_outputs()
     for name, array in feeds.items():
@@ -204,7 +224,10 @@ def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: lis
     for name, value in past.items():  # the previous step's present, still inside ORT
         binding.bind_ortvalue_input(name, value)
     for name in output_names:
-        binding.bind_output(name, "cpu")
+        if name in shared:
+            binding.bind_ortvalue_output(name, shared[name])
+        else:
+            binding.bind_output(name, "cpu")
     session.run_with_iobinding(binding)
     return binding.get_outputs()
 

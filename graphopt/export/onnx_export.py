@@ -67,6 +67,9 @@ class ExportResult:
     # as written; None where the ONNX optimizer removed the value): the per-op parity check
     # reads it, so it needs no second export. See graphopt.export.op_parity.
     op_sites: tuple[OpSite, ...] = ()
+    # Decoders: whether the runtime may bind one preallocated buffer as past and present
+    # (graphopt.export.kv_buffer), and why not where it may not.
+    kv_buffer: str = ""
 
 
 DECODER_METADATA = "graphopt.decoder"  # model metadata key: the DecoderSpec of a decoder step graph
@@ -113,8 +116,10 @@ def to_onnx(
     dynamic_axes = dynamic_axis_names(program)
     onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
     inputs = _rename_inputs(model.graph, onnx_input_names(program))
+    kv_buffer = ""
     if "decoder" in program.meta:  # what a generation runtime needs to drive the cache
         model.metadata_props[DECODER_METADATA] = json.dumps(dict(program.meta["decoder"]))
+        kv_buffer = _share_kv_buffer(model, program.meta["decoder"])
 
     initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     use_external = initializer_bytes > EXTERNAL_DATA_THRESHOLD_BYTES if external_data == "auto" else external_data
@@ -135,7 +140,18 @@ def to_onnx(
         external_data_path=written_data,
         deduplicated_initializers=deduplicated,
         op_sites=tuple(sites),
+        kv_buffer=kv_buffer,
     )
+
+
+def _share_kv_buffer(model: ir.Model, spec_dict: Mapping[str, Any]) -> str:
+    from graphopt.decoder import ATTENTION_MASK, INPUT_IDS, DecoderSpec
+
+    from .kv_buffer import SHARED, share_kv_buffer
+
+    spec = DecoderSpec.from_dict(dict(spec_dict))
+    shared = share_kv_buffer(model, spec.past_names(), spec.present_names(), mask_name=ATTENTION_MASK, ids_name=INPUT_IDS)
+    return SHARED if shared.shared else f"not shared: {shared.reason}"
 
 
 # ---- exporting and rewriting the ONNX graph ----------------------------------------------
