@@ -92,7 +92,9 @@ def session_spec(session: ort.InferenceSession) -> DecoderSpec:
 
 
 class Generator:
-    """Generate with a decoder session; ``spec`` defaults to the one the export recorded."""
+    """Generate with a decoder session; ``spec`` defaults to the one the export recorded.
+    ``shared_buffer`` says whether it binds one cache buffer as past and present (set from the
+    export's mark; setting it False runs a marked graph with its cache copied each step)."""
 
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec | None = None) -> None:
         if not hasattr(session, "io_binding"):
@@ -178,9 +180,11 @@ class Generator:
             step_positions = _positions(full_mask)[:, -step_ids.shape[1] :]
             outputs = self._run_step(binding, step_ids, cache_mask, step_positions, past_values)
             logits = outputs[0].numpy()[:, -1, :]
-            if not self.shared_buffer:  # else the step wrote into the buffers past_values already holds
+            if self.shared_buffer:  # the step wrote into the buffers past_values holds; the mask says how far
+                result.cache_lengths.append(cache_mask.shape[1])
+            else:
                 past_values = outputs[1 : 1 + 2 * spec.layers]
-            result.cache_lengths.append(cache_mask.shape[1] if self.shared_buffer else int(past_values[0].shape()[2]) if past_values else 0)
+                result.cache_lengths.append(int(past_values[0].shape()[2]) if past_values else 0)
             token = _choose(logits, sampling, rng)
             token = np.where(finished, pad, token)
             elapsed = (time.perf_counter() - start) * 1e3
@@ -202,7 +206,6 @@ class Generator:
             cache_mask = np.concatenate([trim_to_window(cache_mask, spec.cache_window), one], axis=1)
         result.sequences = np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
         return result
-
 
     def _empty_cache(self, batch: int, capacity: int) -> list[Any]:
         """The past of a prefill: empty, or the shared buffers of ``capacity`` entries."""
