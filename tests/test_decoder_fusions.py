@@ -181,22 +181,23 @@ def test_a_cache_written_by_anything_but_group_query_attention_is_not_shared(tmp
 
 
 # ---- gqa-rotary: packed Q/K/V and rotary inside GroupQueryAttention ----------------------------
-def _head_dim_16_lm(arch: str) -> torch.nn.Module:
+def _head_dim_16_lm(arch: str, attention: str = "sdpa") -> torch.nn.Module:
     """ORT applies rotary inside GroupQueryAttention only to head dims that are multiples of 16."""
     import transformers as tf
 
     config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
     torch.manual_seed(0)
     config = config_cls(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation=attention)
     return model_cls(config).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gqa_rotary_is_one_kernel_and_generates_what_transformers_generates(arch, tmp_path):
-    model = _head_dim_16_lm(arch)
+@pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("qwen2", "sdpa"), ("qwen2", "eager")])
+def test_gqa_rotary_is_one_kernel_and_generates_what_transformers_generates(arch, attention, tmp_path):
+    # eager attention (after the sdpa pass) flattens its heads through a contiguous copy
+    model = _head_dim_16_lm(arch, attention)
     program = capture_decoder(model)
-    result = graphopt.optimize(program, f"{FUSED}, gqa-rotary")
+    result = graphopt.optimize(program, f"{'sdpa, ' if attention == 'eager' else ''}{FUSED}, gqa-rotary")
     assert result.report.ok, result.report.passes
     assert result.report.passes[-1].info["fused"] == 2
     ops = result.program.op_histogram()

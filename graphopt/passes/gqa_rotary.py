@@ -55,7 +55,8 @@ def _head_view(node: Any, heads: int, dim: int) -> tuple[fx.Node, int] | NoMatch
 
 def _flattened(node: fx.Node, width: int) -> fx.Node | NoMatch:
     """The ``reshape(transpose(attention, 1, 2), [batch, seq, heads * dim])`` that reads the
-    attention output (``getitem(node, 0)``), through views that keep its shape."""
+    attention output (``getitem(node, 0)``), through views that keep its shape and the
+    ``contiguous`` copy eager attention makes of the transpose."""
     outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     if len(outs) != 1:
         return NoMatch("output", f"'{node.name}': its attention output is not read once")
@@ -68,6 +69,9 @@ def _flattened(node: fx.Node, width: int) -> fx.Node | NoMatch:
             continue
         if user.target is aten.transpose.int and tuple(user.args[1:]) in ((1, 2), (2, 1)) and len(user.users) == 1:
             flat = next(iter(user.users))
+            # eager attention copies the transposed heads before flattening them
+            while flat.target in (aten.clone.default, aten.contiguous.default) and len(flat.users) == 1:
+                flat = next(iter(flat.users))
             val = fake(flat)
             if flat.target in (aten.view.default, aten.reshape.default) and val is not None and val.dim() == 3 and val.shape[-1] == width:
                 return flat
