@@ -66,6 +66,8 @@ class OptimizeResult:
         }
         if exported.kv_buffer:  # decoders: whether generation shares one cache buffer between past and present
             self.report.sections["export"]["kv_buffer"] = exported.kv_buffer
+        if exported.skip_norms:  # residual Adds fused with the RMSNorm after them
+            self.report.sections["export"]["skip_norms"] = exported.skip_norms
         if parity if parity is not None else settings.parity:
             runtime = self.recipe.runtime
             disabled = list(runtime.disabled_optimizers) if isinstance(runtime.disabled_optimizers, tuple) else runtime.disabled_optimizers

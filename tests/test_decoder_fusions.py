@@ -174,10 +174,30 @@ def test_a_cache_written_by_anything_but_group_query_attention_is_not_shared(tmp
     program = capture_decoder(zoo.tiny_causal_lm("llama", "sdpa"))
     exported = to_onnx(graphopt.optimize(program, "rms-norm").program, tmp_path / "model.onnx")
     assert exported.kv_buffer.startswith("not shared: present.0.key is written by Concat")
+    assert exported.skip_norms == 0  # a graph of standard ONNX ops stays one
     assert "graphopt.kv_buffer" not in {p.key for p in onnx.load(tmp_path / "model.onnx", load_external_data=False).metadata_props}
     generator = Generator(make_session(tmp_path / "model.onnx", threads=1))
     assert not generator.shared_buffer
     assert generator.generate(PROMPTS, max_new_tokens=3, eos_token_id=[], pad_token_id=0).cache_lengths == [7, 8, 9]
+
+
+# ---- residual Add + RMSNorm as SkipSimplifiedLayerNormalization -------------------------------
+@pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("qwen2", "eager")])
+def test_each_residual_add_and_the_norm_after_it_are_one_kernel(arch, attention, tmp_path):
+    model = zoo.tiny_causal_lm(arch, attention)
+    recipe = f"{'sdpa, ' if attention == 'eager' else ''}rms-norm, {FUSED}"
+    result = graphopt.optimize(capture_decoder(model), recipe)
+    path = tmp_path / "model.onnx"
+    exported = to_onnx(result.program, path)
+    # per layer: the attention's residual with the post-attention norm, the MLP's with the next
+    # layer's norm (the final norm after the last): 2 layers, 4 kernels; the first norm reads
+    # the embedding, no Add, and stays for ORT's own fusion
+    assert exported.skip_norms == 4
+    nodes = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+    assert nodes.count("SkipSimplifiedLayerNormalization") == 4 and nodes.count("Div") == 1 and nodes.count("ReduceMean") == 1
+    report = check_parity(result.program, path, raise_on_failure=False)
+    assert report.passed, report.failure_message()
+    _assert_generates_like_transformers(model, path)
 
 
 # ---- gqa-rotary: packed Q/K/V and rotary inside GroupQueryAttention ----------------------------

@@ -70,6 +70,9 @@ class ExportResult:
     # Decoders: whether the runtime may bind one preallocated buffer as past and present
     # (graphopt.export.kv_buffer), and why not where it may not.
     kv_buffer: str = ""
+    # Decoders lowered to ORT kernels: residual Adds fused with the RMSNorm after them
+    # (graphopt.export.skip_norm).
+    skip_norms: int = 0
 
 
 DECODER_METADATA = "graphopt.decoder"  # model metadata key: the DecoderSpec of a decoder step graph
@@ -116,10 +119,14 @@ def to_onnx(
     dynamic_axes = dynamic_axis_names(program)
     onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
     inputs = _rename_inputs(model.graph, onnx_input_names(program))
-    kv_buffer = ""
+    kv_buffer, skip_norms = "", 0
     if "decoder" in program.meta:  # what a generation runtime needs to drive the cache
         model.metadata_props[DECODER_METADATA] = json.dumps(dict(program.meta["decoder"]))
         kv_buffer = _share_kv_buffer(model, program.meta["decoder"])
+        if optimize and "com.microsoft" in model.opset_imports:  # already an ORT graph: its norms may be ORT's too
+            from .skip_norm import fuse_skip_rms_norm
+
+            skip_norms = fuse_skip_rms_norm(model)
 
     initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     use_external = initializer_bytes > EXTERNAL_DATA_THRESHOLD_BYTES if external_data == "auto" else external_data
@@ -141,6 +148,7 @@ def to_onnx(
         deduplicated_initializers=deduplicated,
         op_sites=tuple(sites),
         kv_buffer=kv_buffer,
+        skip_norms=skip_norms,
     )
 
 
