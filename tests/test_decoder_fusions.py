@@ -52,10 +52,12 @@ def test_every_layer_fuses_and_exports_one_kernel(fused):
 
 
 def test_parity_on_prefill_and_decode_steps(fused):
-    _, _, result, path = fused
-    report = check_parity(result.program, path, raise_on_failure=False)
+    _, program, result, path = fused
+    # against the original too, as the build checks an exact recipe: the kernel's padding rows
+    # (0 where SDPA averages) are read by nothing and are settled against the original's own
+    report = check_parity(result.program, path, raise_on_failure=False, original=program, original_max_rel=1e-5)
     assert report.passed, report.failure_message()
-    assert any("decode" in label for label in report.input_sets)
+    assert any("decode" in label for label in report.input_sets) and report.original
 
 
 def _assert_generates_like_transformers(model, path) -> None:
