@@ -50,7 +50,7 @@ generator.generate([prompt], max_new_tokens=4, eos_token_id=[])
 rss = []
 result = generator.generate([prompt], max_new_tokens=new_tokens, eos_token_id=[], streamer=lambda _t: rss.append(rss_mb()))
 print(json.dumps({"prefill_ms": result.prefill_ms, "decode_ms": result.decode_ms, "cache_lengths": result.cache_lengths, "rss_mb": rss,
-                  "peak_rss_mb": peak_rss_mb()}))
+                  "buffer_slots": result.buffer_slots, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -114,15 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds == 0:  # build (and cache) only
         return 0
     runs: dict[str, list[list[dict]]] = {name: [] for name in VARIANTS}
+    buffers: dict[str, int] = {}  # entries of the KV buffer the runtime allocated once (0: the cache grows in ORT's presents)
     for round_index in range(args.rounds):
         for name, path in paths.items():
             run = _run_json([sys.executable, "-c", _TIMER, str(path), str(args.prompt), str(args.new_tokens), str(args.threads)])
             runs[name].append(segments(run, QWEN25_05B))
+            buffers[name] = run.get("buffer_slots", 0)
             last = runs[name][-1]
             print(f"[round {round_index + 1}/{args.rounds}] {name}: first {last[0]['tokens_per_s']:.1f} tok/s, last {last[-1]['tokens_per_s']:.1f} tok/s, "
-                  f"cache {last[-1]['cache_entries']}, peak RSS {run['peak_rss_mb']:.0f} MiB", flush=True)
+                  f"cache {last[-1]['cache_entries']}, buffer {buffers[name]} entries, peak RSS {run['peak_rss_mb']:.0f} MiB", flush=True)
     table = {name: median_segments(r) for name, r in runs.items()}
-    text = markdown(table)
+    text = markdown(table) + "\n\nKV buffers allocated once: " + ", ".join(
+        f"{name} {slots} entries ({kv_bytes(slots, QWEN25_05B) / 2**20:.0f} MiB)" for name, slots in buffers.items() if slots)
     print(text)
     (out / "window_long.md").write_text(text + "\n")
     (out / "window_long.json").write_text(json.dumps({"table": table, "runs": runs, "args": vars(args)}, indent=2, default=str))

@@ -233,8 +233,11 @@ def build_decoder(loaded, recipe: Recipe, options: BuildOptions, splits: TextSpl
     from graphopt.decoder import decoder_spec
     from graphopt.report import atomic_write_text
 
-    # onnxruntime-genai reads the bundle too (tests/test_decoder_build.py runs it when installed)
-    atomic_write_text(out / GENAI_CONFIG, json.dumps(genai_config(decoder_spec(program), loaded.model.config, threads=threads), indent=2))
+    window = decoder_spec(result.program).cache_window
+    if window is None:  # onnxruntime-genai reads the bundle too (tests/test_decoder_build.py runs it when installed)
+        atomic_write_text(out / GENAI_CONFIG, json.dumps(genai_config(decoder_spec(program), loaded.model.config, threads=threads), indent=2))
+    else:
+        report.sections["export"]["genai_config"] = f"not written: onnxruntime-genai would not apply the cache window {window}"
     _finish(build_result, loaded, recipe, out, threads, target)
     return build_result
 

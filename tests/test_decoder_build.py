@@ -131,3 +131,19 @@ def test_onnxruntime_genai_runs_the_bundle(bundle):
         theirs.append(int(generator.get_next_tokens()[0]))
     ours = graphopt.generate(bundle, input_ids=[[5, 6, 7, 8, 9]], max_new_tokens=16, eos_token_id=[])[0, 5:].tolist()
     assert theirs == ours
+
+
+def test_a_windowed_bundle_leaves_the_window_to_graphopt_runtime(causal_dir, tmp_path):
+    """window-attention on GroupQueryAttention: the export hands the window to graphopt's runtime
+    (one shared buffer), so the bundle carries no genai_config.json (onnxruntime-genai would
+    attend over the whole cache) and says why; it generates past the window with a capped cache."""
+    out = tmp_path / "out"
+    pipeline = "sdpa, gqa-attention, window-attention{sinks=2,window=160}"  # longer than the verification texts
+    assert main(["optimize", "--model", str(causal_dir), "--recipe", recipe(tmp_path, pipeline), "--out", str(out), *FAST, "--no-baseline"]) == EXIT_OK
+    export = json.loads((out / "report.json").read_text())["sections"]["export"]
+    assert export["kv_buffer"] == "shared; the runtime applies the cache window (2, 160)"
+    assert export["genai_config"] == "not written: onnxruntime-genai would not apply the cache window (2, 160)"
+    assert not (out / "genai_config.json").exists()
+    result = graphopt.generate(out, input_ids=[[5, 6, 7, 8, 9]], max_new_tokens=300, eos_token_id=[], return_result=True)
+    assert result.new_tokens.shape == (1, 300) and max(result.cache_lengths) == 162  # past the model's 256 positions
+    assert result.buffer_slots == 2 + 160 + 64  # sinks + window + the runtime's slack, not 5 + 300

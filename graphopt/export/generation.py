@@ -14,6 +14,11 @@
   Otherwise each step's ``present.N.*`` outputs are bound, as OrtValues, as the next step's
   ``past_key_values.N.*`` inputs through IO binding: nothing goes through Python, but ORT
   writes the grown cache inside each step.
+- a windowed cache (``window-attention``) is trimmed by the graph, or, where the export handed
+  the window to the runtime (:data:`graphopt.export.kv_buffer.RUNTIME_WINDOW`, a shared-buffer
+  graph), here: the slots the window drops are masked at once, and the kept ones are moved to
+  the front of the buffer only when it fills, ``window_slack`` steps after the last move, so
+  a step neither copies nor attends beyond ``sinks + window + window_slack`` entries.
 - a ``streamer`` callable receives each step's new tokens as they are chosen.
 """
 
@@ -48,6 +53,7 @@ class GenerationResult:
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)
     cache_lengths: list[int] = field(default_factory=list)  # entries the graph's present cache holds after each step
+    buffer_slots: int = 0  # entries allocated per key and value buffer when they are shared (0: ORT grows each present)
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -111,15 +117,19 @@ class Generator:
         if self.output_names[: 1 + 2 * spec.layers] != ["logits", *spec.present_names()]:
             raise ConfigError(f"the ONNX model's outputs {self.output_names[:3]}... are not logits, present.0.key, ...")
         self.cache_dtype = np.dtype(spec.cache_dtype)
-        from graphopt.export.kv_buffer import KV_BUFFER_METADATA, SHARED
+        from graphopt.export.kv_buffer import KV_BUFFER_METADATA, RUNTIME_WINDOW, SHARED, WINDOW_METADATA
 
         metadata = session.get_modelmeta().custom_metadata_map
-        self.shared_buffer = metadata.get(KV_BUFFER_METADATA) == SHARED and spec.cache_window is None
+        self.shared_buffer = metadata.get(KV_BUFFER_METADATA) == SHARED
+        # a windowed graph either gathers its kept slots into each present (never shared) or
+        # returns its whole cache and leaves the window to the runtime (shared-buffer graphs)
+        self.runtime_window = spec.cache_window is not None and metadata.get(WINDOW_METADATA) == RUNTIME_WINDOW
+        self.window_slack = WINDOW_SLACK
 
-    def _run_step(self, binding: Any, step_ids: np.ndarray, cache_mask: np.ndarray, step_positions: np.ndarray, past_values: list[Any]) -> list[Any]:
-        feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache_mask, POSITION_IDS: step_positions}
-        past = dict(zip(self.spec.past_names(), past_values))
-        shared = dict(zip(self.spec.present_names(), past_values)) if self.shared_buffer else {}
+    def _run_step(self, binding: Any, step_ids: np.ndarray, step_positions: np.ndarray, cache: _KvCache) -> list[Any]:
+        feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache.mask, POSITION_IDS: step_positions}
+        past = dict(zip(self.spec.past_names(), cache.values))
+        shared = dict(zip(self.spec.present_names(), cache.values)) if cache.shared else {}
         return _bind_and_run(self.session, binding, self.output_names, feeds, past, shared)
 
     def logits(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
@@ -168,23 +178,17 @@ class Generator:
         rng = np.random.default_rng(sampling.seed)
 
         binding = self.session.io_binding()
-        past_values = self._empty_cache(batch, prompt_length + max_new_tokens)
-        result = GenerationResult(sequences=ids, prompt_length=prompt_length)
+        cache = self._empty_cache(mask, prompt_length + max_new_tokens)
+        result = GenerationResult(sequences=ids, prompt_length=prompt_length, buffer_slots=cache.capacity if cache.shared else 0)
         finished = np.zeros(batch, dtype=bool)
         new_tokens: list[np.ndarray] = []
-        # ``full_mask`` covers every token so far (positions count it); ``cache_mask`` covers the
-        # cache entries the graph keeps (all of them, unless the cache is windowed).
-        step_ids, full_mask, cache_mask = ids, mask, mask
+        step_ids, full_mask = ids, mask  # ``full_mask`` covers every token so far: positions count it
         for step in range(max_new_tokens):
             start = time.perf_counter()
             step_positions = _positions(full_mask)[:, -step_ids.shape[1] :]
-            outputs = self._run_step(binding, step_ids, cache_mask, step_positions, past_values)
+            outputs = self._run_step(binding, step_ids, step_positions, cache)
             logits = outputs[0].numpy()[:, -1, :]
-            if self.shared_buffer:  # the step wrote into the buffers past_values holds; the mask says how far
-                result.cache_lengths.append(cache_mask.shape[1])
-            else:
-                past_values = outputs[1 : 1 + 2 * spec.layers]
-                result.cache_lengths.append(int(past_values[0].shape()[2]) if past_values else 0)
+            result.cache_lengths.append(cache.stepped(outputs[1 : 1 + 2 * spec.layers]))
             token = _choose(logits, sampling, rng)
             token = np.where(finished, pad, token)
             elapsed = (time.perf_counter() - start) * 1e3
@@ -201,20 +205,86 @@ class Generator:
             if finished.all():
                 break
             step_ids = token[:, None]
-            one = np.ones((batch, 1), dtype=full_mask.dtype)
-            full_mask = np.concatenate([full_mask, one], axis=1)
-            cache_mask = np.concatenate([trim_to_window(cache_mask, spec.cache_window), one], axis=1)
+            full_mask = np.concatenate([full_mask, np.ones((batch, 1), dtype=full_mask.dtype)], axis=1)
+            cache.make_room(1)
         result.sequences = np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
         return result
 
-    def _empty_cache(self, batch: int, capacity: int) -> list[Any]:
-        """The past of a prefill: empty, or the shared buffers of ``capacity`` entries."""
+    def _empty_cache(self, prompt_mask: np.ndarray, needed: int) -> _KvCache:
+        """The cache before the prefill: empty, or the shared buffers (``needed`` entries, or
+        the window's sinks + window + slack when that is fewer)."""
         spec = self.spec
-        if self.shared_buffer:  # never read beyond the mask's entries, so left uninitialised
-            shape = [batch, spec.kv_heads, capacity, spec.head_dim]
-            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype.type, "cpu") for _ in range(2 * spec.layers)]
-        empty = np.zeros((batch, spec.kv_heads, 0, spec.head_dim), dtype=self.cache_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * spec.layers)]
+        batch = prompt_mask.shape[0]
+        window = spec.cache_window if self.runtime_window else None
+        if not self.shared_buffer:
+            arrays = [np.zeros((batch, spec.kv_heads, 0, spec.head_dim), dtype=self.cache_dtype) for _ in range(2 * spec.layers)]
+            graph_window = spec.cache_window if not self.runtime_window else None
+            return _KvCache(arrays, prompt_mask, shared=False, window=window, slack=self.window_slack, graph_window=graph_window)
+        capacity = needed if window is None else min(needed, sum(window) + max(1, self.window_slack))
+        return _KvCache(self._new_buffers(batch, capacity), prompt_mask, shared=True, window=window, slack=self.window_slack)
+
+    def _new_buffers(self, batch: int, capacity: int) -> list[np.ndarray]:
+        """One shared buffer per key and value; never read beyond the mask's entries, so left uninitialised."""
+        spec = self.spec
+        return [np.empty((batch, spec.kv_heads, capacity, spec.head_dim), dtype=self.cache_dtype) for _ in range(2 * spec.layers)]
+
+
+WINDOW_SLACK = 64  # entries a runtime-applied window's buffer holds past sinks + window: it is compacted once per this many steps
+
+
+class _KvCache:
+    """The cache between steps: its values as ORT holds them (the shared buffers, or the last
+    step's presents), and ``mask``, the next step's attention mask over the cache's slots and
+    its new tokens. A window is trimmed by the graph (``graph_window``: the mask follows it) or
+    applied here (``window``): slots the window drops are masked, and the kept ones move to
+    the front once the buffer (or, for copied caches, sinks + window + slack) is full."""
+
+    def __init__(self, arrays: list[np.ndarray], prompt_mask: np.ndarray, *, shared: bool, window: tuple[int, int] | None = None,
+                 slack: int = WINDOW_SLACK, graph_window: tuple[int, int] | None = None) -> None:
+        self.arrays = arrays  # the shared buffers: ORT reads and writes this memory (OrtValues over it, not copies)
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        self.mask = prompt_mask
+        self.shared, self.window, self.graph_window = shared, window, graph_window
+        # slots the cache may hold before a runtime window compacts it
+        self.capacity = arrays[0].shape[2] if shared and arrays else (sum(window) + max(1, slack) if window else 0)
+        self.length = 0  # slots written
+
+    def stepped(self, presents: list[Any]) -> int:
+        """Take a step's presents; return how many entries the cache keeps."""
+        if self.shared:  # the step wrote into the buffers; the mask says how far
+            self.length = self.mask.shape[1]
+        else:
+            self.values = presents
+            self.length = int(presents[0].shape()[2]) if presents else 0
+        if self.window is None:
+            return self.length
+        sinks, recent = self.window
+        if self.length > sinks + recent:  # dropped by the window: masked until the next compaction
+            self.mask = self.mask.copy()
+            self.mask[:, sinks : self.length - recent] = 0
+        return min(self.length, sinks + recent)
+
+    def make_room(self, seq: int) -> None:
+        """Extend the mask by ``seq`` new tokens, compacting a runtime window first if they would not fit."""
+        if self.graph_window is not None:
+            self.mask = trim_to_window(self.mask, self.graph_window)
+        elif self.window is not None and self.length + seq > self.capacity:
+            self._compact()
+        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], seq), dtype=self.mask.dtype)], axis=1)
+
+    def _compact(self) -> None:
+        """Move the last ``window`` slots to just after the sinks: one copy per ``slack`` steps."""
+        assert self.window is not None
+        sinks, recent = self.window
+        start, end = self.length - recent, self.length
+        if self.shared:
+            for array in self.arrays:  # in place, in the buffers ORT reads and writes
+                array[:, :, sinks : sinks + recent] = array[:, :, start:end]
+        else:  # an OrtValue from NumPy keeps its array alive
+            kept = (np.concatenate([a[:, :, :sinks], a[:, :, start:end]], axis=2) for a in (v.numpy() for v in self.values))
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kept]
+        self.mask = np.concatenate([self.mask[:, :sinks], self.mask[:, start:end]], axis=1)
+        self.length = sinks + recent
 
 
 def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, np.ndarray], past: dict[str, Any],

@@ -158,8 +158,11 @@ def _share_kv_buffer(model: ir.Model, spec_dict: Mapping[str, Any]) -> str:
     from .kv_buffer import SHARED, share_kv_buffer
 
     spec = DecoderSpec.from_dict(dict(spec_dict))
-    shared = share_kv_buffer(model, spec.past_names(), spec.present_names(), mask_name=ATTENTION_MASK, ids_name=INPUT_IDS)
-    return SHARED if shared.shared else f"not shared: {shared.reason}"
+    shared = share_kv_buffer(model, spec.past_names(), spec.present_names(), mask_name=ATTENTION_MASK, ids_name=INPUT_IDS,
+                             window=spec.cache_window is not None)
+    if not shared.shared:
+        return f"not shared: {shared.reason}"
+    return f"{SHARED}; the runtime applies the cache window {spec.cache_window}" if shared.window_to_runtime else SHARED
 
 
 # ---- exporting and rewriting the ONNX graph ----------------------------------------------

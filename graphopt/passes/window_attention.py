@@ -13,7 +13,10 @@ window`` that is the whole cache, so the program is unchanged on every sequence 
 It records the policy in the program's decoder spec; the generation runtime trims the
 attention mask by the same rule, and position ids keep counting every token generated (the
 cache stores keys after rotary, so the distances between the query and the kept keys are
-the true ones).
+the true ones). Where every layer's cache is a ``GroupQueryAttention`` (``gqa-attention``),
+the export leaves the gather out and the runtime applies the same policy on one shared
+buffer instead, masking the dropped slots and compacting once the buffer fills, so no step
+copies the cache (:mod:`graphopt.export.kv_buffer`).
 
 Limits: sinks count cache slots, so a left-padded row spends sink slots on its padding;
 models whose own sliding-window mask is computed from cache indices (Mistral's
