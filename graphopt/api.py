@@ -52,6 +52,7 @@ class OptimizeResult:
             opset=opset or settings.opset,
             external_data=settings.external_data if external_data is None else external_data,
             strip_metadata=settings.strip_metadata,
+            skip_norm=settings.skip_norm,
         )
         self.exported = exported
         self.report.sections["export"] = {

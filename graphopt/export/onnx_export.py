@@ -89,6 +89,7 @@ def to_onnx(
     optimize: bool = True,
     custom_translation_table: Mapping[Any, Any] | None = None,
     strip_metadata: bool = False,
+    skip_norm: bool = False,
 ) -> ExportResult:
     """Export ``program`` to ``path`` and return what was written.
 
@@ -99,6 +100,9 @@ def to_onnx(
     ``strip_metadata``: drop the exporter's per-node and per-value ``metadata_props`` (stack
     traces, module paths: about 0.85 MB on MiniLM, which matters for a 12 MB clustered or
     int4 file; ORT never reads them). Kept by default, since they map nodes to source.
+    ``skip_norm``: a decoder graph on ORT kernels gets each residual Add and the RMSNorm after
+    it as one ``SkipSimplifiedLayerNormalization`` (:mod:`graphopt.export.skip_norm`; off by
+    default, measured slower there).
     """
     _require_safe_onnx()
     if external_data not in ("auto", True, False):
@@ -123,7 +127,7 @@ def to_onnx(
     if "decoder" in program.meta:  # what a generation runtime needs to drive the cache
         model.metadata_props[DECODER_METADATA] = json.dumps(dict(program.meta["decoder"]))
         kv_buffer = _share_kv_buffer(model, program.meta["decoder"])
-        if optimize and "com.microsoft" in model.opset_imports:  # already an ORT graph: its norms may be ORT's too
+        if skip_norm and optimize and "com.microsoft" in model.opset_imports:  # already an ORT graph: its norms may be ORT's too
             from .skip_norm import fuse_skip_rms_norm
 
             skip_norms = fuse_skip_rms_norm(model)
