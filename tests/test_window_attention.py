@@ -74,29 +74,27 @@ def test_a_prompt_shorter_than_the_sinks(tmp_path):
     np.testing.assert_array_equal(ours.sequences[:, : 3 + 29], theirs.sequences[:, : 3 + 29])  # identical while the 32 entries hold it all
 
 
-def test_a_shared_buffer_applies_the_window_as_the_graph_would(tmp_path):
+def test_a_shared_buffer_applies_the_window_as_the_graph_would(windowed, tmp_path):
     """On a GroupQueryAttention graph the export hands the window to the runtime (no Gather
     copying the cache each step): dropped slots are masked and the buffer is compacted when
     full. The tokens and logits must be those of the graph that trims its own cache."""
-    program = capture_decoder(zoo.tiny_causal_lm("llama"))
-    window = "window-attention{sinks=2,window=16}"
-    trimmed = to_onnx(graphopt.optimize(program, window).program, tmp_path / "trimmed.onnx")
-    handed = to_onnx(graphopt.optimize(program, f"sdpa, gqa-attention, {window}").program, tmp_path / "runtime.onnx")
-    assert trimmed.kv_buffer.startswith("not shared") and handed.kv_buffer == "shared; the runtime applies the cache window (2, 16)"
+    program, _, trimmed, _ = windowed
+    handed = to_onnx(graphopt.optimize(program, "sdpa, gqa-attention, window-attention{sinks=2,window=30}").program, tmp_path / "runtime.onnx")
+    assert not trimmed.shared_buffer and handed.kv_buffer == "shared; the runtime applies the cache window (2, 30)"
     graph = onnx.load(tmp_path / "runtime.onnx", load_external_data=False).graph
     writers = {out: n.op_type for n in graph.node for out in n.output}
     assert {writers[o.name] for o in graph.output if o.name.startswith("present.")} == {"GroupQueryAttention"}  # not the window's Gather
-    reference = Generator(make_session(tmp_path / "trimmed.onnx", threads=1)).generate(PROMPTS, max_new_tokens=60, eos_token_id=[], return_logits=True)
+    reference = trimmed.generate(PROMPTS, max_new_tokens=60, eos_token_id=[], return_logits=True)
     generator = Generator(make_session(tmp_path / "runtime.onnx", threads=1))
     assert generator.shared_buffer and generator.runtime_window
-    for slack, shared in ((3, True), (64, True), (5, False)):  # compacted every 3 steps, never (60 steps fit), the copied path
+    for slack, shared in ((3, True), (64, True), (5, False)):  # compacted every 3 steps, never (67 entries fit), the copied path
         generator.window_slack, generator.shared_buffer = slack, shared
         ours = generator.generate(PROMPTS, max_new_tokens=60, eos_token_id=[], return_logits=True)
         np.testing.assert_array_equal(ours.sequences, reference.sequences)
-        assert ours.cache_lengths == reference.cache_lengths and max(ours.cache_lengths) == 18
+        assert ours.cache_lengths == reference.cache_lengths and max(ours.cache_lengths) == 32
         assert max(float(np.abs(a - b).max()) for a, b in zip(ours.logits, reference.logits)) <= 1e-4
     generator.shared_buffer, generator.window_slack = True, 8
-    assert generator.generate(PROMPTS, max_new_tokens=60, eos_token_id=[]).buffer_slots == 2 + 16 + 8  # sinks + window + slack, not 7 + 60
+    assert generator.generate(PROMPTS, max_new_tokens=60, eos_token_id=[]).buffer_slots == 2 + 30 + 8  # sinks + window + slack, not 7 + 60
 
 
 def test_a_window_shorter_than_the_verification_runs_is_refused(tmp_path):
