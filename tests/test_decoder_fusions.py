@@ -183,10 +183,10 @@ def test_a_cache_written_by_anything_but_group_query_attention_is_not_shared(tmp
 
 
 # ---- residual Add + RMSNorm as SkipSimplifiedLayerNormalization -------------------------------
-@pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("qwen2", "eager")])
-def test_each_residual_add_and_the_norm_after_it_are_one_kernel(arch, attention, tmp_path):
-    model = zoo.tiny_causal_lm(arch, attention)
-    pipeline = f"{'sdpa, ' if attention == 'eager' else ''}rms-norm, {FUSED}"
+def test_each_residual_add_and_the_norm_after_it_are_one_kernel(tmp_path):
+    # one architecture: the fusion is opt-in, and the rewrite reads only the ONNX norm the rms-norm pass writes
+    model = zoo.tiny_causal_lm("qwen2", "eager")
+    pipeline = f"sdpa, rms-norm, {FUSED}"
     result = graphopt.optimize(capture_decoder(model), Recipe.model_validate({"pipeline": pipeline, "export": {"skip_norm": True}}))
     path = tmp_path / "model.onnx"
     assert to_onnx(result.program, path).skip_norms == 0  # off unless asked: measured slower on an AVX2 CPU
