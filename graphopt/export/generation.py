@@ -283,7 +283,7 @@ class _KvCache:
         else:  # an OrtValue from NumPy keeps its array alive
             kept = (np.concatenate([a[:, :, :sinks], a[:, :, start:end]], axis=2) for a in (v.numpy() for v in self.values))
             self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in kept]
-        self.mask = np.concatenate([self.mask[:, :sinks], self.mask[:, start:end]], axis=1)
+        self.mask = trim_to_window(self.mask, self.window)
         self.length = sinks + recent
 
 
