@@ -57,6 +57,16 @@ RECIPES = {
                                 "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
     "graphopt int4 GPTQ, int8 head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"]},"
                                      "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
+    # AWQ's activation-aware scales first (smooth{scheme=weight_only}: folded into the norms' gains and
+    # the up projections, so the graph has the same kernels as plain int4; insert_mul=false leaves
+    # the output projections, whose input no weight can absorb the scales)
+    "graphopt int4 AWQ": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,smooth{scheme=weight_only,bits=4,group_size=32,insert_mul=false},pack-linears,"
+                         "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
+    "graphopt int4 AWQ GPTQ": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,smooth{scheme=weight_only,bits=4,group_size=32,insert_mul=false},pack-linears,"
+                              "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,embeddings=true,embedding_bits=4}",
+    "graphopt int4 AWQ GPTQ, int8 head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,smooth{scheme=weight_only,bits=4,group_size=32,insert_mul=false,exclude=[\"*lm_head\"]},pack-linears,"
+                                         "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"]},"
+                                         "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
     "graphopt int8 weight-only": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=8}",
     # the same int4 without the decoder kernels (GroupQueryAttention, RotaryEmbedding, packed GEMMs): what they are worth
     "graphopt int4 unfused": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
@@ -79,10 +89,23 @@ def random_model_dir(folder: Path, config: dict | None = None, seed: int = 0) ->
 
 
 def recipe_folder(out: Path, name: str, pipeline: str | None = None) -> Path:
-    """Where a recipe's export is cached: its name and a digest of its pipeline (default: ``RECIPES[name]``)."""
+    """Where a recipe's export is cached: its name and a digest of its pipeline (default:
+    ``RECIPES[name]``) and of graphopt's source, so a changed pass or exporter is never timed
+    from an old build."""
     import hashlib
 
-    return out / f"{name.replace(' ', '-')}-{hashlib.sha256((pipeline or RECIPES[name]).encode()).hexdigest()[:8]}"
+    digest = hashlib.sha256((pipeline or RECIPES[name]).encode() + _source_digest())
+    return out / f"{name.replace(' ', '-')}-{digest.hexdigest()[:8]}"
+
+
+def _source_digest() -> bytes:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "graphopt").rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".toml"):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.digest()
 
 
 def export_recipe(model_dir: Path, pipeline: str, out: Path, *, texts: bool = False) -> dict:
