@@ -161,3 +161,72 @@ def test_smooth_then_static_int8_is_closer_to_fp32_than_static_int8_alone():
         with torch.no_grad():
             errors[pipeline] = sum(float((result.program.run((x,), {})[0] - model(x)).pow(2).sum() / model(x).pow(2).sum()) for x in held)
     assert errors["smooth{scheme=static},quantize{mode=static}"] < 0.5 * errors["quantize{mode=static}"], errors
+
+
+# ---- weight_only: AWQ's activation-aware scales before n-bit weights -----------------------------
+class _GatedBlock(nn.Module):
+    """RMSNorm (gain ``w``) -> gate/up -> ``silu(gate) * up`` -> down, plus a layer whose input
+    (``tanh(x)``) no weight can absorb. A few norm channels and up rows are large: the
+    activation channels weight-only rounding should protect."""
+
+    def __init__(self, width: int = 64, ffn: int = 128):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.gain = nn.Parameter(torch.ones(width))
+        self.gate, self.up, self.down = nn.Linear(width, ffn, bias=False), nn.Linear(width, ffn, bias=False), nn.Linear(ffn, width, bias=False)
+        self.side = nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            for layer in (self.gate, self.up, self.down, self.side):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.1)
+            self.gain[[3, 17, 40]] = 25.0
+            self.up.weight[[5, 70, 99]] *= 20.0
+
+    def forward(self, x):
+        h = self.gain * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return self.down(nn.functional.silu(self.gate(h)) * self.up(h)) + self.side(torch.tanh(x))
+
+
+def test_awq_scales_are_mean_activation_powers_normalised_between_their_extremes():
+    from graphopt.quant.smoothing import activation_scales
+
+    s = activation_scales(torch.tensor([4.0, 1.0, 0.0, 16.0]), 0.5)
+    assert s[2] == 1.0  # a channel that is always zero is not scaled
+    live = s[[0, 1, 3]]
+    assert torch.allclose(live / live[1], torch.tensor([2.0, 1.0, 4.0]))  # mean|x|^0.5
+    assert torch.allclose(live.max() * live.min(), torch.tensor(1.0))
+
+
+def test_weight_only_smoothing_folds_into_norm_gains_and_up_projections_exactly():
+    model = _GatedBlock().eval()
+    gen = torch.Generator().manual_seed(5)
+    ctx = PassContext(calibration=tuple(((torch.randn(4, 24, 64, generator=gen),), {}) for _ in range(4)))
+    held = [torch.randn(4, 24, 64, generator=gen) for _ in range(3)]
+    program = graphopt.capture(model, args=(held[0],))
+    result = Smooth(scheme="weight_only", bits=4, group_size=16, insert_mul=False)(program, ctx)
+    assert result.modified, result.reason
+    folds = {tuple(g.layers): g.fold for g in result.info.groups}
+    assert folds == {("gate", "up"): "norm-gain", ("down",): "up-projection"}, result.info
+    assert [g.layers for g in result.info.left] == [["side"]] and "insert_mul=false" in result.info.left[0].reason
+    assert not [n for n in program.graph.nodes if n.meta.get("graphopt_created_by") == "smooth" and n.target is aten.mul.Tensor]
+    with torch.no_grad():
+        for x in held:
+            got, want = program.run((x,), {})[0], model(x)
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_awq_then_int4_is_closer_to_fp32_than_int4_alone():
+    """Weight-only 4-bit rounding loses most where activations are large; the activation-aware
+    scales lower the error against fp32 on inputs they were not calibrated on."""
+    model = _GatedBlock().eval()
+    gen = torch.Generator().manual_seed(6)
+    ctx = PassContext(calibration=tuple(((torch.randn(4, 24, 64, generator=gen),), {}) for _ in range(4)))
+    held = [torch.randn(4, 24, 64, generator=gen) for _ in range(4)]
+    quantize = "quantize{mode=weight_only,bits=4,group_size=16}"
+    errors = {}
+    for pipeline in (quantize, f"smooth{{scheme=weight_only,bits=4,group_size=16}},{quantize}"):
+        program = graphopt.capture(model, args=(held[0],))
+        result = graphopt.optimize(program, pipeline, context=ctx, budget={"min_cosine": 0.5})
+        assert not result.report.failures, result.report.failures
+        with torch.no_grad():
+            errors[pipeline] = sum(float((result.program.run((x,), {})[0] - model(x)).pow(2).sum() / model(x).pow(2).sum()) for x in held)
+    assert errors[f"smooth{{scheme=weight_only,bits=4,group_size=16}},{quantize}"] < 0.5 * errors[quantize], errors

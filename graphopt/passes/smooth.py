@@ -1,14 +1,27 @@
-"""The smooth pass: SmoothQuant's activation-outlier migration, an exact rewrite before ``quantize``.
+"""The smooth pass: per-channel scales that make the quantization after it cheaper, an exact rewrite before ``quantize``.
 
 Linear layers are grouped by the activation they read (Q, K and V read one LayerNorm
-output). For each group, calibration activations choose a migration strength ``α``
-(graphopt.quant.smoothing: the candidate with the least simulated int8 error, or none),
+output). For each group, calibration activations choose a strength ``α``
+(graphopt.quant.smoothing: the candidate with the least simulated quantization error, or none),
 and the group's weight columns are multiplied by ``s`` while its input is divided by it.
+``scheme`` says which quantization the search simulates, and so which scales it tries:
+
+* ``dynamic`` / ``static``: int8 with per-tensor activations, at run time (the int8 preset's)
+  or calibrated once; SmoothQuant's ``s = max|x|^α / max|W|^(1-α)`` migrates activation
+  outliers into the weights.
+* ``weight_only``: n-bit weights in groups (``bits``, ``group_size``, ``symmetric``: set them as
+  ``quantize`` will); AWQ's ``s = mean|x|^α`` gives the weight columns that meet large
+  activations more of the rounding grid. Follow it with ``quantize{mode=weight_only}``.
+
 Where the division goes:
 
 * ``value-projection``: the input of an attention output projection is SDPA's output, which
   is linear in V channel by channel; V's weight rows and bias are divided by ``s`` (free);
 * ``layer-norm``: a LayerNorm read by nothing but the group gets ``γ / s`` and ``β / s`` (free);
+* ``norm-gain``: an RMSNorm's gain (a stored vector multiplying the group's input, read by
+  that multiply alone) gets ``w / s`` (free);
+* ``up-projection``: a gated MLP's down projection reads ``act(gate(x)) * up(x)``; the up
+  projection's weight rows (and bias) are divided by ``s`` (free);
 * ``multiply``: otherwise one elementwise ``x * (1 / s)`` before the group (``insert_mul``).
   Post-LN encoders (BERT) need it for Q/K/V and the FFN: their LayerNorm output is also the
   residual, which must not be scaled.
@@ -17,9 +30,7 @@ Where the division goes:
   QuantizeLinear: the multiply stays.)
 
 The rewrite is exact in real arithmetic (the manager checks it as it checks every exact
-pass); what it buys shows once ``quantize`` follows. ``scheme`` says which int8 activation
-quantization the search simulates: per tensor at run time (``dynamic``, the int8 preset's)
-or calibrated once (``static``).
+pass); what it buys shows once ``quantize`` follows.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import fx
 
 from graphopt.analysis.interpret import run_calibration
@@ -36,7 +47,18 @@ from graphopt.context import PassContext
 from graphopt.passbase import Pass, PassConfig, PassInfo, PassResult, register_pass
 from graphopt.program import Program, module_path
 from graphopt.quant.cpu import cpu_int8_support, weight_qmax
-from graphopt.quant.smoothing import DEFAULT_ALPHAS, ActivationSample, AlphaChoice, choose_alpha, int8_error, smoothing_scales
+from graphopt.quant.smoothing import (
+    AWQ_ALPHAS,
+    DEFAULT_ALPHAS,
+    ActivationSample,
+    AlphaChoice,
+    activation_scales,
+    choose_alpha,
+    choose_awq,
+    int8_error,
+    nbits_error,
+    smoothing_scales,
+)
 from graphopt.rewrite import emit, fake
 from graphopt.surgery import add_constant, arg_int, arg_ints, arg_node, get_tensor
 
@@ -46,14 +68,23 @@ _LAYOUT = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.
 
 class SmoothConfig(PassConfig):
     alpha: float | None = Field(None, gt=0, lt=1, description="one migration strength for every group (None: chosen per group on calibration data)")
-    alphas: tuple[float, ...] = Field(DEFAULT_ALPHAS, description="the candidates the per-group search tries")
-    scheme: Literal["dynamic", "static"] = Field("dynamic", description="the int8 activation quantization that follows (what the search simulates)")
+    alphas: tuple[float, ...] | None = Field(None, description="the candidates the per-group search tries (None: the scheme's, 0.3..0.9 for int8, 0.05..0.95 for weight_only)")
+    scheme: Literal["dynamic", "static", "weight_only"] = Field("dynamic", description="the quantization that follows (what the search simulates): int8 with per-tensor activations at run time or calibrated, or weight-only n-bit (AWQ's activation-aware scales)")
+    bits: Literal[4, 8] = Field(4, description="weight_only: the weights' bits (as quantize's)")
+    group_size: int = Field(32, description="weight_only: input rows per scale (as quantize's)")
+    symmetric: bool = Field(False, description="weight_only: fixed zero point (as quantize's)")
     weight_range: Literal["auto", "full", "reduced"] = Field("auto", description="int8 weights the search simulates: ±127, ±63, or by CPU (as quantize)")
     include: tuple[str, ...] = Field((), description="fnmatch patterns on module paths of the layers to smooth (empty: all)")
     exclude: tuple[str, ...] = Field((), description="fnmatch patterns on module paths to leave alone")
     insert_mul: bool = Field(True, description="smooth groups whose producer cannot absorb the scales, with one multiply before them")
-    min_gain: float = Field(0.05, ge=0, lt=1, description="relative drop of the simulated int8 error a group must gain to be smoothed")
+    min_gain: float = Field(0.05, ge=0, lt=1, description="relative drop of the simulated quantization error a group must gain to be smoothed")
     max_batches: int = Field(8, ge=1, description="calibration batches to observe")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not 16 <= self.group_size <= 256 or self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two from 16 to 256, got {self.group_size}")
+        return self
 
 
 class _Record(BaseModel):
@@ -64,7 +95,7 @@ class SmoothedGroup(_Record):
     layers: list[str]  # module paths (node names where a layer has none)
     fold: str  # value-projection | layer-norm | multiply
     alpha: float
-    error_before: float  # simulated int8 relative squared error of the group's outputs
+    error_before: float  # simulated (int8 or n-bit) relative squared error of the group's outputs
     error_after: float
     max_scale: float
     min_scale: float
@@ -120,7 +151,7 @@ class Smooth(Pass):
         for x, members in groups.items():
             fold, producer = _fold_of(gm, x, members, nodes)
             if fold == "multiply" and not cfg.insert_mul:
-                left.append(LeftGroup(layers=[_label(s) for s in members], reason="its input is read elsewhere too (insert_mul=false)"))
+                left.append(LeftGroup(layers=[_label(s) for s in members], reason="nothing before it can absorb the scales (its input is read elsewhere too, or no stored weight produces it) and insert_mul=false"))
                 continue
             plans.append((x, members, fold, producer))
         if not plans:
@@ -140,39 +171,43 @@ class Smooth(Pass):
             sample = samples[x.name]
             choice = self._choose(sample, weights, static, qmax)
             if choice.scales is None:
-                left.append(LeftGroup(layers=[_label(s) for s in members], reason=f"no α lowers the simulated int8 error by {cfg.min_gain:.0%}", errors=_rounded(choice.errors)))
+                left.append(LeftGroup(layers=[_label(s) for s in members], reason=f"no α lowers the simulated {_what(cfg)} error by {cfg.min_gain:.0%}", errors=_rounded(choice.errors)))
                 continue
             s = choice.scales
             for site, weight in zip(members, weights):
                 _set_weight(gm, nodes[site.node], weight * s[None, :], f"smooth_{site.node}_weight")
-            if fold == "value-projection":
-                assert producer is not None
-                # V's weight as it is now: the group Q/K/V belong to may have scaled its columns already
-                _set_weight(gm, producer, _stored(gm, producer.args[1]) / s[:, None], f"smooth_{producer.name}_weight")
-                bias = producer.args[2] if len(producer.args) > 2 else None
-                if isinstance(bias, fx.Node):
-                    _set_bias(gm, producer, _stored(gm, bias) / s, f"smooth_{producer.name}_bias")
-            elif fold == "layer-norm":
-                _scale_layer_norm(gm, x, 1.0 / s)
-            else:
-                _insert_multiply(gm, x, [nodes[m.node] for m in members], 1.0 / s)
-                multiplies += 1
+            _divide_input(gm, x, fold, producer, [nodes[m.node] for m in members], s)
+            multiplies += fold == "multiply"
             done.append(SmoothedGroup(
                 layers=[_label(m) for m in members], fold=fold, alpha=float(choice.alpha or 0.0), error_before=round(choice.error_before, 6),
                 error_after=round(choice.error_after, 6), max_scale=round(float(s.max()), 4), min_scale=round(float(s.min()), 6),
             ))
         info = SmoothInfo(smoothed=len(done), multiplies_inserted=multiplies, scheme=cfg.scheme, groups=done, left=left, calibration=source)
-        return PassResult.of(program, bool(done), info, "no group's simulated int8 error drops enough with smoothing" + _first_reason(left))
+        return PassResult.of(program, bool(done), info, f"no group's simulated {_what(cfg)} error drops enough with smoothing" + _first_reason(left))
 
     def _choose(self, sample: ActivationSample, weights: list[torch.Tensor], static: bool, qmax: int) -> AlphaChoice:
         cfg = self.config
-        if cfg.alpha is None:
-            return choose_alpha(sample, weights, cfg.alphas, static=static, weight_qmax=qmax, min_gain=cfg.min_gain)
-        weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(0)
-        s = smoothing_scales(sample.absmax, weight_absmax, cfg.alpha)
-        before = int8_error(sample, weights, None, static, qmax)
-        after = int8_error(sample, weights, s, static, qmax)
+        if cfg.scheme == "weight_only":
+            def error(s: torch.Tensor | None) -> float:
+                return nbits_error(sample, weights, s, cfg.bits, cfg.group_size, cfg.symmetric)
+
+            if cfg.alpha is None:
+                return choose_awq(sample, weights, cfg.alphas or AWQ_ALPHAS, bits=cfg.bits, block_size=cfg.group_size, symmetric=cfg.symmetric, min_gain=cfg.min_gain)
+            s = activation_scales(torch.cat(sample.rows).abs().mean(dim=0), cfg.alpha)
+        else:
+            def error(s: torch.Tensor | None) -> float:
+                return int8_error(sample, weights, s, static, qmax)
+
+            if cfg.alpha is None:
+                return choose_alpha(sample, weights, cfg.alphas or DEFAULT_ALPHAS, static=static, weight_qmax=qmax, min_gain=cfg.min_gain)
+            weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(0)
+            s = smoothing_scales(sample.absmax, weight_absmax, cfg.alpha)
+        before, after = error(None), error(s)
         return AlphaChoice(cfg.alpha, before, after, {"none": before, f"{cfg.alpha:g}": after}, s)
+
+
+def _what(cfg: SmoothConfig) -> str:
+    return f"{cfg.bits}-bit weight-only" if cfg.scheme == "weight_only" else "int8"
 
 
 def _label(site: LinearSite) -> str:
@@ -203,7 +238,44 @@ def _fold_of(gm: fx.GraphModule, x: fx.Node, members: list[LinearSite], nodes: d
         weight, bias = (x.args[2] if len(x.args) > 2 else None), (x.args[3] if len(x.args) > 3 else None)
         if all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (weight, bias)):
             return "layer-norm", None
+    if x.op == "call_function" and x.target is aten.mul.Tensor and set(x.users) <= group:
+        gain = _stored_vector(gm, x)
+        if gain is not None:
+            return "norm-gain", gain
+        up = _up_projection(x)
+        if up is not None:
+            return "up-projection", up
     return "multiply", None
+
+
+def _stored_vector(gm: fx.GraphModule, mul: fx.Node) -> fx.Node | None:
+    """The stored 1-D factor of ``mul`` (an RMSNorm's gain: ``w * x_normalised``) along the
+    last dim, read by this multiply alone; else None."""
+    out = fake(mul)
+    for arg in mul.args[:2]:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1 and out is not None:
+            value = get_tensor(gm, str(arg.target))
+            if value.dim() == 1 and value.shape[0] == out.shape[-1]:
+                return arg
+    return None
+
+
+def _up_projection(mul: fx.Node) -> fx.Node | None:
+    """In a gated MLP's ``act(gate(x)) * up(x)``, the ``up`` factor: an ``aten.linear`` with a
+    stored weight (and bias, if any) read by this multiply alone, whose output channels are the
+    product's. Dividing its rows by ``s`` divides the product's channels by ``s``."""
+    a, b = (arg for arg in mul.args[:2])
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    out, shapes = fake(mul), [fake(a), fake(b)]
+    if out is None or any(v is None or tuple(v.shape) != tuple(out.shape) for v in shapes):
+        return None  # a broadcast factor would divide other channels too
+    for node in (b, a):
+        if node.op == "call_function" and node.target is aten.linear.default and len(node.users) == 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+            bias = node.args[2] if len(node.args) > 2 else None
+            if bias is None or (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+                return node
+    return None
 
 
 def _value_projection(x: fx.Node) -> fx.Node | None:
@@ -277,6 +349,24 @@ def _relabel(node: fx.Node, labels: list[str]) -> list[str] | None:
 
 
 # ---- the rewrite --------------------------------------------------------------------------------
+def _divide_input(gm: fx.GraphModule, x: fx.Node, fold: str, producer: fx.Node | None, readers: list[fx.Node], s: torch.Tensor) -> None:
+    """Divide the group's input ``x`` by ``s`` where ``fold`` says (see the module docstring)."""
+    if fold in ("value-projection", "up-projection"):
+        assert producer is not None
+        # the producer's weight as it is now: the group that reads its input may have scaled its columns already
+        _set_weight(gm, producer, _stored(gm, producer.args[1]) / s[:, None], f"smooth_{producer.name}_weight")
+        bias = producer.args[2] if len(producer.args) > 2 else None
+        if isinstance(bias, fx.Node):
+            _set_bias(gm, producer, _stored(gm, bias) / s, f"smooth_{producer.name}_bias")
+    elif fold == "layer-norm":
+        _scale_layer_norm(gm, x, 1.0 / s)
+    elif fold == "norm-gain":
+        assert producer is not None
+        _set_arg(gm, x, x.args.index(producer), _stored(gm, producer) / s, f"smooth_{x.name}_gain")
+    else:
+        _insert_multiply(gm, x, readers, 1.0 / s)
+
+
 def _stamp(new: fx.Node, like: fx.Node) -> None:
     new.meta["graphopt_created_by"] = "smooth"
     path = module_path(like)
@@ -296,6 +386,13 @@ def _set_bias(gm: fx.GraphModule, linear: fx.Node, bias: torch.Tensor, name: str
         const = add_constant(gm, name, bias.contiguous())
     _stamp(const, linear)
     linear.update_arg(2, const)
+
+
+def _set_arg(gm: fx.GraphModule, node: fx.Node, index: int, value: torch.Tensor, name: str) -> None:
+    with gm.graph.inserting_before(node):
+        const = add_constant(gm, name, value.contiguous())
+    _stamp(const, node)
+    node.update_arg(index, const)
 
 
 def _scale_layer_norm(gm: fx.GraphModule, norm: fx.Node, factor: torch.Tensor) -> None:

@@ -18,12 +18,13 @@ no outliers is left alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from graphopt.quant.ops import quantize_activation_u8
-from graphopt.quant.packing import quantize_per_channel_int8
+from graphopt.quant.packing import dequantize_nbits, quantize_nbits, quantize_per_channel_int8
 
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 # Rows of each calibration batch the error is measured on (the range is always the batch's).
@@ -110,12 +111,82 @@ def choose_alpha(
     lowers the error by at least ``min_gain`` (relative)."""
     weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(0)
     act_absmax = sample.absmax
-    before = int8_error(sample, weights, None, static, weight_qmax)
+    return _least_error(
+        lambda alpha: smoothing_scales(act_absmax, weight_absmax, alpha),
+        lambda s: int8_error(sample, weights, s, static, weight_qmax),
+        alphas, min_gain,
+    )
+
+
+# ---- weight-only n-bit: activation-aware scales (AWQ) -------------------------------------------
+# AWQ (Lin et al., MLSys 2024): with weight-only quantization the activations stay in float, so
+# nothing about them needs smoothing; what scaling buys is precision for the weight columns
+# that meet large activations. ``s = mean|x|^α`` (normalised to a geometric mean of 1 between
+# its extremes) enlarges those columns before the group-wise rounding, and the division
+# of ``x`` by ``s`` shrinks the others' share of the output error. α = 0 is no scaling.
+AWQ_ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+# Rows the weight-only error is measured on (every batch's sample, strided down to this).
+AWQ_ROWS = 2048
+
+
+def activation_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ's ``s = mean|x|^α``, divided by ``sqrt(max(s) · min(s))``; a channel that is always 0
+    keeps ``s = 1``."""
+    live = mean_abs > 0
+    if not bool(live.any()):
+        return torch.ones_like(mean_abs, dtype=torch.float32)
+    s = mean_abs.float().clamp(min=_TINY).pow(alpha)
+    s = s / (s[live].max() * s[live].min()).sqrt()
+    return torch.where(live, s, torch.ones_like(s))
+
+
+def _awq_rows(sample: ActivationSample) -> torch.Tensor:
+    rows = torch.cat(sample.rows)
+    return rows[:: max(1, rows.shape[0] // AWQ_ROWS)][:AWQ_ROWS]
+
+
+def nbits_error(sample: ActivationSample, weights: list[torch.Tensor], s: torch.Tensor | None, bits: int, block_size: int, symmetric: bool = False) -> float:
+    """Relative squared error of the group's outputs with weight-only n-bit weights ``W · s`` in
+    blocks of ``block_size`` (activations ``x / s`` in float) against fp32, over sampled rows."""
+    rows = _awq_rows(sample)
+    num = den = 0.0
+    for weight in weights:
+        scaled = weight if s is None else weight * s[None, :]
+        restored = dequantize_nbits(quantize_nbits(scaled, bits, block_size, symmetric))
+        if s is not None:
+            restored = restored / s[None, :]
+        num += float((rows @ (restored - weight).T).pow(2).sum())
+        den += float((rows @ weight.T).pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def choose_awq(
+    sample: ActivationSample,
+    weights: list[torch.Tensor],
+    alphas: tuple[float, ...] = AWQ_ALPHAS,
+    *,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    min_gain: float = 0.05,
+) -> AlphaChoice:
+    """The ``α`` (or none) whose activation-aware scales give the least simulated weight-only
+    n-bit error; chosen only when it lowers the error by at least ``min_gain`` (relative)."""
+    mean_abs = _awq_rows(sample).abs().mean(dim=0)
+    return _least_error(
+        lambda alpha: activation_scales(mean_abs, alpha),
+        lambda s: nbits_error(sample, weights, s, bits, block_size, symmetric),
+        alphas, min_gain,
+    )
+
+
+def _least_error(scales_of: Callable[[float], torch.Tensor], error_of: Callable[[torch.Tensor | None], float], alphas: tuple[float, ...], min_gain: float) -> AlphaChoice:
+    before = error_of(None)
     errors = {"none": before}
     best: tuple[float, float, torch.Tensor] | None = None
     for alpha in alphas:
-        s = smoothing_scales(act_absmax, weight_absmax, alpha)
-        err = int8_error(sample, weights, s, static, weight_qmax)
+        s = scales_of(alpha)
+        err = error_of(s)
         errors[f"{alpha:g}"] = err
         if best is None or err < best[1]:
             best = (alpha, err, s)
