@@ -109,3 +109,49 @@ def test_an_encoder_is_skipped_with_a_reason():
     result = graphopt.optimize(program, "window-attention?")
     assert result.report.passes[0].status == "skipped"
     assert "not a decoder" in result.report.passes[0].reason
+
+
+def test_window_gathers_the_runtime_cannot_take_over_keep_the_graph_as_it_is(windowed, tmp_path, monkeypatch):
+    """The runtime applies a window only when every present is one Gather, on the cache axis,
+    of what its layer's GroupQueryAttention wrote, all by the same kept slots. Anything else
+    keeps the graph's own Gathers, and the refusal says which rule failed."""
+    import onnx_ir as ir
+
+    from graphopt.decoder import ATTENTION_MASK, INPUT_IDS, DecoderSpec
+    from graphopt.export import onnx_export
+    from graphopt.export.kv_buffer import share_kv_buffer
+
+    before_sharing = {}
+
+    def keep_a_copy(model, spec):
+        before_sharing["model"], before_sharing["spec"] = ir.serde.serialize_model(model), DecoderSpec.from_dict(dict(spec))
+        return "not shared: kept for the test"
+
+    monkeypatch.setattr(onnx_export, "_share_kv_buffer", keep_a_copy)
+    program, *_ = windowed
+    to_onnx(graphopt.optimize(program, "sdpa, gqa-attention, window-attention{sinks=2,window=30}").program, tmp_path / "windowed.onnx")
+    spec = before_sharing["spec"]
+
+    def share(edit):
+        model = ir.serde.deserialize_model(before_sharing["model"])
+        presents = {v.name: v for v in model.graph.outputs}
+        gathers = [presents[name].producer() for name in spec.present_names()]
+        assert {g.op_type for g in gathers} == {"Gather"}
+        edit(model, gathers)
+        return share_kv_buffer(model, spec.past_names(), spec.present_names(), mask_name=ATTENTION_MASK, ids_name=INPUT_IDS, window=True)
+
+    assert share(lambda model, gathers: None).window_to_runtime  # as exported: the runtime takes the window over
+
+    def other_slots(model, gathers):
+        slots = ir.Value(name="other_slots", const_value=ir.tensor(np.arange(4, dtype=np.int64)))
+        model.graph.initializers["other_slots"] = slots
+        gathers[-1].replace_input_with(1, slots)
+
+    refused = share(other_slots)
+    assert not refused.shared and refused.reason == "the windowed presents are gathered by different slot indices"
+
+    def other_axis(model, gathers):
+        gathers[0].attributes["axis"] = ir.AttrInt64("axis", 1)
+
+    refused = share(other_axis)
+    assert not refused.shared and refused.reason.startswith(f"the windowed {spec.present_names()[0]} is written by Gather")
