@@ -67,6 +67,34 @@ RECIPES = {
     "graphopt int4 AWQ GPTQ, int8 head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,smooth{scheme=weight_only,bits=4,group_size=32,insert_mul=false,exclude=[\"*lm_head\"]},pack-linears,"
                                          "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"]},"
                                          "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
+    "graphopt int4 GPTQ": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,embeddings=true,embedding_bits=4}",
+    # mixed precision: the k layers whose 4-bit rounding moves the logits most (measured one at a time
+    # on the calibration text) at 8 bits, the rest at 4
+    # the first layer and the LM head (with the embeddings) at 8 bits, the rest at 4: the layers the
+    # sensitivity plan keeps first on the trained instrument (keep=4 picked all of layer 0's linears)
+    "graphopt int4 GPTQ, layer 0 and head int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+        "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\",\"*layers.0.*\"]},"
+        "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\",\"*layers.0.*\"],embeddings=true,embedding_bits=8}",
+    "graphopt int4 GPTQ g128, layer 0 and head int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*lm_head\",\"*layers.0.*\"]},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*lm_head\",\"*layers.0.*\"],embeddings=true,embedding_bits=8}",
+    # their speed twins (round to nearest: the same graph and bytes, no calibration on a 0.5B random model)
+    "graphopt int4, layer 0 and head int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+        "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,exclude=[\"*lm_head\",\"*layers.0.*\"]},"
+        "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\",\"*layers.0.*\"],embeddings=true,embedding_bits=8}",
+    "graphopt int4 g128, layer 0 and head int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*lm_head\",\"*layers.0.*\"]},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*lm_head\",\"*layers.0.*\"],embeddings=true,embedding_bits=8}",
+    "graphopt int4 GPTQ, keep 4": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+                                  "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,keep=4,fallback=int8_weight_only,embeddings=true,embedding_bits=4}",
+    "graphopt int4 GPTQ, keep 6": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+                                  "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,keep=6,fallback=int8_weight_only,embeddings=true,embedding_bits=4}",
+    "graphopt int4 GPTQ, int8 head, keep 2": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+                                             "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"],keep=2,fallback=int8_weight_only},"
+                                             "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
+    "graphopt int4 GPTQ, int8 head, keep 4": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
+                                             "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"],keep=4,fallback=int8_weight_only},"
+                                             "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
     "graphopt int8 weight-only": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=8}",
     # the same int4 without the decoder kernels (GroupQueryAttention, RotaryEmbedding, packed GEMMs): what they are worth
     "graphopt int4 unfused": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
@@ -145,7 +173,8 @@ def export_recipe(model_dir: Path, pipeline: str, out: Path, *, texts: bool = Fa
     exported = to_onnx(result.program, path, strip_metadata=True)
     figures = {"pipeline": pipeline, "capture_s": round(captured, 1), "optimize_s": round(optimized, 1), "export_s": round(exported.export_seconds, 1),
                "bytes": exported.bytes, "external_data": bool(exported.external_data_path),
-               "passes": [(r.name, r.status) for r in result.report.passes], "final_drift": result.report.final_drift}
+               "passes": [(r.name, r.status) for r in result.report.passes], "final_drift": result.report.final_drift,
+               "kept_at_fallback": [k["module_path"] or k["node"] for r in result.report.passes for k in ((r.info.get("plan") or {}).get("kept_at_fallback") or [])]}
     summary.write_text(json.dumps(figures, indent=2, default=str))
     return figures
 
@@ -247,12 +276,15 @@ def markdown(table: dict[str, dict], sizes: dict[str, int]) -> str:
 QUALITY_BLOCKS = 48  # held-out blocks of 128 tokens: 6,096 scored next tokens
 
 
-def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY_BLOCKS, genai_block_sizes: Sequence[int] = ()) -> dict[str, dict]:
+def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY_BLOCKS, genai_block_sizes: Sequence[int] = (),
+            split: str = "heldout") -> dict[str, dict]:
     """Held-out perplexity ratio and next-token agreement of each lossy recipe (and of the
-    builder's int4) against the fp32 instrument, on held-out blocks no step was fitted on."""
+    builder's int4) against the fp32 instrument, on held-out blocks no step was fitted on.
+    ``split="verification"``: on the verification part instead, the text to choose recipes on
+    (a recipe chosen by its held-out figure would be reported on text it was chosen on)."""
     import numpy as np
     import torch
-    from decoder_instrument import fidelity, heldout_blocks, torch_logits_fn, trained_decoder
+    from decoder_instrument import fidelity, heldout_blocks, torch_logits_fn, trained_decoder, verification_blocks
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from graphopt.export import make_session
@@ -261,7 +293,7 @@ def quality(out: Path, recipes: list[str], *, genai: bool, blocks: int = QUALITY
     folder = trained_decoder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    held = heldout_blocks(tokenizer, blocks)
+    held = heldout_blocks(tokenizer, blocks) if split == "heldout" else verification_blocks(tokenizer, blocks)
     reference = torch_logits_fn(model)
     rows: dict[str, dict] = {}
     for name in recipes:
@@ -300,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-genai", action="store_true", help="leave out the onnxruntime-genai builder row")
     parser.add_argument("--genai-block-sizes", type=int, nargs="*", default=[], help="also the builder at these block_size values (its default: 32)")
     parser.add_argument("--quality", action="store_true", help="measure the lossy recipes on the trained instrument instead of speed")
+    parser.add_argument("--quality-split", choices=("heldout", "verification"), default="heldout",
+                        help="--quality on held-out text (report) or on the verification part (to choose recipes on)")
     args = parser.parse_args(argv)
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
     if args.quality:
-        rows = quality(out, [r for r in args.recipes if r != "graphopt fp32"], genai=not args.no_genai, genai_block_sizes=args.genai_block_sizes)
+        rows = quality(out, [r for r in args.recipes if r != "graphopt fp32"], genai=not args.no_genai, genai_block_sizes=args.genai_block_sizes,
+                       split=args.quality_split)
         (out / "quality.json").write_text(json.dumps(rows, indent=2, default=str))
         return 0
     model_dir = random_model_dir(out / "qwen2.5-0.5b-random")
