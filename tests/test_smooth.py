@@ -138,7 +138,7 @@ def test_the_recipe_runs_smooth_and_the_manager_holds_it_to_exactness():
     assert records["int8-attention"].info["fused"] == 2  # the inserted multiply keeps Q/K/V on one input
 
 
-@pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"scheme": "per-token"}, {"min_gain": 1.0}])
+@pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"scheme": "per-token"}, {"min_gain": 1.0}, {"scheme": "weight_only", "group_size": 24}, {"scheme": "weight_only", "bits": 3}])
 def test_config_errors_are_clear(bad):
     from graphopt.errors import ConfigError
 
@@ -196,14 +196,16 @@ def test_awq_scales_are_mean_activation_powers_normalised_between_their_extremes
     assert torch.allclose(live.max() * live.min(), torch.tensor(1.0))
 
 
-def test_weight_only_smoothing_folds_into_norm_gains_and_up_projections_exactly():
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_weight_only_smoothing_folds_into_norm_gains_and_up_projections_exactly(alpha):
     model = _GatedBlock().eval()
     gen = torch.Generator().manual_seed(5)
     ctx = PassContext(calibration=tuple(((torch.randn(4, 24, 64, generator=gen),), {}) for _ in range(4)))
     held = [torch.randn(4, 24, 64, generator=gen) for _ in range(3)]
     program = graphopt.capture(model, args=(held[0],))
-    result = Smooth(scheme="weight_only", bits=4, group_size=16, insert_mul=False)(program, ctx)
+    result = Smooth(scheme="weight_only", bits=4, group_size=16, insert_mul=False, alpha=alpha)(program, ctx)
     assert result.modified, result.reason
+    assert alpha is None or {g.alpha for g in result.info.groups} == {alpha}
     folds = {tuple(g.layers): g.fold for g in result.info.groups}
     assert folds == {("gate", "up"): "norm-gain", ("down",): "up-projection"}, result.info
     assert [g.layers for g in result.info.left] == [["side"]] and "insert_mul=false" in result.info.left[0].reason

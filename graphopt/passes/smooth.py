@@ -56,6 +56,7 @@ from graphopt.quant.smoothing import (
     choose_alpha,
     choose_awq,
     int8_error,
+    mean_abs,
     nbits_error,
     smoothing_scales,
 )
@@ -93,7 +94,7 @@ class _Record(BaseModel):
 
 class SmoothedGroup(_Record):
     layers: list[str]  # module paths (node names where a layer has none)
-    fold: str  # value-projection | layer-norm | multiply
+    fold: str  # value-projection | layer-norm | norm-gain | up-projection | multiply
     alpha: float
     error_before: float  # simulated (int8 or n-bit) relative squared error of the group's outputs
     error_after: float
@@ -193,7 +194,7 @@ class Smooth(Pass):
 
             if cfg.alpha is None:
                 return choose_awq(sample, weights, cfg.alphas or AWQ_ALPHAS, bits=cfg.bits, block_size=cfg.group_size, symmetric=cfg.symmetric, min_gain=cfg.min_gain)
-            s = activation_scales(torch.cat(sample.rows).abs().mean(dim=0), cfg.alpha)
+            s = activation_scales(mean_abs(sample), cfg.alpha)
         else:
             def error(s: torch.Tensor | None) -> float:
                 return int8_error(sample, weights, s, static, qmax)

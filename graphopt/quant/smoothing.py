@@ -14,6 +14,10 @@ error of the group's outputs, int8 against fp32, on a sample of rows, with the p
 activation range taken over the whole batch (dynamic) or every batch (static), as ORT's
 kernels take it. No smoothing at all is a candidate too, so a group whose activations have
 no outliers is left alone.
+
+:func:`choose_awq` does the same for weight-only n-bit quantization (AWQ): the candidates are
+``s = mean|x|^α`` and the error is that of the group's outputs with group-wise n-bit weights
+``W · s`` and float activations ``x / s``.
 """
 
 from __future__ import annotations
@@ -145,6 +149,11 @@ def _awq_rows(sample: ActivationSample) -> torch.Tensor:
     return rows[:: max(1, rows.shape[0] // AWQ_ROWS)][:AWQ_ROWS]
 
 
+def mean_abs(sample: ActivationSample) -> torch.Tensor:
+    """Per channel, the mean ``|x|`` over the sampled rows: what AWQ's scales are powers of."""
+    return _awq_rows(sample).abs().mean(dim=0)
+
+
 def nbits_error(sample: ActivationSample, weights: list[torch.Tensor], s: torch.Tensor | None, bits: int, block_size: int, symmetric: bool = False) -> float:
     """Relative squared error of the group's outputs with weight-only n-bit weights ``W · s`` in
     blocks of ``block_size`` (activations ``x / s`` in float) against fp32, over sampled rows."""
@@ -172,9 +181,9 @@ def choose_awq(
 ) -> AlphaChoice:
     """The ``α`` (or none) whose activation-aware scales give the least simulated weight-only
     n-bit error; chosen only when it lowers the error by at least ``min_gain`` (relative)."""
-    mean_abs = _awq_rows(sample).abs().mean(dim=0)
+    magnitude = mean_abs(sample)
     return _least_error(
-        lambda alpha: activation_scales(mean_abs, alpha),
+        lambda alpha: activation_scales(magnitude, alpha),
         lambda s: nbits_error(sample, weights, s, bits, block_size, symmetric),
         alphas, min_gain,
     )
