@@ -68,8 +68,6 @@ RECIPES = {
                                          "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"]},"
                                          "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
     "graphopt int4 GPTQ": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,embeddings=true,embedding_bits=4}",
-    # mixed precision: the k layers whose 4-bit rounding moves the logits most (measured one at a time
-    # on the calibration text) at 8 bits, the rest at 4
     # the first layer and the LM head (with the embeddings) at 8 bits, the rest at 4: the layers the
     # sensitivity plan keeps first on the trained instrument (keep=4 picked all of layer 0's linears)
     "graphopt int4 GPTQ, layer 0 and head int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
@@ -85,6 +83,8 @@ RECIPES = {
     "graphopt int4 g128, layer 0 and head int8": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
         "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*lm_head\",\"*layers.0.*\"]},"
         "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*lm_head\",\"*layers.0.*\"],embeddings=true,embedding_bits=8}",
+    # mixed precision: the k layers whose 4-bit rounding moves the logits most (measured one at a time
+    # on the calibration text) at 8 bits, the rest at 4
     "graphopt int4 GPTQ, keep 4": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
                                   "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,keep=4,fallback=int8_weight_only,embeddings=true,embedding_bits=4}",
     "graphopt int4 GPTQ, keep 6": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
@@ -99,6 +99,13 @@ RECIPES = {
     # the same int4 without the decoder kernels (GroupQueryAttention, RotaryEmbedding, packed GEMMs): what they are worth
     "graphopt int4 unfused": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
 }
+
+
+# What a run measures when --recipes is not given: speed rows round to nearest (GPTQ would only
+# spend build time on random weights), quality rows are the candidates compared on the instrument.
+SPEED_RECIPES = ("graphopt fp32", "graphopt int8", "graphopt int4", "graphopt int4 g128", "graphopt int4 g128, layer 0 and head int8")
+QUALITY_RECIPES = ("graphopt int8", "graphopt int8 weight-only", "graphopt int4", "graphopt int4 GPTQ", "graphopt int4 AWQ GPTQ",
+                   "graphopt int4 GPTQ, int8 head", "graphopt int4 GPTQ, layer 0 and head int8", "graphopt int4 GPTQ g128, layer 0 and head int8")
 
 
 def random_model_dir(folder: Path, config: dict | None = None, seed: int = 0) -> Path:
@@ -325,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="which graphopt rows")
+    parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=None,
+                        help="which graphopt rows (default: SPEED_RECIPES, or QUALITY_RECIPES with --quality)")
     parser.add_argument("--no-eager", action="store_true")
     parser.add_argument("--copied-cache", action="store_true",
                         help="also each graphopt row with its cache copied every step (no shared KV buffer): what sharing is worth")
@@ -339,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
     if args.quality:
-        rows = quality(out, [r for r in args.recipes if r != "graphopt fp32"], genai=not args.no_genai, genai_block_sizes=args.genai_block_sizes,
+        rows = quality(out, [r for r in (args.recipes or QUALITY_RECIPES) if r != "graphopt fp32"], genai=not args.no_genai, genai_block_sizes=args.genai_block_sizes,
                        split=args.quality_split)
         (out / "quality.json").write_text(json.dumps(rows, indent=2, default=str))
         return 0
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["PyTorch eager fp32 (generate, cache)"] = ("eager", model_dir)
         sizes["PyTorch eager fp32 (generate, cache)"] = folder_bytes(model_dir)
     builds = {}
-    for name in args.recipes:
+    for name in args.recipes or SPEED_RECIPES:
         folder = recipe_folder(out, name)
         builds[name] = export_recipe(model_dir, RECIPES[name], folder)
         print(f"[build] {name}: {json.dumps(builds[name], default=str)[:400]}", flush=True)
