@@ -146,7 +146,7 @@ def test_the_exporter_skips_reshape_chains_that_change_nothing(fused, monkeypatc
 def test_one_buffer_is_past_and_present_and_only_its_written_entries_are_read(fused, monkeypatch):
     path = fused[3]
     generator = Generator(make_session(path, threads=1))
-    assert generator.shared_buffer
+    assert generator.shared_buffer and generator.binds_once  # buffers bound once, not every step
     buffers: list = []
 
     def poisoned(self, batch, capacity):  # NaN wherever the kernel has not written

@@ -10,7 +10,8 @@
 - the cache never leaves ONNX Runtime. Where the export marked the graph shareable
   (:mod:`graphopt.export.kv_buffer`: every present written by ``GroupQueryAttention`` from
   its past), one ``[batch, kv_heads, prompt + max_new_tokens, head_dim]`` buffer per key and
-  value is allocated once and bound as both past and present, so no step copies the cache.
+  value is allocated and bound once per generation as both past and present (a step rebinds
+  only its three small inputs and the array its logits go to), so no step copies the cache.
   Otherwise each step's ``present.N.*`` outputs are bound, as OrtValues, as the next step's
   ``past_key_values.N.*`` inputs through IO binding: nothing goes through Python, but ORT
   writes the grown cache inside each step.
@@ -125,12 +126,49 @@ class Generator:
         # returns its whole cache and leaves the window to the runtime (shared-buffer graphs)
         self.runtime_window = spec.cache_window is not None and metadata.get(WINDOW_METADATA) == RUNTIME_WINDOW
         self.window_slack = WINDOW_SLACK
+        # the shared-buffer step binds its logits to an array of this type and vocabulary size
+        # (None: outputs beyond logits and presents, or a vocabulary the graph leaves symbolic)
+        logits_info = session.get_outputs()[0]
+        vocab = logits_info.shape[-1] if logits_info.shape else None
+        self._vocab = vocab if isinstance(vocab, int) else 0
+        only_cache = len(self.output_names) == 1 + 2 * spec.layers
+        self._logits_dtype = _NUMPY_TYPES.get(logits_info.type) if only_cache and self._vocab else None
 
-    def _run_step(self, binding: Any, step_ids: np.ndarray, step_positions: np.ndarray, cache: _KvCache) -> list[Any]:
+    @property
+    def binds_once(self) -> bool:
+        """Whether a generation binds the shared buffers once (and each step's logits to an
+        array ORT writes into) instead of binding every cache every step."""
+        return self.shared_buffer and self._logits_dtype is not None
+
+    def _run_step(self, binding: Any, step_ids: np.ndarray, step_positions: np.ndarray, cache: _KvCache) -> tuple[np.ndarray, list[Any]]:
+        """One step: the logits ``[batch, seq, vocab]`` and the presents (empty when shared)."""
         feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache.mask, POSITION_IDS: step_positions}
+        if cache.shared and self._logits_dtype is not None:
+            return self._run_shared_step(binding, feeds, cache), []
         past = dict(zip(self.spec.past_names(), cache.values))
         shared = dict(zip(self.spec.present_names(), cache.values)) if cache.shared else {}
-        return _bind_and_run(self.session, binding, self.output_names, feeds, past, shared)
+        outputs = _bind_and_run(self.session, binding, self.output_names, feeds, past, shared)
+        return outputs[0].numpy(), outputs[1 : 1 + 2 * self.spec.layers]
+
+    def _run_shared_step(self, binding: Any, feeds: dict[str, np.ndarray], cache: _KvCache) -> np.ndarray:
+        """A step on the shared buffers. They never move (a window compacts them in place), so
+        they are bound once per generation; each step rebinds the three small inputs and a
+        logits array ORT writes into: no per-step binding of 2 x layers caches, and no
+        wrapping of every output afterwards (about 0.6 ms of a 16 ms step at the 0.5B shape)."""
+        if not cache.bound:
+            for name, value in zip(self.spec.past_names(), cache.values):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(self.spec.present_names(), cache.values):
+                binding.bind_ortvalue_output(name, value)
+            cache.bound = True
+        for name, array in feeds.items():  # binding a name again replaces it
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        batch, seq = feeds[INPUT_IDS].shape
+        if cache.logits is None or cache.logits.shape[:2] != (batch, seq):
+            cache.logits = np.empty((batch, seq, self._vocab), dtype=self._logits_dtype)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.logits))
+        self.session.run_with_iobinding(binding)
+        return cache.logits
 
     def logits(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         """Logits of every position of one prefill (past length 0): ``[batch, seq, vocab]``
@@ -186,9 +224,9 @@ class Generator:
         for step in range(max_new_tokens):
             start = time.perf_counter()
             step_positions = _positions(full_mask)[:, -step_ids.shape[1] :]
-            outputs = self._run_step(binding, step_ids, step_positions, cache)
-            logits = outputs[0].numpy()[:, -1, :]
-            result.cache_lengths.append(cache.stepped(outputs[1 : 1 + 2 * spec.layers]))
+            step_logits, presents = self._run_step(binding, step_ids, step_positions, cache)
+            logits = step_logits[:, -1, :]
+            result.cache_lengths.append(cache.stepped(presents))
             token = _choose(logits, sampling, rng)
             token = np.where(finished, pad, token)
             elapsed = (time.perf_counter() - start) * 1e3
@@ -229,6 +267,7 @@ class Generator:
         return [np.empty((batch, spec.kv_heads, capacity, spec.head_dim), dtype=self.cache_dtype) for _ in range(2 * spec.layers)]
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 WINDOW_SLACK = 64  # entries a runtime-applied window's buffer holds past sinks + window: it is compacted once per this many steps
 
 
@@ -248,6 +287,8 @@ class _KvCache:
         # slots the cache may hold before a runtime window compacts it
         self.capacity = arrays[0].shape[2] if shared and arrays else (sum(window) + max(1, slack) if window else 0)
         self.length = 0  # slots written
+        self.bound = False  # the shared buffers are bound to the step's IO binding
+        self.logits: np.ndarray | None = None  # the array ORT writes a shared step's logits into
 
     def stepped(self, presents: list[Any]) -> int:
         """Take a step's presents; return how many entries the cache keeps."""
