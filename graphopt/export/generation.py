@@ -143,7 +143,7 @@ class Generator:
     def _run_step(self, binding: Any, step_ids: np.ndarray, step_positions: np.ndarray, cache: _KvCache) -> tuple[np.ndarray, list[Any]]:
         """One step: the logits ``[batch, seq, vocab]`` and the presents (empty when shared)."""
         feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache.mask, POSITION_IDS: step_positions}
-        if cache.shared and self._logits_dtype is not None:
+        if self.binds_once:
             return self._run_shared_step(binding, feeds, cache), []
         past = dict(zip(self.spec.past_names(), cache.values))
         shared = dict(zip(self.spec.present_names(), cache.values)) if cache.shared else {}
@@ -152,17 +152,10 @@ class Generator:
 
     def _run_shared_step(self, binding: Any, feeds: dict[str, np.ndarray], cache: _KvCache) -> np.ndarray:
         """A step on the shared buffers. They never move (a window compacts them in place), so
-        they are bound once per generation; each step rebinds the three small inputs and a
+        ``generate`` binds them once; each step rebinds the three small inputs and a
         logits array ORT writes into: no per-step binding of 2 x layers caches, and no
         wrapping of every output afterwards (about 0.6 ms of a 16 ms step at the 0.5B shape)."""
-        if not cache.bound:
-            for name, value in zip(self.spec.past_names(), cache.values):
-                binding.bind_ortvalue_input(name, value)
-            for name, value in zip(self.spec.present_names(), cache.values):
-                binding.bind_ortvalue_output(name, value)
-            cache.bound = True
-        for name, array in feeds.items():  # binding a name again replaces it
-            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        _bind_feeds(binding, feeds)  # binding a name again replaces it
         batch, seq = feeds[INPUT_IDS].shape
         if cache.logits is None or cache.logits.shape[:2] != (batch, seq):
             cache.logits = np.empty((batch, seq, self._vocab), dtype=self._logits_dtype)
@@ -217,6 +210,11 @@ class Generator:
 
         binding = self.session.io_binding()
         cache = self._empty_cache(mask, prompt_length + max_new_tokens)
+        if self.binds_once:  # the buffers never move: bound here, for every step
+            for name, value in zip(spec.past_names(), cache.values):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(spec.present_names(), cache.values):
+                binding.bind_ortvalue_output(name, value)
         result = GenerationResult(sequences=ids, prompt_length=prompt_length, buffer_slots=cache.capacity if cache.shared else 0)
         finished = np.zeros(batch, dtype=bool)
         new_tokens: list[np.ndarray] = []
@@ -287,7 +285,6 @@ class _KvCache:
         # slots the cache may hold before a runtime window compacts it
         self.capacity = arrays[0].shape[2] if shared and arrays else (sum(window) + max(1, slack) if window else 0)
         self.length = 0  # slots written
-        self.bound = False  # the shared buffers are bound to the step's IO binding
         self.logits: np.ndarray | None = None  # the array ORT writes a shared step's logits into
 
     def stepped(self, presents: list[Any]) -> int:
@@ -328,13 +325,17 @@ class _KvCache:
         self.length = sinks + recent
 
 
+def _bind_feeds(binding: Any, feeds: dict[str, np.ndarray]) -> None:
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+
+
 def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, np.ndarray], past: dict[str, Any],
                   shared: dict[str, Any]) -> list[Any]:
     """One step through IO binding; ``shared`` maps present outputs to the past buffers they write into."""
     binding.clear_binding_inputs()
     binding.clear_binding_outputs()
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+    _bind_feeds(binding, feeds)
     for name, value in past.items():  # the previous step's present, still inside ORT
         binding.bind_ortvalue_input(name, value)
     for name in output_names:
