@@ -57,7 +57,7 @@ from graphopt.quant.smoothing import (
     choose_awq,
     int8_error,
     mean_abs,
-    nbits_error,
+    nbits_error_fn,
     smoothing_scales,
 )
 from graphopt.rewrite import emit, fake
@@ -188,19 +188,17 @@ class Smooth(Pass):
 
     def _choose(self, sample: ActivationSample, weights: list[torch.Tensor], static: bool, qmax: int) -> AlphaChoice:
         cfg = self.config
-        if cfg.scheme == "weight_only":
-            def error(s: torch.Tensor | None) -> float:
-                return nbits_error(sample, weights, s, cfg.bits, cfg.group_size, cfg.symmetric)
-
-            if cfg.alpha is None:
+        if cfg.alpha is None:  # searched per group
+            if cfg.scheme == "weight_only":
                 return choose_awq(sample, weights, cfg.alphas or AWQ_ALPHAS, bits=cfg.bits, block_size=cfg.group_size, symmetric=cfg.symmetric, min_gain=cfg.min_gain)
+            return choose_alpha(sample, weights, cfg.alphas or DEFAULT_ALPHAS, static=static, weight_qmax=qmax, min_gain=cfg.min_gain)
+        if cfg.scheme == "weight_only":
+            error = nbits_error_fn(sample, weights, cfg.bits, cfg.group_size, cfg.symmetric)
             s = activation_scales(mean_abs(sample), cfg.alpha)
         else:
             def error(s: torch.Tensor | None) -> float:
                 return int8_error(sample, weights, s, static, qmax)
 
-            if cfg.alpha is None:
-                return choose_alpha(sample, weights, cfg.alphas or DEFAULT_ALPHAS, static=static, weight_qmax=qmax, min_gain=cfg.min_gain)
             weight_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(0)
             s = smoothing_scales(sample.absmax, weight_absmax, cfg.alpha)
         before, after = error(None), error(s)
@@ -253,8 +251,10 @@ def _stored_vector(gm: fx.GraphModule, mul: fx.Node) -> fx.Node | None:
     """The stored 1-D factor of ``mul`` (an RMSNorm's gain: ``w * x_normalised``) along the
     last dim, read by this multiply alone; else None."""
     out = fake(mul)
+    if out is None:
+        return None
     for arg in mul.args[:2]:
-        if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1 and out is not None:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1:
             value = get_tensor(gm, str(arg.target))
             if value.dim() == 1 and value.shape[0] == out.shape[-1]:
                 return arg
@@ -265,7 +265,7 @@ def _up_projection(mul: fx.Node) -> fx.Node | None:
     """In a gated MLP's ``act(gate(x)) * up(x)``, the ``up`` factor: an ``aten.linear`` with a
     stored weight (and bias, if any) read by this multiply alone, whose output channels are the
     product's. Dividing its rows by ``s`` divides the product's channels by ``s``."""
-    a, b = (arg for arg in mul.args[:2])
+    a, b = mul.args[:2]
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
     out, shapes = fake(mul), [fake(a), fake(b)]

@@ -154,19 +154,24 @@ def mean_abs(sample: ActivationSample) -> torch.Tensor:
     return _awq_rows(sample).abs().mean(dim=0)
 
 
-def nbits_error(sample: ActivationSample, weights: list[torch.Tensor], s: torch.Tensor | None, bits: int, block_size: int, symmetric: bool = False) -> float:
-    """Relative squared error of the group's outputs with weight-only n-bit weights ``W · s`` in
-    blocks of ``block_size`` (activations ``x / s`` in float) against fp32, over sampled rows."""
+def nbits_error_fn(sample: ActivationSample, weights: list[torch.Tensor], bits: int, block_size: int, symmetric: bool = False) -> Callable[[torch.Tensor | None], float]:
+    """``s -> `` relative squared error of the group's outputs with weight-only n-bit weights
+    ``W · s`` in blocks of ``block_size`` (activations ``x / s`` in float) against fp32, over
+    sampled rows. The rows and the fp32 outputs' energy are taken once, for every candidate."""
     rows = _awq_rows(sample)
-    num = den = 0.0
-    for weight in weights:
-        scaled = weight if s is None else weight * s[None, :]
-        restored = dequantize_nbits(quantize_nbits(scaled, bits, block_size, symmetric))
-        if s is not None:
-            restored = restored / s[None, :]
-        num += float((rows @ (restored - weight).T).pow(2).sum())
-        den += float((rows @ weight.T).pow(2).sum())
-    return num / max(den, 1e-30)
+    energy = max(sum(float((rows @ weight.T).pow(2).sum()) for weight in weights), 1e-30)
+
+    def error(s: torch.Tensor | None) -> float:
+        num = 0.0
+        for weight in weights:
+            scaled = weight if s is None else weight * s[None, :]
+            restored = dequantize_nbits(quantize_nbits(scaled, bits, block_size, symmetric))
+            if s is not None:
+                restored = restored / s[None, :]
+            num += float((rows @ (restored - weight).T).pow(2).sum())
+        return num / energy
+
+    return error
 
 
 def choose_awq(
@@ -182,11 +187,7 @@ def choose_awq(
     """The ``α`` (or none) whose activation-aware scales give the least simulated weight-only
     n-bit error; chosen only when it lowers the error by at least ``min_gain`` (relative)."""
     magnitude = mean_abs(sample)
-    return _least_error(
-        lambda alpha: activation_scales(magnitude, alpha),
-        lambda s: nbits_error(sample, weights, s, bits, block_size, symmetric),
-        alphas, min_gain,
-    )
+    return _least_error(lambda alpha: activation_scales(magnitude, alpha), nbits_error_fn(sample, weights, bits, block_size, symmetric), alphas, min_gain)
 
 
 def _least_error(scales_of: Callable[[float], torch.Tensor], error_of: Callable[[torch.Tensor | None], float], alphas: tuple[float, ...], min_gain: float) -> AlphaChoice:
