@@ -20,6 +20,7 @@ its fp32 self.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -133,7 +134,8 @@ def recipe_folder(out: Path, name: str, pipeline: str | None = None) -> Path:
     return out / f"{name.replace(' ', '-')}-{digest.hexdigest()[:8]}"
 
 
-def _source_digest() -> bytes:
+@functools.cache
+def _source_digest() -> bytes:  # once per process: every recipe_folder call would hash the package again
     import hashlib
 
     digest = hashlib.sha256()
