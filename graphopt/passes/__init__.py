@@ -14,6 +14,7 @@ from graphopt.passes.int8_attention import Int8Attention
 from graphopt.passes.pack_linears import PackLinears
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
+from graphopt.passes.refine_head import RefineHead
 from graphopt.passes.rms_norm import RmsNorm
 from graphopt.passes.rotary import Rotary
 from graphopt.passes.sdpa import AttentionToSDPA
@@ -21,4 +22,4 @@ from graphopt.passes.share_layers import ShareLayers
 from graphopt.passes.smooth import Smooth
 from graphopt.passes.window_attention import WindowAttention
 
-__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "GqaAttention", "GqaRotary", "Int8Attention", "PackLinears", "Prune", "Quantize", "RmsNorm", "Rotary", "ShareLayers", "Smooth", "WindowAttention"]
+__all__ = ["ApproxAttention", "AttentionToSDPA", "AttentionTransfer", "BiasGelu", "Cluster", "DeadCodeElimination", "Deduplicate", "Distill", "FusedAttention", "GqaAttention", "GqaRotary", "Int8Attention", "PackLinears", "Prune", "Quantize", "RefineHead", "RmsNorm", "Rotary", "ShareLayers", "Smooth", "WindowAttention"]

@@ -59,6 +59,16 @@ def embedding_nbits(table_packed: UINT8, scales: FLOAT, zero_points: UINT8, indi
 
 
 @onnxscript.script(default_opset=op)
+def refine_topk_int8(coarse: FLOAT, x: FLOAT, table_q: INT8, scales: FLOAT, k: int) -> FLOAT:
+    # TopK picks the candidates, Gather + Cast + Mul dequantize their rows, one batched MatMul
+    # takes the dot products, ScatterElements writes them over the coarse logits.
+    _, index = op.TopK(coarse, op.Reshape(op.Constant(value_int=k), op.Constant(value_ints=[1])), axis=-1, largest=1, sorted=0)
+    rows = op.Mul(op.Cast(op.Gather(table_q, index), to=1), op.Gather(scales, index))
+    fine = op.Squeeze(op.MatMul(rows, op.Unsqueeze(x, op.Constant(value_ints=[-1]))), op.Constant(value_ints=[-1]))
+    return op.ScatterElements(coarse, index, fine, axis=-1)
+
+
+@onnxscript.script(default_opset=op)
 def attention_int8(x: FLOAT, w_qkv: INT8, w_scale: FLOAT, bias: FLOAT, mask: FLOAT, num_heads: int, scale: float) -> FLOAT:
     # One integer GEMM for Q, K and V, then ORT's fused attention on [B, S, hidden] inputs.
     qkv = msft.DynamicQuantizeMatMul(x, w_qkv, w_scale, None, bias)
@@ -84,5 +94,6 @@ register_lowering(_ops.linear_nbits.default, nbits)
 register_lowering(_ops.embedding_int8.default, embedding_int8)
 register_lowering(_ops.bias_gelu.default, bias_gelu)
 register_lowering(_ops.embedding_nbits.default, embedding_nbits)
+register_lowering(_ops.refine_topk_int8.default, refine_topk_int8)
 register_lowering(_ops.attention_int8.default, attention_int8)
 register_lowering(_ops.attention_static_int8.default, attention_static_int8)

@@ -155,6 +155,23 @@ def _(table_q, scales, indices):
     return table_q.new_empty((*indices.shape, table_q.shape[1]), dtype=torch.float32)
 
 
+# ---- top-k logit refinement (a low-bit head corrected where it matters) -----------------------
+@torch.library.custom_op(f"{LIB}::refine_topk_int8", mutates_args=())
+def refine_topk_int8(coarse: torch.Tensor, x: torch.Tensor, table_q: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
+    """``coarse [..., V]`` with its ``k`` largest entries per row recomputed as ``x . row`` from
+    an int8 table ``[V, D]`` with one scale per row ``[V, 1]`` (fp32 products): a head quantized
+    to few bits picks the candidates, the int8 rows decide among them."""
+    index = coarse.topk(k, dim=-1).indices
+    rows = table_q[index].float() * scales[index]  # [..., k, D]
+    fine = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
+    return coarse.scatter(-1, index, fine)
+
+
+@refine_topk_int8.register_fake
+def _(coarse, x, table_q, scales, k):
+    return torch.empty_like(coarse)
+
+
 # ---- epilogue: bias + GELU ------------------------------------------------------------------
 @torch.library.custom_op(f"{LIB}::bias_gelu", mutates_args=())
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
