@@ -204,7 +204,8 @@ def test_target_filter_by_module_path():
     ("options", "message"),
     [
         (dict(bits=4), "quantizes to 8 bits"),
-        (dict(mode="weight_only", bits=3), "bits 4 or 8"),
+        (dict(mode="weight_only", bits=3), "bits 2, 4 or 8"),
+        (dict(mode="weight_only", bits=2, group_size=16), "2-bit blocks of 16 run in fp32"),
         (dict(mode="weight_only", group_size=48), "power of two"),
         (dict(mode="weight_only", group_size=512), "16 to 256"),
         (dict(mode="int3"), "mode"),
@@ -240,7 +241,7 @@ def test_pipeline_text_round_trips():
 
 
 # ---- weight-only n-bit ---------------------------------------------------------------------
-@pytest.mark.parametrize(("bits", "group_size", "accuracy_level"), [(4, 32, 4), (8, 16, 0)])
+@pytest.mark.parametrize(("bits", "group_size", "accuracy_level"), [(4, 32, 4), (8, 16, 0), (2, 32, 4), (2, 64, 4), (2, 16, 0)])
 def test_weight_only_uses_matmulnbits_with_tight_ort_parity(bits, group_size, accuracy_level, tmp_path):
     program = _capture("bert")
     linears = _linear_count(program)

@@ -48,7 +48,7 @@ from graphopt.program import Program, module_path
 from graphopt.quant.bias_correction import bias_corrections, corrected
 from graphopt.quant.calibration import ActivationRange, calibrated_range
 from graphopt.quant.cpu import CpuInt8Support, cpu_int8_support, weight_qmax
-from graphopt.quant.packing import quantize_nbits
+from graphopt.quant.packing import NBITS, quantize_nbits
 from graphopt.quant.schemes import QuantizedLinear, Scheme, quantize_embedding, quantize_linear
 from graphopt.quant.sensitivity import PlanProbe, Simulator, layer_sensitivity, plan_mixed_precision
 from graphopt.rewrite import Match, NoMatch, RewriteRule, apply_rules, emit
@@ -65,7 +65,7 @@ class QuantizeConfig(PassConfig):
     version: ClassVar[int] = 2  # 2: fuse_gelu / fuse_attention became the bias-gelu and int8-attention passes
 
     mode: Literal["dynamic", "weight_only", "static"] = "dynamic"
-    bits: int = Field(8, description="8 for dynamic/static; 4 or 8 for weight_only")
+    bits: int = Field(8, description="8 for dynamic/static; 2, 4 or 8 for weight_only")
     group_size: int = Field(128, description="weight_only: input rows per scale (power of two, 16..256)")
     symmetric: bool = Field(False, description="weight_only: fixed zero point (int8 modes are always symmetric)")
     accuracy_level: int = Field(4, ge=0, le=4, description="weight_only: MatMulNBits compute type (4 = int8, 0 = fp32)")
@@ -87,8 +87,11 @@ class QuantizeConfig(PassConfig):
     def _consistent(self):
         if self.mode in ("dynamic", "static") and self.bits != 8:
             raise ValueError(f"mode={self.mode} quantizes to 8 bits, got bits={self.bits} (4 bits: mode=weight_only)")
-        if self.mode == "weight_only" and self.bits not in (4, 8):
-            raise ValueError(f"weight_only supports bits 4 or 8 (MatMulNBits), got bits={self.bits}")
+        if self.mode == "weight_only" and self.bits not in NBITS:
+            raise ValueError(f"weight_only supports bits 2, 4 or 8 (MatMulNBits), got bits={self.bits}")
+        if self.mode == "weight_only" and self.bits == 2 and self.accuracy_level == 4 and self.group_size < 32:
+            raise ValueError("2-bit blocks of 16 run in fp32 on ORT 1.32's CPU kernel, whatever accuracy_level asks: "
+                             "use group_size >= 32 for int8 compute, or accuracy_level=0")
         if self.calibration_method != "minmax" and self.mode != "static":
             raise ValueError(f"calibration_method applies to mode=static (calibrated activation ranges), not mode={self.mode}")
         if self.gptq and self.mode != "weight_only":

@@ -8,7 +8,7 @@ so ORT parity can be checked tightly:
   quantized per tensor to uint8 at run time (range widened to include 0, scale =
   range/255, zero point rounded half-to-even), the weight is int8, symmetric, one scale per
   output column; the integer product is exact, then scaled by ``a_scale * w_scale`` in fp32.
-* ``graphopt::linear_nbits``: ``MatMulNBits`` (weight-only, 4 or 8 bits, one scale and
+* ``graphopt::linear_nbits``: ``MatMulNBits`` (weight-only, 2, 4 or 8 bits, one scale and
   zero point per group of ``block_size`` input rows). ``accuracy_level=4`` makes ORT
   quantize the activation to int8 per block as well; the reference does the same.
 * ``graphopt::linear_static_int8``: ``QuantizeLinear``/``DequantizeLinear`` around a MatMul:

@@ -3,8 +3,9 @@
 Conventions: a linear weight arrives as ``[N, K]`` (``nn.Linear``: output rows, input
 columns). Per-channel int8 weights are returned as ``[K, N]`` int8 with one scale per output
 column (MatMul's B layout). n-bit weights use ``MatMulNBits``' layout: ``[N, blocks,
-block_size * bits / 8]`` uint8, low nibble first for 4 bits; scales ``[N, blocks]``; zero
-points packed the same way (4 bits: two per byte along the blocks of a row).
+block_size * bits / 8]`` uint8, lowest bits first (4 bits: element 2i in the low nibble of
+byte i; 2 bits: element 4i in bits 0-1); scales ``[N, blocks]``; zero points packed the same
+way along the blocks of a row (a row padded to whole bytes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from graphopt.errors import ConfigError
 
 INT8_QMAX = 127
 REDUCED_INT8_QMAX = 63  # "reduce range": 7-bit weights, for CPUs without VNNI (see cpu.py)
+NBITS = (2, 4, 8)  # the widths MatMulNBits runs on ORT's CPU provider (1.32)
 
 
 def quantize_per_channel_int8(weight: torch.Tensor, qmax: int = INT8_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +55,8 @@ def quantize_nbits(weight: torch.Tensor, bits: int, block_size: int, symmetric: 
     Either range is shrunk per block where that lowers the block's squared error.
     A K that ``block_size`` does not divide is padded with zero weights (reported as ``padded``).
     """
-    if bits not in (4, 8):
-        raise ConfigError(f"MatMulNBits weights must have 4 or 8 bits, got {bits}")
+    if bits not in NBITS:
+        raise ConfigError(f"MatMulNBits weights must have 2, 4 or 8 bits, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ConfigError(f"block_size must be a power of two >= 16, got {block_size}")
     w = weight.detach().float()
@@ -108,38 +110,43 @@ def _search_block_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[t
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [rows, cols] -> bytes; 4 bits: element 2i in the low nibble of byte i."""
+    """Unsigned codes [rows, cols] -> bytes, ``8 // bits`` codes a byte, lowest bits first."""
     if bits == 8:
         return codes.to(torch.uint8)
-    pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    groups = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 8 // bits)
+    packed = groups[..., 0]
+    for i in range(1, 8 // bits):
+        packed = packed | (groups[..., i] << (bits * i))
+    return packed
+
+
+def _unpack(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    mask = 2**bits - 1
+    return torch.stack([(rows >> (bits * i)) & mask for i in range(8 // bits)], dim=-1).reshape(rows.shape[0], -1)
 
 
 def unpack_nbits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     """MatMulNBits' B [N, blocks, blob] -> codes [N, blocks * block_size] as float."""
     rows = packed.reshape(packed.shape[0], -1)
-    if bits == 8:
-        return rows.float()
-    low, high = rows & 0x0F, rows >> 4
-    return torch.stack((low, high), dim=-1).reshape(rows.shape[0], -1).float()
+    return rows.float() if bits == 8 else _unpack(rows, bits).float()
 
 
 def pack_zero_points(zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points [N, blocks] -> ORT's layout (4 bits: a row padded to whole bytes)."""
+    """Zero points [N, blocks] -> ORT's layout (below 8 bits: a row padded to whole bytes)."""
     if bits == 8:
         return zero.contiguous()
-    if zero.shape[1] % 2:
-        zero = torch.nn.functional.pad(zero, (0, 1))
-    return pack_codes(zero, 4)
+    per_byte = 8 // bits
+    if zero.shape[1] % per_byte:
+        zero = torch.nn.functional.pad(zero, (0, per_byte - zero.shape[1] % per_byte))
+    return pack_codes(zero, bits)
 
 
 def unpack_zero_points(packed: torch.Tensor, bits: int, blocks: int) -> torch.Tensor:
     """ORT-layout zero points -> [N, blocks] as float."""
-    if bits == 8:
-        return packed.reshape(packed.shape[0], -1)[:, :blocks].float()
     rows = packed.reshape(packed.shape[0], -1)
-    both = torch.stack((rows & 0x0F, rows >> 4), dim=-1).reshape(rows.shape[0], -1)
-    return both[:, :blocks].float()
+    if bits == 8:
+        return rows[:, :blocks].float()
+    return _unpack(rows, bits)[:, :blocks].float()
 
 
 def dequantize_nbits(q: NBitsWeight) -> torch.Tensor:
