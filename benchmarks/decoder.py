@@ -96,6 +96,36 @@ RECIPES = {
     "graphopt int4 GPTQ, int8 head, keep 4": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,"
                                              "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*lm_head\"],keep=4,fallback=int8_weight_only},"
                                              "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*lm_head\"],embeddings=true,embedding_bits=8}",
+    # the LM head at 4 bits picks each position's 64 best logits, recomputed from int8 rows (refine-head); the
+    # embedding at 8 bits is the same int8 table, stored once after the final dedup when the head is tied
+    "graphopt int4 GPTQ, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,embeddings=true,embedding_bits=8},dedup",
+    "graphopt int4 GPTQ, layer 0 int8, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,gptq=true,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
+    "graphopt int4 GPTQ g128, layer 0 int8, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
+    # the head's coarse stage at 2 bits (it only picks the candidates): half the bytes of the 4-bit head. The head
+    # goes first: a tied embedding is quantized only once nothing else reads its table
+    "graphopt int4 GPTQ g128, layer 0 int8, 2-bit refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=2,group_size=64,accuracy_level=4,gptq=true,include=[\"*lm_head\"]},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
+    "graphopt int4 GPTQ g128, layer 0 int8, 2-bit g32 refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=2,group_size=32,accuracy_level=4,gptq=true,include=[\"*lm_head\"]},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
+    # their speed twins
+    "graphopt int4 g128, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,embeddings=true,embedding_bits=8},dedup",
+    "graphopt int4 g128, layer 0 int8, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
+    "graphopt int4 g128, layer 0 int8, 2-bit refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=2,group_size=64,accuracy_level=4,include=[\"*lm_head\"]},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
     "graphopt int8 weight-only": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=8}",
     # the same int4 without the decoder kernels (GroupQueryAttention, RotaryEmbedding, packed GEMMs): what they are worth
     "graphopt int4 unfused": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
@@ -104,9 +134,10 @@ RECIPES = {
 
 # What a run measures when --recipes is not given: speed rows round to nearest (GPTQ would only
 # spend build time on random weights), quality rows are the candidates compared on the instrument.
-SPEED_RECIPES = ("graphopt fp32", "graphopt int8", "graphopt int4", "graphopt int4 g128", "graphopt int4 g128, layer 0 and head int8")
+SPEED_RECIPES = ("graphopt fp32", "graphopt int8", "graphopt int4", "graphopt int4 g128", "graphopt int4 g128, layer 0 int8, 2-bit refined head")
 QUALITY_RECIPES = ("graphopt int8", "graphopt int8 weight-only", "graphopt int4", "graphopt int4 GPTQ", "graphopt int4 AWQ GPTQ",
-                   "graphopt int4 GPTQ, int8 head", "graphopt int4 GPTQ, layer 0 and head int8", "graphopt int4 GPTQ g128, layer 0 and head int8")
+                   "graphopt int4 GPTQ, int8 head", "graphopt int4 GPTQ, layer 0 and head int8", "graphopt int4 GPTQ g128, layer 0 and head int8",
+                   "graphopt int4 GPTQ, refined head", "graphopt int4 GPTQ g128, layer 0 int8, refined head", "graphopt int4 GPTQ g128, layer 0 int8, 2-bit refined head")
 
 
 def random_model_dir(folder: Path, config: dict | None = None, seed: int = 0) -> Path:
