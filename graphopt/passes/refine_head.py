@@ -16,11 +16,16 @@ read from an int8 copy of ``W`` (one scale per row) and multiplied with ``h`` in
 other logits stay the coarse ones. A decode step streams the low-bit head plus ``k`` rows
 (``k x hidden`` bytes: 57 KB at the 0.5B shape with ``k=64``), not the 8-bit head.
 
+Since the coarse head only ranks, it can be cheaper than the rest: on the instrument a 2-bit
+head (``quantize{bits=2,group_size=64,include=["*lm_head"]}``) refined keeps the 4-bit
+refined head's agreement to the token, at half its bytes (benchmarks/README.md).
+
 The int8 copy is :func:`graphopt.quant.schemes.quantize_embedding` of ``W``, which is what
 ``quantize{embeddings=true,embedding_bits=8}`` stores for an embedding table. A model whose
 head is tied to its input embedding (Qwen2.5, Gemma, GPT-2) therefore holds the same int8
 table twice after those two passes, and a ``dedup`` after them stores it once: the lookup
-and the refinement read one table, on disk and in memory.
+and the refinement read one table, on disk and in memory. ``quantize`` stores a tied table
+only once nothing else reads it, so the head must be quantized first (or in the same pass).
 
 Exactness: where the coarse head ranks the fp32 head's best token within its top ``k``, the
 refined argmax is the int8 head's (at fp32 activations). Logits outside the top ``k`` keep
