@@ -112,13 +112,7 @@ RECIPES = {
         "quantize{mode=weight_only,bits=2,group_size=64,accuracy_level=4,gptq=true,include=[\"*lm_head\"]},"
         "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
         "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
-    "graphopt int4 GPTQ g128, layer 0 int8, 2-bit g32 refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
-        "quantize{mode=weight_only,bits=2,group_size=32,accuracy_level=4,gptq=true,include=[\"*lm_head\"]},"
-        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,gptq=true,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
-        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
     # their speed twins
-    "graphopt int4 g128, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
-        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,embeddings=true,embedding_bits=8},dedup",
     "graphopt int4 g128, layer 0 int8, refined head": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,refine-head{k=64},"
         "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
         "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",

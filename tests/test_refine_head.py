@@ -29,8 +29,9 @@ def _inputs(program, seed: int) -> dict[str, torch.Tensor]:
     return decoder_inputs(decoder_spec(program), ids, mask)
 
 
-def _real(logits: torch.Tensor) -> torch.Tensor:
-    return logits[torch.tensor([[True] * 24, [False] * 5 + [True] * 19])]  # [positions, V], padding left out
+def _real(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[positions, V]``: the logits of real tokens, padding left out (a prefill: the mask is the step's)."""
+    return logits[inputs["attention_mask"].bool()]
 
 
 def _chosen(logits: torch.Tensor, k: int = K) -> torch.Tensor:
@@ -75,8 +76,8 @@ def test_a_4bit_head_refined_picks_what_the_int8_rows_pick(llama):
     agree = {"plain": 0, "refined": 0}
     for seed in range(4):
         inputs = _inputs(llama, seed)
-        exact, coarse = _real(_logits(llama, inputs)), _real(_logits(plain, inputs))
-        ours, alone = _real(_logits(refined, inputs)), _real(_logits(refined_alone, inputs))
+        exact, coarse = _real(_logits(llama, inputs), inputs), _real(_logits(plain, inputs), inputs)
+        ours, alone = _real(_logits(refined, inputs), inputs), _real(_logits(refined_alone, inputs), inputs)
         assert torch.equal(ours.argmax(-1), alone.argmax(-1))
         agree["plain"] += int((coarse.argmax(-1) == exact.argmax(-1)).sum())
         agree["refined"] += int((ours.argmax(-1) == exact.argmax(-1)).sum())
