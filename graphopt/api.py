@@ -67,6 +67,8 @@ class OptimizeResult:
         }
         if exported.kv_buffer:  # decoders: whether generation shares one cache buffer between past and present
             self.report.sections["export"]["kv_buffer"] = exported.kv_buffer
+        if exported.logits_to_keep:  # decoders: whether generation computes the last position's logits only
+            self.report.sections["export"]["logits_to_keep"] = exported.logits_to_keep
         if exported.skip_norms:  # residual Adds fused with the RMSNorm after them
             self.report.sections["export"]["skip_norms"] = exported.skip_norms
         if parity if parity is not None else settings.parity:

@@ -54,6 +54,7 @@ CASES = [(arch, "eager") for arch in zoo.CAUSAL_ARCHS] + [("llama", "sdpa"), ("q
 def test_greedy_generation_matches_transformers(exported, arch, attn):
     model, _, session, _ = exported(arch, attn)
     generator = Generator(session)
+    assert generator.keeps_last  # every step, prefill included, computes the last position's logits only
     result = generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True, eos_token_id=[], pad_token_id=0)
     sequences, logits = _hf_generate(model, generator, PROMPTS, NEW_TOKENS)
     assert result.sequences.shape == (2, 7 + NEW_TOKENS)
@@ -69,7 +70,10 @@ def test_export_uses_optimum_names_and_dynamic_axes(exported):
     model = onnx.load(path, load_external_data=False)
     inputs = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     outputs = [v.name for v in model.graph.output]
-    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *[f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]]
+    assert list(inputs) == ["input_ids", "attention_mask", "position_ids", *[f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")],
+                            "logits_to_keep"]
+    # optional: its default (an initializer of the same name) keeps every position, as Optimum's graphs do
+    assert [onnx.numpy_helper.to_array(t).tolist() for t in model.graph.initializer if t.name == "logits_to_keep"] == [0]
     assert outputs == ["logits", *[f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert inputs["past_key_values.0.key"] == ["batch_size", spec.kv_heads, "past_sequence_length", spec.head_dim]

@@ -37,6 +37,7 @@ import torch
 from graphopt.data import left_pad, positions
 from graphopt.decoder import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, DecoderSpec, trim_to_window
 from graphopt.errors import ConfigError
+from graphopt.export.keep_logits import LOGITS_TO_KEEP
 
 Streamer = Callable[[np.ndarray], None]  # new token of every row, shape [batch]
 
@@ -133,6 +134,10 @@ class Generator:
         self._vocab = vocab if isinstance(vocab, int) else 0
         only_cache = len(self.output_names) == 1 + 2 * spec.layers
         self._logits_dtype = _NUMPY_TYPES.get(logits_info.type) if only_cache and self._vocab else None
+        # a step needs the last position's logits only: a graph that can compute just those
+        # (graphopt.export.keep_logits) is told so at every step, and prefill skips the others
+        self.keeps_last = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+        self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
 
     @property
     def binds_once(self) -> bool:
@@ -141,8 +146,11 @@ class Generator:
         return self.shared_buffer and self._logits_dtype is not None
 
     def _run_step(self, binding: Any, step_ids: np.ndarray, step_positions: np.ndarray, cache: _KvCache) -> tuple[np.ndarray, list[Any]]:
-        """One step: the logits ``[batch, seq, vocab]`` and the presents (empty when shared)."""
+        """One step: the logits ``[batch, seq or 1, vocab]`` (the last position's alone where the
+        graph can compute just those) and the presents (empty when shared)."""
         feeds = {INPUT_IDS: step_ids, ATTENTION_MASK: cache.mask, POSITION_IDS: step_positions}
+        if self.keeps_last:
+            feeds[LOGITS_TO_KEEP] = self._keep_last
         if self.binds_once:
             return self._run_shared_step(binding, feeds, cache), []
         past = dict(zip(self.spec.past_names(), cache.values))
@@ -150,13 +158,14 @@ class Generator:
         outputs = _bind_and_run(self.session, binding, self.output_names, feeds, past, shared)
         return outputs[0].numpy(), outputs[1 : 1 + 2 * self.spec.layers]
 
-    def _run_shared_step(self, binding: Any, feeds: dict[str, np.ndarray], cache: _KvCache) -> np.ndarray:
+    def _run_shared_step(self, binding: Any, feeds: dict[str, Any], cache: _KvCache) -> np.ndarray:
         """A step on the shared buffers. They never move (a window compacts them in place), so
         ``generate`` binds them once; each step rebinds the three small inputs and a
         logits array ORT writes into: no per-step binding of 2 x layers caches, and no
         wrapping of every output afterwards (about 0.6 ms of a 16 ms step at the 0.5B shape)."""
         _bind_feeds(binding, feeds)  # binding a name again replaces it
         batch, seq = feeds[INPUT_IDS].shape
+        seq = 1 if self.keeps_last else seq
         if cache.logits is None or cache.logits.shape[:2] != (batch, seq):
             cache.logits = np.empty((batch, seq, self._vocab), dtype=self._logits_dtype)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.logits))
@@ -325,12 +334,15 @@ class _KvCache:
         self.length = sinks + recent
 
 
-def _bind_feeds(binding: Any, feeds: dict[str, np.ndarray]) -> None:
+def _bind_feeds(binding: Any, feeds: dict[str, Any]) -> None:
     for name, array in feeds.items():
-        binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        if isinstance(array, ort.OrtValue):  # ORT binds an input that has a default (logits_to_keep) only as an OrtValue
+            binding.bind_ortvalue_input(name, array)
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
 
 
-def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, np.ndarray], past: dict[str, Any],
+def _bind_and_run(session: ort.InferenceSession, binding: Any, output_names: list[str], feeds: dict[str, Any], past: dict[str, Any],
                   shared: dict[str, Any]) -> list[Any]:
     """One step through IO binding; ``shared`` maps present outputs to the past buffers they write into."""
     binding.clear_binding_inputs()

@@ -73,6 +73,9 @@ class ExportResult:
     # Decoders lowered to ORT kernels: residual Adds fused with the RMSNorm after them
     # (graphopt.export.skip_norm).
     skip_norms: int = 0
+    # Decoders: where the optional ``logits_to_keep`` input slices the positions before the
+    # LM head (graphopt.export.keep_logits), or why it does not.
+    logits_to_keep: str = ""
 
 
 DECODER_METADATA = "graphopt.decoder"  # model metadata key: the DecoderSpec of a decoder step graph
@@ -123,7 +126,7 @@ def to_onnx(
     dynamic_axes = dynamic_axis_names(program)
     onnx_program.rename_axes(_axis_rename_mapping(model.graph, dynamic_axes))
     inputs = _rename_inputs(model.graph, onnx_input_names(program))
-    kv_buffer, skip_norms = "", 0
+    kv_buffer, skip_norms, logits_to_keep = "", 0, ""
     if "decoder" in program.meta:  # what a generation runtime needs to drive the cache
         model.metadata_props[DECODER_METADATA] = json.dumps(dict(program.meta["decoder"]))
         kv_buffer = _share_kv_buffer(model, program.meta["decoder"])
@@ -131,6 +134,7 @@ def to_onnx(
             from .skip_norm import fuse_skip_rms_norm
 
             skip_norms = fuse_skip_rms_norm(model)
+        logits_to_keep = _keep_last_logits(model)
 
     initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     use_external = initializer_bytes > EXTERNAL_DATA_THRESHOLD_BYTES if external_data == "auto" else external_data
@@ -153,6 +157,7 @@ def to_onnx(
         op_sites=tuple(sites),
         kv_buffer=kv_buffer,
         skip_norms=skip_norms,
+        logits_to_keep=logits_to_keep,
     )
 
 
@@ -167,6 +172,13 @@ def _share_kv_buffer(model: ir.Model, spec_dict: Mapping[str, Any]) -> str:
     if not shared.shared:
         return f"not shared: {shared.reason}"
     return f"{SHARED}; the runtime applies the cache window {spec.cache_window}" if shared.window_to_runtime else SHARED
+
+
+def _keep_last_logits(model: ir.Model) -> str:
+    from .keep_logits import LOGITS_TO_KEEP, keep_last_logits
+
+    kept = keep_last_logits(model)
+    return f"{LOGITS_TO_KEEP} slices {kept.sliced!r} ({kept.nodes} nodes after it)" if kept.applied else f"no {LOGITS_TO_KEEP}: {kept.reason}"
 
 
 # ---- exporting and rewriting the ONNX graph ----------------------------------------------

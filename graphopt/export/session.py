@@ -21,7 +21,7 @@ from . import openvino_session
 from .onnx_export import (
     UnsafeExternalDataError,
     external_data_locations,
-    validate_model_external_data,
+    validate_external_data_location,
 )
 
 # Short names for the providers people ask for; full ORT names are accepted as well.
@@ -156,7 +156,7 @@ def make_session(
         if threads is not None:
             _positive(threads, "threads")
         # _model_source: the same checks (file exists, external data stays in its folder) as ORT's
-        return openvino_session.OpenVINOSession(_model_source(path_or_bytes), threads=threads, precision=precision)
+        return openvino_session.OpenVINOSession(_model_source(path_or_bytes)[0], threads=threads, precision=precision)
     if precision != "fp32":
         raise ConfigError(f"precision {precision!r} needs provider 'openvino': onnxruntime's {provider_name} has no bf16 kernels for "
                           "MatMul, Gemm or Add on x86, so it runs the graph in the precision it declares")
@@ -169,12 +169,18 @@ def make_session(
         if inter_threads > 1:
             options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
 
-    source = _model_source(path_or_bytes)
+    source, proto = _model_source(path_or_bytes)
+    external = bool(external_data_locations(proto))
+    if {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}:
+        # ORT warns at load about every input with a default (an overridable initializer), which
+        # graphopt's decoders declare on purpose (logits_to_keep, graphopt.export.keep_logits)
+        options.log_severity_level = 3
+    del proto  # without external data it holds every weight: gone before ORT loads its own copy
     if optimized_model_path is not None:
         out = Path(optimized_model_path).absolute()
         out.parent.mkdir(parents=True, exist_ok=True)
         options.optimized_model_filepath = str(out)
-        if isinstance(source, str) and validate_model_external_data(source):
+        if isinstance(source, str) and external:
             # A big model's optimized form needs its weights beside it, not in the proto.
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{out.name}.data")
 
@@ -245,18 +251,22 @@ def tune_disabled_optimizers(
     return {"disabled_optimizers": chosen, "trials": trials}
 
 
-def _model_source(path_or_bytes: Any) -> str | bytes:
+def _model_source(path_or_bytes: Any) -> tuple[str | bytes, onnx.ModelProto]:
+    """What the runtime loads (a checked path, or bytes) and the model without its external data."""
     if isinstance(path_or_bytes, onnx.ModelProto):
         path_or_bytes = path_or_bytes.SerializeToString()
     if isinstance(path_or_bytes, (bytes, bytearray)):
-        if external_data_locations(onnx.load_from_string(bytes(path_or_bytes))):
+        proto = onnx.load_from_string(bytes(path_or_bytes))
+        if external_data_locations(proto):
             raise UnsafeExternalDataError("a model held in memory refers to external data; load it from its path instead")
-        return bytes(path_or_bytes)
+        return bytes(path_or_bytes), proto
     path = Path(path_or_bytes)
     if not path.is_file():
         raise ExportError(f"no ONNX model at {path}")
-    validate_model_external_data(path)
-    return str(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    for location in dict.fromkeys(external_data_locations(proto)):
+        validate_external_data_location(path.parent, location)
+    return str(path), proto
 
 
 def _positive(value: int, name: str) -> int:
