@@ -222,6 +222,8 @@ def _slice_positions(graph: ir.Graph, hidden: ir.Value, region: Iterable[ir.Node
     start = ir.node("Reshape", [negated.outputs[0], constant("one_axis", [1])], name=f"{LOGITS_TO_KEEP}_start")
     kept = ir.node("Slice", [hidden, start.outputs[0], constant("end", [np.iinfo(np.int64).max]), constant("axis", [1])],
                    name=f"{LOGITS_TO_KEEP}_slice")
+    for node, shape in ((negated, []), (start, [1])):
+        node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = f"{node.name}_out", ir.Shape(shape), keep.type
     kept.outputs[0].name = f"{hidden.name}_kept"
     kept.outputs[0].type = hidden.type
     if hidden.shape is not None:
