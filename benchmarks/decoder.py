@@ -120,6 +120,11 @@ RECIPES = {
         "quantize{mode=weight_only,bits=2,group_size=64,accuracy_level=4,include=[\"*lm_head\"]},"
         "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
         "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
+    # the same with packed Q/K/V and rotary read by GroupQueryAttention itself (48 Splits and 48 RotaryEmbedding fewer)
+    "graphopt int4 g128, layer 0 int8, 2-bit refined head + gqa-rotary": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,gqa-rotary,refine-head{k=64},"
+        "quantize{mode=weight_only,bits=2,group_size=64,accuracy_level=4,include=[\"*lm_head\"]},"
+        "quantize{mode=weight_only,bits=4,group_size=128,accuracy_level=4,exclude=[\"*layers.0.*\"],embeddings=true,embedding_bits=8},"
+        "quantize{mode=weight_only,bits=8,group_size=128,accuracy_level=4,include=[\"*layers.0.*\"]},dedup",
     "graphopt int8 weight-only": "dce,dedup,sdpa,gqa-attention,rotary,rms-norm,pack-linears,quantize{mode=weight_only,bits=8,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=8}",
     # the same int4 without the decoder kernels (GroupQueryAttention, RotaryEmbedding, packed GEMMs): what they are worth
     "graphopt int4 unfused": "dce,dedup,rms-norm,quantize{mode=weight_only,bits=4,group_size=32,accuracy_level=4,embeddings=true,embedding_bits=4}",
