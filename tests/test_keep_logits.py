@@ -112,3 +112,21 @@ def test_a_head_that_mixes_positions_is_left_as_it_is_with_the_reason():
     result = keep_last_logits(model)
     assert not result.applied and "Softmax" in result.reason
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_make_session_keeps_ort_quiet_about_the_input_with_a_default(tmp_path):
+    """ORT warns at load about every input that has a default; graphopt's sessions of its own
+    decoders do not pass that on (a bare ORT session shows what is silenced)."""
+    import subprocess
+    import sys
+
+    model = _model([helper.make_node("Softmax", ["x"], ["h"], axis=1), helper.make_node("MatMul", ["h", "w"], ["logits"])])
+    assert keep_last_logits(model).applied
+    path = tmp_path / "model.onnx"
+    ir.save(model, path)
+    warning = f"Initializer {LOGITS_TO_KEEP} appears in graph inputs"
+    bare = f"import onnxruntime as ort; ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])"
+    ours = f"from graphopt.export import make_session; make_session({str(path)!r})"
+    stderr = {name: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+              for name, code in (("bare", bare), ("ours", ours))}
+    assert warning in stderr["bare"] and warning not in stderr["ours"]

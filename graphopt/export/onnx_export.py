@@ -555,10 +555,11 @@ def external_data_locations(model: onnx.ModelProto) -> list[str]:
     return locations
 
 
-def validate_model_external_data(path: str | os.PathLike) -> list[Path]:
-    """Check every external-data location of the model at ``path`` before anything loads it."""
+def validate_model_external_data(path: str | os.PathLike, proto: onnx.ModelProto | None = None) -> list[Path]:
+    """Check every external-data location of the model at ``path`` before anything loads it
+    (``proto``: that model, already loaded without its external data)."""
     path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = proto if proto is not None else onnx.load(str(path), load_external_data=False)
     return [validate_external_data_location(path.parent, loc) for loc in dict.fromkeys(external_data_locations(proto))]
 
 

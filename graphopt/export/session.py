@@ -21,7 +21,7 @@ from . import openvino_session
 from .onnx_export import (
     UnsafeExternalDataError,
     external_data_locations,
-    validate_external_data_location,
+    validate_model_external_data,
 )
 
 # Short names for the providers people ask for; full ORT names are accepted as well.
@@ -264,8 +264,7 @@ def _model_source(path_or_bytes: Any) -> tuple[str | bytes, onnx.ModelProto]:
     if not path.is_file():
         raise ExportError(f"no ONNX model at {path}")
     proto = onnx.load(str(path), load_external_data=False)
-    for location in dict.fromkeys(external_data_locations(proto)):
-        validate_external_data_location(path.parent, location)
+    validate_model_external_data(path, proto)
     return str(path), proto
 
 
